@@ -1,0 +1,76 @@
+"""Everything megatron-core 0.16 needs to run on a CPU-only torch with gloo, in one place.
+
+megatron-core assumes CUDA in many places. On a machine without CUDA (tests, the CPU demo) we
+patch the few entry points that are actually reached by GPTModel, the TP linears and the pipeline
+schedules. `apply()` is a no-op when CUDA is available, so the GPU path never sees these patches.
+
+Workarounds (found by running TP=2/4 linears, a TP=2 GPTModel and a PP=2 1F1B schedule on gloo):
+1. `torch.cuda.current_device()` -> "cpu": RoPE and module buffers move tensors to it.
+2. The CUDA RNG tracker's `fork()` touches CUDA RNG state: made a no-op context; tests use dropout 0
+   (model-parallel RNG streams are meaningless on CPU), and `model_parallel_cuda_manual_seed` is
+   replaced by seeding the CPU generator.
+3. `torch.zeros(..., device="cuda")` in the pipeline schedules -> CPU.
+4. `torch.cuda.synchronize` -> no-op (p2p communication calls it).
+5. Config flags (see `CPU_CONFIG_OVERRIDES`): `use_cpu_initialization=True`,
+   `gradient_accumulation_fusion=False`, every `*_fusion=False`, `persist_layer_norm=False`.
+   `RowParallelLinear` needs `skip_bias_add=` passed explicitly.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+CPU_CONFIG_OVERRIDES = dict(
+    use_cpu_initialization=True,
+    gradient_accumulation_fusion=False,
+    bias_activation_fusion=False,
+    masked_softmax_fusion=False,
+    persist_layer_norm=False,
+    bias_dropout_fusion=False,
+    apply_rope_fusion=False,
+)
+
+_applied = False
+
+
+def needed() -> bool:
+    return not torch.cuda.is_available()
+
+
+def apply() -> None:
+    """Patch torch/megatron for CPU use. Idempotent; does nothing when CUDA is available."""
+    global _applied
+    if _applied or not needed():
+        return
+    _applied = True
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+
+    _zeros, _empty = torch.zeros, torch.empty
+
+    def _cpu_device(kwargs):
+        dev = kwargs.get("device")
+        if dev is not None and str(dev).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return kwargs
+
+    torch.zeros = lambda *a, **k: _zeros(*a, **_cpu_device(k))
+    torch.empty = lambda *a, **k: _empty(*a, **_cpu_device(k))
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+
+    def _seed(seed, *a, **k):
+        torch.manual_seed(seed)
+
+    mrandom.model_parallel_cuda_manual_seed = _seed
+    import megatron.core.tensor_parallel as tp
+
+    tp.model_parallel_cuda_manual_seed = _seed
+
+
+def config_overrides() -> dict:
+    """TransformerConfig/ModelParallelConfig fields to force on CPU (empty on GPU)."""
+    return dict(CPU_CONFIG_OVERRIDES) if needed() else {}

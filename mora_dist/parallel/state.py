@@ -1,0 +1,44 @@
+"""Process-group and megatron parallel-state setup shared by training, tests and tools."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from mora_dist.parallel import mcore_cpu
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_s: int = 600) -> None:
+    """Initialise torch.distributed (nccl on GPU, gloo on CPU) and megatron's parallel state.
+
+    Reads the usual torchrun variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK).
+    """
+    mcore_cpu.apply()
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_parallel ({tp}) * pipeline_parallel ({pp})"
+        )
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
