@@ -1,0 +1,177 @@
+"""What every adapter shares: its config, the description of the rank's shard, TP communication.
+
+An adapter adds dW x to a frozen linear y = W0 x with W0 in R^{d_out x d_in}. Under tensor
+parallelism the rank owns a *shard* of the layer:
+- column-parallel: some output rows (`Shard.out_rows`, global indices, any order: fused layers
+  interleave projections) computed from the whole input (replicated, or sequence-sharded under SP);
+- row-parallel: input columns [in_start, in_end), producing a partial sum of every output row that
+  the layer reduces across TP. Every adapter here is linear in x, so its partial output is added
+  to the base partial output *before* that reduction: no extra communication.
+`forward(x)` returns the adapter's output for the rank's rows; `delta_weight()` the rank's shard
+dW[out_rows, in_start:in_end], so merging is exact shard by shard.
+
+Gradients of replicated trainables. Under TP a replicated tensor only sees part of the work:
+- column-parallel: the rank's output rows; adapters compute their small replicated intermediate
+  (LoRA's A x, MoRA's M f_comp(x), VeRA's d * A x) once and pass it through `to_rows` (identity
+  forward, all-reduce backward; under SP an all-gather over the sequence, reduce-scatter backward),
+  so tensors *before* that point get full gradients (partial over sequence shards under SP), and
+  tensors after it are either sharded or see only the rank's rows;
+- row-parallel: every replicated tensor sees only the rank's input columns.
+`tp_sum_grad(p, after_comm)` routes a replicated parameter through an identity whose backward
+all-reduces over TP exactly when its gradient is partial, so gradients equal TP=1's with no
+separate reduction step and nothing for the optimizer to know.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+METHODS = ("lora", "mora", "vera")
+MORA_TYPES = {"sharing": 1, "type1": 1, "type2": 2, "type3": 3, "type4": 4, "rotation": 6, "decouple": "decouple",
+              "truncation": "truncation", 1: 1, 2: 2, 3: 3, 4: 4, 6: 6}
+
+
+@dataclass
+class AdapterConfig:
+    """One adapter setup for a model. `r` is the LoRA-equivalent rank (MoRA derives its square size
+    from it, VeRA uses it as the shared projection rank)."""
+
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    rslora: bool = False  # LoRA: scale alpha/sqrt(r) instead of alpha/r
+    mora_type: object = "sharing"  # sharing|rotation|decouple|truncation|type1..type4 (authors' numbering)
+    vera_d_init: float = 0.1
+    seed: int = 0  # adapter init; VeRA's shared projections (PEFT's projection_prng_key)
+    targets: list = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"adapter.method: unknown method {self.method!r}; choose one of {list(METHODS)}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"adapter.r: rank must be a positive integer, got {self.r!r}")
+        if self.method == "mora" and self.mora_type not in MORA_TYPES:
+            raise ValueError(f"adapter.mora_type: unknown MoRA type {self.mora_type!r}; "
+                             f"choose one of {sorted(map(str, MORA_TYPES))}")
+        if not self.targets:
+            raise ValueError("adapter.targets: empty target list")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+@dataclass
+class Shard:
+    """The part of a (canonical) d_out x d_in linear layer this rank computes."""
+
+    d_in: int
+    d_out: int
+    mode: str = "none"  # none | column | row
+    out_rows: Optional[torch.Tensor] = None  # global output rows computed here (column); all rows otherwise
+    in_start: int = 0
+    in_end: Optional[int] = None
+    sequence_parallel: bool = False
+    tp_size: int = 1
+
+    def __post_init__(self):
+        if self.mode not in ("none", "column", "row"):
+            raise ValueError(f"Shard.mode must be none|column|row, got {self.mode!r}")
+        if self.out_rows is None:
+            self.out_rows = torch.arange(self.d_out)
+        self.out_rows = torch.as_tensor(self.out_rows, dtype=torch.long)
+        if self.in_end is None:
+            self.in_end = self.d_in
+        if self.mode != "row" and (self.in_start, self.in_end) != (0, self.d_in):
+            raise ValueError("only row-parallel shards split the input")
+        if self.mode != "column" and len(self.out_rows) != self.d_out:
+            raise ValueError("only column-parallel shards split the output")
+
+    @property
+    def in_cols(self) -> slice:
+        return slice(self.in_start, self.in_end)
+
+    @property
+    def local_in(self) -> int:
+        return self.in_end - self.in_start
+
+
+def to_rows(h: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """Replicated intermediate -> the column-parallel rank's rows (see module docstring)."""
+    if shard.mode != "column" or shard.tp_size == 1:
+        return h
+    from megatron.core.tensor_parallel import mappings
+
+    if shard.sequence_parallel:
+        return mappings.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True)
+    return mappings.copy_to_tensor_model_parallel_region(h)
+
+
+def tp_sum_grad(p: torch.Tensor, shard: Shard, after_comm: bool) -> torch.Tensor:
+    """A replicated parameter whose gradient is summed over TP where the rank's share is partial."""
+    if shard.tp_size == 1 or shard.mode == "none":
+        return p
+    partial = shard.mode == "row" or after_comm or shard.sequence_parallel
+    if not partial:
+        return p
+    from megatron.core.tensor_parallel import mappings
+
+    return mappings.copy_to_tensor_model_parallel_region(p)
+
+
+def kaiming_uniform(shape, generator: torch.Generator, a: float = 0.0) -> torch.Tensor:
+    """Kaiming-uniform over fan_in = shape[1], drawn from an explicit generator so every TP rank
+    (and PEFT, for VeRA's a=0 projections) draws the same full tensor before slicing its shard."""
+    gain = math.sqrt(2.0 / (1 + a * a))
+    bound = math.sqrt(3.0) * gain / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class Adapter(nn.Module):
+    """Base class. Subclasses define `layout` (param name -> None | "in" | "out": which dim, if any,
+    is sharded), `forward`, and `delta_weight`."""
+
+    layout: dict = {}
+
+    def __init__(self, cfg: AdapterConfig, shard: Shard):
+        super().__init__()
+        self.cfg, self.shard = cfg, shard
+        self.register_buffer("out_rows", shard.out_rows.clone(), persistent=False)
+
+    def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """The rank's shard of a full (TP=1) tensor of parameter `name`."""
+        kind = self.layout[name]
+        if kind is None:
+            return full
+        dim = self.layout_dim(name)
+        if kind == "out":
+            return full.index_select(dim, self.shard.out_rows.to(full.device))
+        return full.narrow(dim, self.shard.in_start, self.shard.local_in)
+
+    def layout_dim(self, name: str) -> int:
+        return 0 if self.layout[name] == "out" else -1
+
+    @torch.no_grad()
+    def load_full_(self, tensors: dict) -> None:
+        """Load full (unsharded) values of the trainable parameters into this rank's shards."""
+        for name, full in tensors.items():
+            getattr(self, name).copy_(self.shard_of(name, full))
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+def build_adapter(cfg: AdapterConfig, shard: Shard, seed: int = 0, **kw) -> Adapter:
+    from mora_dist.adapters.lora import LoRA
+    from mora_dist.adapters.mora import MoRA
+    from mora_dist.adapters.vera import VeRA
+
+    cls = {"lora": LoRA, "mora": MoRA, "vera": VeRA}[cfg.method]
+    return cls(cfg, shard, seed=seed, **kw)

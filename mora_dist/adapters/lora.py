@@ -1,0 +1,38 @@
+"""LoRA (Hu et al. 2021): dW = s B A, A in R^{r x d_in} Kaiming-uniform, B in R^{d_out x r} zero,
+s = alpha/r (rsLoRA: alpha/sqrt(r)). Sharding: column-parallel keeps A replicated and B's rows;
+row-parallel keeps A's columns and B replicated."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mora_dist.adapters.base import Adapter, AdapterConfig, Shard, kaiming_uniform, tp_sum_grad, to_rows
+
+
+class LoRA(Adapter):
+    layout = {"A": "in", "B": "out"}
+
+    def __init__(self, cfg: AdapterConfig, shard: Shard, seed: int = 0, scale: float | None = None):
+        super().__init__(cfg, shard)
+        self.scale = cfg.scale if scale is None else scale
+        self.A = nn.Parameter(torch.empty(cfg.r, shard.local_in))
+        self.B = nn.Parameter(torch.empty(len(shard.out_rows), cfg.r))
+        self.reset_parameters(torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None):
+        """A Kaiming-uniform (as nn.Linear / PEFT), B zero: the update starts at zero."""
+        generator = generator or torch.Generator().manual_seed(0)
+        self.A.copy_(self.shard_of("A", kaiming_uniform((self.cfg.r, self.shard.d_in), generator, a=math.sqrt(5))))
+        self.B.zero_()
+
+    def forward(self, x):
+        A = tp_sum_grad(self.A, self.shard, after_comm=False).to(x.dtype)
+        B = tp_sum_grad(self.B, self.shard, after_comm=True).to(x.dtype)
+        h = to_rows(x @ A.t(), self.shard)
+        return (h @ B.t()) * self.scale
+
+    def delta_weight(self):
+        return (self.B @ self.A) * self.scale

@@ -1,0 +1,152 @@
+"""MoRA (Jiang et al. 2024, arXiv 2405.12130): a square trainable M in R^{rh x rh}, zero at start,
+y = W0 x + f_decomp(M f_comp(x)), no alpha scaling. rh = int(sqrt((d_in + d_out) r) + 0.5) gives
+the parameter count of LoRA rank r on the same layer.
+
+Operators, checked against the authors' `_apply_mora` (github kongds/MoRA, peft-mora
+src/peft/tuners/lora/layer.py, read 2026-11-24), numbered by their `mora_type`:
+- group types 1-4 compress x into rh group sums and decompress by reading group outputs:
+  compress "strided" (1, 4): pad x to a multiple of rh with its own first entries
+  (x'[p] = x[p mod d_in]; the authors' `cat([x, x[:pad]])`) and sum x'[c*rh + i] over c;
+  compress "contiguous" (2, 3): no padding, m = d_in - rh*floor(d_in/rh) groups of ceil(d_in/rh)
+  entries, then groups of floor(d_in/rh);
+  decompress "tile" (1, 3): out_j = y[j mod rh]; "interleave" (2, 4): the contiguous grouping of
+  d_out rows (repeat_interleave). 1 = sharing (paper Eq. 6).
+- block types: cut x' into n = ceil(d_in/rh) chunks, chunk c -> M R_c x'_c, flatten the n*rh
+  outputs and read out_j = flat[j mod n*rh] (first d_out, tiled when n*rh < d_out).
+  6 = rotation (paper Eq. 9): R_c rotates like RoPE at position c with inv_freq_i = 10000^(-2i/rh):
+  x_c*cos + rotate_half(x_c)*sin, rotate_half(v) = [-v[rh/2:], v[:rh/2]] (rh must be even);
+  "decouple": R_c = I (paper's ablation).
+- "truncation" (ablation): f_comp(x) = x[:rh], f_decomp(y) = [y; 0].
+Generalisation: when pad > d_in the authors' code fails; x'[p] = x[p mod d_in] is our definition.
+
+All operators are written as index maps of the *global* layer, so any shard (a slice of input
+columns, any set of output rows) is served by the same code: column-parallel ranks compute
+M f_comp(x) once (replicated, rh values per token) and read their rows; row-parallel ranks
+compress only their input columns into partial group sums (block types: their chunks), which the
+layer's reduction adds up. `delta_weight` applies the same operators to the identity, as the
+authors' `get_delta_weight` does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mora_dist.adapters.base import MORA_TYPES, Adapter, AdapterConfig, Shard, tp_sum_grad, to_rows
+
+GROUP_TYPES = {1: ("strided", "tile"), 2: ("contiguous", "interleave"), 3: ("contiguous", "tile"),
+               4: ("strided", "interleave")}
+ROTATION_TYPES = (1, 2, 3, 4)  # ReMoRA cycles through these at restarts
+
+
+def mora_rank(d_in: int, d_out: int, r: int) -> int:
+    """Side of M giving LoRA rank r's parameter count (authors' rounding)."""
+    return int(math.sqrt((d_in + d_out) * r) + 0.5)
+
+
+def contiguous_groups(d: int, rh: int) -> torch.Tensor:
+    """Group of each of d entries split into rh contiguous groups, the larger groups first."""
+    nr = d // rh
+    m = d - rh * nr  # groups of nr + 1
+    idx = torch.arange(d)
+    big = m * (nr + 1)
+    if nr == 0:
+        return idx
+    return torch.where(idx < big, idx // (nr + 1), m + (idx - big).clamp(min=0) // nr)
+
+
+class MoRA(Adapter):
+    layout = {"M": None}
+
+    def __init__(self, cfg: AdapterConfig, shard: Shard, seed: int = 0, rh: int | None = None):
+        super().__init__(cfg, shard)
+        self.rh = rh or mora_rank(shard.d_in, shard.d_out, cfg.r)
+        self.M = nn.Parameter(torch.zeros(self.rh, self.rh))
+        self.set_type(cfg.mora_type)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None):
+        self.M.zero_()
+
+    def set_type(self, mora_type) -> None:
+        """(Re)build the index maps for an operator type (ReMoRA switches type at restarts)."""
+        t = MORA_TYPES[mora_type]
+        if t == 6 and self.rh % 2:
+            raise ValueError(f"MoRA rotation needs an even rh, got rh={self.rh} "
+                             f"(d_in={self.shard.d_in}, d_out={self.shard.d_out}, r={self.cfg.r})")
+        self.type = t
+        s, rh = self.shard, self.rh
+        cols = torch.arange(s.in_start, s.in_end)
+        if t in GROUP_TYPES:
+            comp, dec = GROUP_TYPES[t]
+            if comp == "strided":
+                src, grp = self._padded_positions(cols)
+                grp = grp % rh
+            else:
+                src, grp = cols - s.in_start, contiguous_groups(s.d_in, rh)[cols]
+            rows = s.out_rows % rh if dec == "tile" else contiguous_groups(s.d_out, rh)[s.out_rows]
+        elif t == "truncation":
+            keep = cols < rh
+            src, grp = (cols - s.in_start)[keep], cols[keep]
+            rows = torch.where(s.out_rows < rh, s.out_rows, torch.full_like(s.out_rows, rh))  # rh: zero slot
+        else:  # block types: positions in the padded input / flat output
+            n = -(-s.d_in // rh)
+            src, grp = self._padded_positions(cols)
+            rows = s.out_rows % (n * rh)
+            inv_freq = 1.0 / (10000 ** (torch.arange(0, rh, 2, dtype=torch.float64) / rh))
+            ang = torch.outer(torch.arange(n, dtype=torch.float64), inv_freq).repeat(1, 2)
+            self.register_buffer("cos", ang.cos(), persistent=False)
+            self.register_buffer("sin", ang.sin(), persistent=False)
+            self.n_chunks = n
+        for name, val in (("src", src), ("grp", grp), ("rows", rows)):
+            self.register_buffer(name, val.to(self.M.device), persistent=False)
+
+    def _padded_positions(self, cols):
+        """(local column, position in x') pairs: x'[p] = x[p mod d_in] for p < ceil(d_in/rh)*rh."""
+        s, L = self.shard, -(-self.shard.d_in // self.rh) * self.rh
+        srcs, poss = [], []
+        for k in range(-(-L // s.d_in)):
+            p = cols + k * s.d_in
+            keep = p < L
+            srcs.append((cols - s.in_start)[keep])
+            poss.append(p[keep])
+        return torch.cat(srcs), torch.cat(poss)
+
+    # --- operators -------------------------------------------------------------------------
+    def _scatter(self, x, size):
+        """Sum the local input columns into `size` slots (group sums or padded positions)."""
+        out = x.new_zeros(*x.shape[:-1], size)
+        return out.index_add_(-1, self.grp, x.index_select(-1, self.src))
+
+    def _rotate(self, xc):
+        if self.type != 6:
+            return xc
+        h = self.rh // 2
+        rot = torch.cat((-xc[..., h:], xc[..., :h]), dim=-1)
+        return xc * self.cos.to(xc.dtype) + rot * self.sin.to(xc.dtype)
+
+    def _read_rows(self, y):
+        if self.type == "truncation":
+            y = torch.cat((y, y.new_zeros(*y.shape[:-1], 1)), dim=-1)
+        return y.index_select(-1, self.rows)
+
+    def forward(self, x):
+        if self.type in GROUP_TYPES or self.type == "truncation":
+            M = tp_sum_grad(self.M, self.shard, after_comm=False).to(x.dtype)
+            y = to_rows(self._scatter(x, self.rh) @ M.t(), self.shard)
+            return self._read_rows(y)
+        # block types: the chunks are as wide as the input, so column ranks gather the input itself
+        M = tp_sum_grad(self.M, self.shard, after_comm=True).to(x.dtype)
+        return self._blocks(to_rows(x, self.shard), M)
+
+    def _blocks(self, x, M):
+        xp = self._scatter(x, self.n_chunks * self.rh)
+        y = self._rotate(xp.unflatten(-1, (self.n_chunks, self.rh))) @ M.t()
+        return self._read_rows(y.flatten(-2))
+
+    def delta_weight(self):
+        eye = torch.eye(self.shard.local_in, dtype=self.M.dtype, device=self.M.device)
+        if self.type in GROUP_TYPES or self.type == "truncation":
+            return self._read_rows(self._scatter(eye, self.rh) @ self.M.t()).t()
+        return self._blocks(eye, self.M).t()

@@ -1,0 +1,62 @@
+"""VeRA (Kopiczko et al., ICLR 2024): dW = diag(b) B diag(d) A.
+
+A in R^{r x d_in_max} and B in R^{d_out_max x r} are frozen, Kaiming-uniform, drawn from one seeded
+generator (A first, then B, as PEFT's `projection_prng_key` does) and shared by every adapted layer;
+a layer uses A[:, :d_in] and B[:d_out, :]. They are regenerated from the seed on every rank, never
+communicated, and are not saved as trainable state. Trainable: d in R^r (init 0.1), b in R^{d_out}
+(init 0). Sharding: column-parallel keeps A, d replicated and B's rows, b's rows; row-parallel keeps
+A's columns, B, d and b replicated.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mora_dist.adapters.base import Adapter, AdapterConfig, Shard, kaiming_uniform, tp_sum_grad, to_rows
+
+_SHARED: dict = {}
+
+
+def shared_projections(seed: int, r: int, d_in_max: int, d_out_max: int):
+    """The shared frozen (A, B) pair; one copy per process for all layers."""
+    key = (seed, r, d_in_max, d_out_max)
+    if key not in _SHARED:
+        g = torch.Generator().manual_seed(seed)
+        A = kaiming_uniform((r, d_in_max), g)
+        B = kaiming_uniform((d_out_max, r), g)
+        _SHARED[key] = (A, B)
+    return _SHARED[key]
+
+
+class VeRA(Adapter):
+    layout = {"d": None, "b": "out"}
+
+    def __init__(self, cfg: AdapterConfig, shard: Shard, seed: int = 0, d_in_max: int | None = None,
+                 d_out_max: int | None = None):
+        super().__init__(cfg, shard)
+        d_in_max = d_in_max or shard.d_in
+        d_out_max = d_out_max or shard.d_out
+        if d_in_max < shard.d_in or d_out_max < shard.d_out:
+            raise ValueError(f"VeRA shared projections ({d_in_max}, {d_out_max}) smaller than layer "
+                             f"({shard.d_in}, {shard.d_out})")
+        A, B = shared_projections(cfg.seed, cfg.r, d_in_max, d_out_max)
+        # non-persistent buffers: follow .to(device/dtype) but never enter a checkpoint
+        self.register_buffer("A", A[:, shard.in_start:shard.in_end].clone(), persistent=False)
+        self.register_buffer("B", B.index_select(0, shard.out_rows), persistent=False)
+        self.d = nn.Parameter(torch.empty(cfg.r))
+        self.b = nn.Parameter(torch.empty(len(shard.out_rows)))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None):
+        self.d.fill_(self.cfg.vera_d_init)
+        self.b.zero_()
+
+    def forward(self, x):
+        d = tp_sum_grad(self.d, self.shard, after_comm=False).to(x.dtype)
+        b = tp_sum_grad(self.b, self.shard, after_comm=True).to(x.dtype)
+        h = to_rows((x @ self.A.to(x.dtype).t()) * d, self.shard)
+        return (h @ self.B.to(x.dtype).t()) * b
+
+    def delta_weight(self):
+        return self.b[:, None] * (self.B @ (self.d[:, None] * self.A))

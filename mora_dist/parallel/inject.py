@@ -1,0 +1,162 @@
+"""Put adapters on a megatron-core model by target name, freeze everything else, count parameters.
+
+Targets are canonical projection names (q, k, v, o, gate, up, down; DESIGN.md section 3) or glob
+patterns over module names (e.g. "*.linear_proj"). Canonical o/down are `linear_proj`/`linear_fc2`;
+q, k, v live in the fused `linear_qkv` and gate, up in the fused `linear_fc1`: each gets its own
+adapter over the canonical projection's shape, writing to that projection's rows of the rank's
+local output (`mora_dist.parallel.fused`).
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mora_dist.adapters.base import AdapterConfig, Shard, build_adapter
+from mora_dist.parallel.wrappers import AdaptedLinear
+
+CANONICAL = {"q": "linear_qkv", "k": "linear_qkv", "v": "linear_qkv", "o": "linear_proj",
+             "gate": "linear_fc1", "up": "linear_fc1", "down": "linear_fc2"}
+
+
+@dataclass
+class AdapterReport:
+    trainable: int = 0
+    frozen: int = 0
+    per_target: dict = field(default_factory=dict)
+    layers: int = 0
+
+    def __str__(self):
+        tot = self.trainable + self.frozen
+        rows = "\n".join(f"  {k:>6}: {v:,}" for k, v in sorted(self.per_target.items()))
+        return (f"adapters on {self.layers} projections; trainable {self.trainable:,} of {tot:,} "
+                f"({100 * self.trainable / max(tot, 1):.3f}%) on this rank\n{rows}")
+
+
+def _parallel_mode(module) -> str | None:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    if isinstance(module, ColumnParallelLinear):
+        return "column"
+    if isinstance(module, RowParallelLinear):
+        return "row"
+    return None
+
+
+def layer_shard(module, mode: str, d_in: int | None = None, d_out: int | None = None, out_rows=None) -> Shard:
+    """The Shard of a (whole or canonical part of a) megatron TP linear on this rank."""
+    from megatron.core import parallel_state as ps
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    d_in = d_in or module.input_size
+    d_out = d_out or module.output_size
+    sp = bool(getattr(module, "sequence_parallel", False))
+    if mode == "column":
+        if d_out % tp:
+            raise ValueError(f"output size {d_out} is not divisible by tensor_parallel={tp}")
+        if out_rows is None:
+            n = d_out // tp
+            out_rows = torch.arange(rank * n, (rank + 1) * n)
+        return Shard(d_in, d_out, "column", out_rows=out_rows, sequence_parallel=sp, tp_size=tp)
+    if d_in % tp:
+        raise ValueError(f"input size {d_in} is not divisible by tensor_parallel={tp}")
+    n = d_in // tp
+    return Shard(d_in, d_out, "row", in_start=rank * n, in_end=(rank + 1) * n, sequence_parallel=sp, tp_size=tp)
+
+
+def _global_names(model: nn.Module) -> dict:
+    """Module name -> name with the *global* transformer-layer index, so adapter seeds (and checkpoint
+    keys) do not depend on the pipeline split."""
+    out = {}
+    for name, m in model.named_modules():
+        num = getattr(m, "layer_number", None)
+        if isinstance(num, int) and re.search(r"layers\.\d+$", name):
+            out[name] = re.sub(r"layers\.\d+$", f"layers.{num - 1}", name)
+    return out
+
+
+def _rename(name: str, prefixes: dict) -> str:
+    for local, glob in prefixes.items():
+        if name == local or name.startswith(local + "."):
+            return glob + name[len(local):]
+    return name
+
+
+def _matches(name: str, module, target: str) -> bool:
+    if target in CANONICAL:
+        return name.rsplit(".", 1)[-1] == CANONICAL[target]
+    return fnmatch.fnmatchcase(name, target)
+
+
+def apply_adapters(model: nn.Module, cfg: AdapterConfig, vera_shapes: tuple | None = None) -> AdapterReport:
+    """Wrap every target of `cfg.targets` in `model` with an adapter; freeze all other parameters."""
+    from mora_dist.parallel import fused
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    prefixes = _global_names(model)
+    plan = {}  # module name -> list of (target, d_in, d_out, out_rows, positions)
+    for target in cfg.targets:
+        found = False
+        for name, module in model.named_modules():
+            if isinstance(module, AdaptedLinear) or not _matches(name, module, target):
+                continue
+            mode = _parallel_mode(module)
+            if mode is None:
+                raise ValueError(f"adapter target {target!r} matched {name} ({type(module).__name__}), "
+                                 "which is not a megatron Column/RowParallelLinear")
+            found = True
+            if target in fused.PARTS:
+                plan.setdefault(name, []).append((target,) + fused.part(module, target))
+            else:
+                plan.setdefault(name, []).append((target, None, None, None, None))
+        if not found:
+            raise ValueError(f"adapter target {target!r} matches no linear layer of the model")
+    if cfg.method == "vera" and vera_shapes is None:
+        vera_shapes = (max(e[1] or m.input_size for n, es in plan.items() for e in es
+                           for m in [model.get_submodule(n)]),
+                       max(e[2] or m.output_size for n, es in plan.items() for e in es
+                           for m in [model.get_submodule(n)]))
+    report = AdapterReport()
+    for name, entries in plan.items():
+        module = model.get_submodule(name)
+        mode = _parallel_mode(module)
+        wrapper = AdaptedLinear(module, mode)
+        gname = _rename(name, prefixes)
+        for target, d_in, d_out, out_rows, positions in entries:
+            try:
+                shard = layer_shard(module, mode, d_in, d_out, out_rows)
+            except ValueError as e:
+                raise ValueError(f"{name} ({target}): {e}") from None
+            kw = dict(d_in_max=vera_shapes[0], d_out_max=vera_shapes[1]) if cfg.method == "vera" else {}
+            seed = cfg.seed * 1_000_003 + zlib.crc32(f"{gname}:{target}".encode())
+            adapter = build_adapter(cfg, shard, seed=seed, **kw).to(module.weight.device)
+            wrapper.add_adapter(target if positions is not None else "adapter", adapter, positions)
+            n = sum(p.numel() for p in adapter.parameters())
+            report.per_target[target] = report.per_target.get(target, 0) + n
+            report.layers += 1
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
+    report.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report.frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return report
+
+
+def adapted_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module) -> None:
+    for m in adapted_layers(model):
+        m.merge()
+
+
+@torch.no_grad()
+def unmerge_adapters(model: nn.Module) -> None:
+    for m in adapted_layers(model):
+        m.unmerge()

@@ -1,0 +1,111 @@
+"""Adapters on an unsharded layer against dense float64 references (tests/reference.py)."""
+import math
+
+import pytest
+import torch
+
+import reference as ref
+from mora_dist.adapters import AdapterConfig, Shard, build_adapter, mora_rank
+from mora_dist.adapters.vera import shared_projections
+
+D = torch.float64
+VARIANTS = [
+    ("lora", {}), ("lora", {"rslora": True}),
+    ("mora", {"mora_type": "sharing"}), ("mora", {"mora_type": "type2"}), ("mora", {"mora_type": "type3"}),
+    ("mora", {"mora_type": "type4"}), ("mora", {"mora_type": "rotation"}), ("mora", {"mora_type": "decouple"}),
+    ("mora", {"mora_type": "truncation"}), ("vera", {}),
+]
+# (d_in, d_out, r): non-divisible unequal shapes; d_out < rh; d_in < rh with padding > d_in; divisible
+SHAPES = [(44, 68, 3), (68, 44, 3), (40, 12, 4), (10, 70, 3), (36, 36, 4)]
+
+
+def random_params(adapter, gen):
+    """Non-zero values for every trainable (zero-initialised B/M/b would hide most of the math)."""
+    return {n: torch.randn(p.shape, generator=gen, dtype=D) * 0.3 for n, p in adapter.named_parameters()}
+
+
+def dense_dw(method, cfg, adapter, params, d_in, d_out):
+    if method == "lora":
+        return ref.lora_dw(params["A"], params["B"], cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r))
+    if method == "vera":
+        A, B = shared_projections(cfg.seed, cfg.r, d_in, d_out)
+        return ref.vera_dw(A[:, :d_in], B[:d_out], params["d"], params["b"])
+    t = {"sharing": 1, "type2": 2, "type3": 3, "type4": 4, "rotation": 6}.get(cfg.mora_type, cfg.mora_type)
+    return ref.mora_dw(params["M"], d_in, d_out, t)
+
+
+@pytest.mark.parametrize("d_in,d_out,r", SHAPES)
+@pytest.mark.parametrize("method,kw", VARIANTS, ids=[f"{m}-{k.get('mora_type', k)}" for m, k in VARIANTS])
+def test_forward_grads_delta_match_dense_reference(method, kw, d_in, d_out, r):
+    cfg = AdapterConfig(method=method, r=r, **kw)
+    if kw.get("mora_type") == "rotation" and mora_rank(d_in, d_out, r) % 2:
+        with pytest.raises(ValueError, match="even rh"):
+            build_adapter(cfg, Shard(d_in, d_out))
+        return
+    adapter = build_adapter(cfg, Shard(d_in, d_out)).to(D)
+    gen = torch.Generator().manual_seed(d_in * 1000 + d_out)
+    params = random_params(adapter, gen)
+    adapter.load_full_(params)
+    ref_params = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+    x = torch.randn(3, 5, d_in, generator=gen, dtype=D, requires_grad=True)
+    g = torch.randn(3, 5, d_out, generator=gen, dtype=D)
+
+    out = adapter(x)
+    (out * g).sum().backward()
+
+    xr = x.detach().clone().requires_grad_(True)
+    dw = dense_dw(method, cfg, adapter, ref_params, d_in, d_out)
+    yr = xr @ dw.t()
+    (yr * g).sum().backward()
+
+    torch.testing.assert_close(out, yr, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-10)
+    for n, p in adapter.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-10, atol=1e-10, msg=f"grad of {n}")
+    torch.testing.assert_close(adapter.delta_weight(), dw.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_mora_param_count_matches_lora():
+    for d_in, d_out, r in [(2048, 2048, 8), (2048, 5632, 8), (5632, 2048, 8), (2048, 256, 8), (44, 68, 3)]:
+        lora = r * (d_in + d_out)
+        rh = mora_rank(d_in, d_out, r)
+        n = sum(p.numel() for p in build_adapter(AdapterConfig("mora", r=r), Shard(d_in, d_out)).parameters())
+        assert n == rh * rh
+        # rh is sqrt(lora) rounded to the nearest integer: |rh^2 - lora| <= rh
+        assert abs(n - lora) <= rh, (d_in, d_out, n, lora)
+
+
+def test_vera_param_count_and_init():
+    a = build_adapter(AdapterConfig("vera", r=256), Shard(2048, 5632), d_in_max=5632, d_out_max=5632)
+    assert sum(p.numel() for p in a.parameters()) == 5632 + 256
+    assert torch.all(a.d == 0.1) and torch.all(a.b == 0)
+
+
+def test_vera_projections_equal_peft():
+    """Same seed and max shapes -> the same frozen A/B as PEFT draws (its projection_prng_key)."""
+    from peft.tuners.vera.model import _kaiming_init
+
+    A, B = shared_projections(7, 16, 48, 80)
+    g = torch.Generator(device="cpu").manual_seed(7)
+    torch.testing.assert_close(A, _kaiming_init((16, 48), generator=g), rtol=0, atol=0)
+    torch.testing.assert_close(B, _kaiming_init((80, 16), generator=g), rtol=0, atol=0)
+
+
+def test_lora_init_and_zero_start():
+    for cfg in [AdapterConfig("lora", r=4), AdapterConfig("mora", r=4), AdapterConfig("vera", r=4)]:
+        a = build_adapter(cfg, Shard(20, 30))
+        assert torch.count_nonzero(a.delta_weight()) == 0  # every method starts as the identity update
+    a = build_adapter(AdapterConfig("lora", r=4), Shard(20, 30))
+    bound = 1 / math.sqrt(20)  # kaiming-uniform a=sqrt(5), as nn.Linear
+    assert a.A.abs().max() <= bound and a.A.abs().max() > 0.8 * bound
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="dora"), "unknown method 'dora'"),
+    (dict(r=0), "positive integer, got 0"),
+    (dict(r=-3), "got -3"),
+    (dict(method="mora", mora_type="spiral"), "unknown MoRA type 'spiral'"),
+])
+def test_bad_config_names_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdapterConfig(**kwargs)
