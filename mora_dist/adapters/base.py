@@ -100,6 +100,30 @@ class Shard:
         return self.in_end - self.in_start
 
 
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward, all-reduce over TP backward. Our own rather than megatron's
+    `copy_to_tensor_model_parallel_region`: megatron 0.16 all-reduces `grad.contiguous()` and returns
+    the *original* grad, so a non-contiguous incoming gradient (e.g. from a slice) silently skips
+    the reduction."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
+        return grad
+
+
+def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
+    return _CopyToTP.apply(x)
+
+
 def to_rows(h: torch.Tensor, shard: Shard) -> torch.Tensor:
     """Replicated intermediate -> the column-parallel rank's rows (see module docstring)."""
     if shard.mode != "column" or shard.tp_size == 1:
@@ -108,19 +132,16 @@ def to_rows(h: torch.Tensor, shard: Shard) -> torch.Tensor:
 
     if shard.sequence_parallel:
         return mappings.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True)
-    return mappings.copy_to_tensor_model_parallel_region(h)
+    return copy_to_tp(h)
 
 
 def tp_sum_grad(p: torch.Tensor, shard: Shard, after_comm: bool) -> torch.Tensor:
-    """A replicated parameter whose gradient is summed over TP where the rank's share is partial."""
+    """A replicated parameter whose gradient is summed over TP where the rank's share is partial.
+    Use `Adapter.param` rather than this: sharded parameters must not be summed."""
     if shard.tp_size == 1 or shard.mode == "none":
         return p
     partial = shard.mode == "row" or after_comm or shard.sequence_parallel
-    if not partial:
-        return p
-    from megatron.core.tensor_parallel import mappings
-
-    return mappings.copy_to_tensor_model_parallel_region(p)
+    return copy_to_tp(p) if partial else p
 
 
 def kaiming_uniform(shape, generator: torch.Generator, a: float = 0.0) -> torch.Tensor:
@@ -141,6 +162,18 @@ class Adapter(nn.Module):
         super().__init__()
         self.cfg, self.shard = cfg, shard
         self.register_buffer("out_rows", shard.out_rows.clone(), persistent=False)
+
+    def is_sharded(self, name: str) -> bool:
+        kind = self.layout[name]
+        return (kind == "out" and self.shard.mode == "column") or (kind == "in" and self.shard.mode == "row")
+
+    def param(self, name: str, x: torch.Tensor, after_comm: bool) -> torch.Tensor:
+        """Parameter `name` in x's dtype for the forward; replicated ones get TP-summed gradients
+        where this rank's share is partial (module docstring)."""
+        p = getattr(self, name)
+        if not self.is_sharded(name):
+            p = tp_sum_grad(p, self.shard, after_comm)
+        return p.to(x.dtype)
 
     def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """The rank's shard of a full (TP=1) tensor of parameter `name`."""

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from mora_dist.adapters.base import Adapter, AdapterConfig, Shard, kaiming_uniform, tp_sum_grad, to_rows
+from mora_dist.adapters.base import Adapter, AdapterConfig, Shard, kaiming_uniform, to_rows
 
 
 class LoRA(Adapter):
@@ -29,8 +29,8 @@ class LoRA(Adapter):
         self.B.zero_()
 
     def forward(self, x):
-        A = tp_sum_grad(self.A, self.shard, after_comm=False).to(x.dtype)
-        B = tp_sum_grad(self.B, self.shard, after_comm=True).to(x.dtype)
+        A = self.param("A", x, after_comm=False)
+        B = self.param("B", x, after_comm=True)
         h = to_rows(x @ A.t(), self.shard)
         return (h @ B.t()) * self.scale
 

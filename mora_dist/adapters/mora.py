@@ -33,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-from mora_dist.adapters.base import MORA_TYPES, Adapter, AdapterConfig, Shard, tp_sum_grad, to_rows
+from mora_dist.adapters.base import MORA_TYPES, Adapter, AdapterConfig, Shard, to_rows
 
 GROUP_TYPES = {1: ("strided", "tile"), 2: ("contiguous", "interleave"), 3: ("contiguous", "tile"),
                4: ("strided", "interleave")}
@@ -133,11 +133,11 @@ class MoRA(Adapter):
 
     def forward(self, x):
         if self.type in GROUP_TYPES or self.type == "truncation":
-            M = tp_sum_grad(self.M, self.shard, after_comm=False).to(x.dtype)
+            M = self.param("M", x, after_comm=False)
             y = to_rows(self._scatter(x, self.rh) @ M.t(), self.shard)
             return self._read_rows(y)
         # block types: the chunks are as wide as the input, so column ranks gather the input itself
-        M = tp_sum_grad(self.M, self.shard, after_comm=True).to(x.dtype)
+        M = self.param("M", x, after_comm=True)
         return self._blocks(to_rows(x, self.shard), M)
 
     def _blocks(self, x, M):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mora_dist.adapters.base import Adapter, AdapterConfig, Shard, kaiming_uniform, tp_sum_grad, to_rows
+from mora_dist.adapters.base import Adapter, AdapterConfig, Shard, kaiming_uniform, to_rows
 
 _SHARED: dict = {}
 
@@ -53,8 +53,8 @@ class VeRA(Adapter):
         self.b.zero_()
 
     def forward(self, x):
-        d = tp_sum_grad(self.d, self.shard, after_comm=False).to(x.dtype)
-        b = tp_sum_grad(self.b, self.shard, after_comm=True).to(x.dtype)
+        d = self.param("d", x, after_comm=False)
+        b = self.param("b", x, after_comm=True)
         h = to_rows((x @ self.A.to(x.dtype).t()) * d, self.shard)
         return (h @ self.B.to(x.dtype).t()) * b
 

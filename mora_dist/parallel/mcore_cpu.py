@@ -71,6 +71,14 @@ def apply() -> None:
     tp.model_parallel_cuda_manual_seed = _seed
 
 
-def config_overrides() -> dict:
-    """TransformerConfig/ModelParallelConfig fields to force on CPU (empty on GPU)."""
-    return dict(CPU_CONFIG_OVERRIDES) if needed() else {}
+def config_overrides(config_cls=None) -> dict:
+    """Config fields to force on CPU (empty on GPU); only those `config_cls` (a megatron config
+    dataclass such as TransformerConfig or ModelParallelConfig) has, when given."""
+    if not needed():
+        return {}
+    if config_cls is None:
+        return dict(CPU_CONFIG_OVERRIDES)
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return {k: v for k, v in CPU_CONFIG_OVERRIDES.items() if k in names}

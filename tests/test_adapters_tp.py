@@ -1,0 +1,137 @@
+"""Adapters on megatron-core TP linears at TP=1/2/4 (gloo) against the dense float64 layer.
+
+Every rank builds the same ColumnParallelLinear / RowParallelLinear (megatron's CPU init draws
+the full weight then slices it), loads its shard of the same full adapter parameters, runs its
+shard of the same input (a sequence shard under SP) and upstream gradient, and compares its
+output, input gradient and parameter-gradient shards with y = x (W0 + dW)^T computed densely in
+float64 from the full tensors (tests/reference.py), i.e. with the TP=1 layer.
+"""
+import pytest
+import torch
+
+from dist import run_ranks
+from test_adapters import VARIANTS, dense_dw, random_params
+
+D_IN, D_OUT, R, S, B = 44, 68, 3, 8, 2  # rh = 18: d_in, d_out not multiples; chunks cross shards
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _layer(mode, d_in, d_out, sp):
+    from megatron.core import parallel_state as ps
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from mora_dist.parallel import mcore_cpu
+
+    cfg = ModelParallelConfig(tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+                              sequence_parallel=sp, params_dtype=torch.float32, **mcore_cpu.config_overrides(ModelParallelConfig))
+    torch.manual_seed(1234)
+    init = lambda w: torch.nn.init.normal_(w, std=0.2)  # noqa: E731
+    if mode == "column":
+        return ColumnParallelLinear(d_in, d_out, config=cfg, init_method=init, bias=False, gather_output=False)
+    return RowParallelLinear(d_in, d_out, config=cfg, init_method=init, bias=False, input_is_parallel=True,
+                             skip_bias_add=False)
+
+
+def _gather(t, dim):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim)
+
+
+def _rel(got, exp):
+    """Max abs difference relative to the reference's scale (fp32 rounding grows with magnitude)."""
+    exp = exp.detach().double()
+    return ((got.detach().double() - exp).abs().max() / exp.abs().max().clamp(min=1.0)).item()
+
+
+def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT):
+    """Returns the worst differences (out, x grad, param grads, merged out, unmerge) for one case."""
+    from megatron.core import parallel_state as ps
+
+    from mora_dist.adapters import AdapterConfig, build_adapter
+    from mora_dist.parallel.inject import layer_shard
+    from mora_dist.parallel.wrappers import AdaptedLinear
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    base = _layer(mode, d_in, d_out, sp)
+    W0 = _gather(base.weight.detach(), 0 if mode == "column" else 1).to(torch.float64)
+    cfg = AdapterConfig(method=method, r=R, **kw)
+    shard = layer_shard(base, mode)
+    adapter = build_adapter(cfg, shard)
+    gen = torch.Generator().manual_seed(7)
+    full_ref = build_adapter(cfg, type(shard)(d_in, d_out)).double()  # TP=1 shapes, for the full params
+    params = random_params(full_ref, gen)
+    adapter.load_full_({n: p.float() for n, p in params.items()})
+    layer = AdaptedLinear(base, mode)
+    layer.add_adapter("adapter", adapter)
+
+    x = torch.randn(S, B, d_in, generator=gen, dtype=torch.float64)
+    g = torch.randn(S, B, d_out, generator=gen, dtype=torch.float64)
+    seq = slice(rank * S // tp, (rank + 1) * S // tp)
+    cols = slice(shard.in_start, shard.in_end)
+    rows = shard.out_rows
+    if mode == "column":
+        x_in = x[seq] if sp else x
+        g_out = g[:, :, rows]
+    else:
+        x_in = x[:, :, cols]
+        g_out = g[seq] if sp else g
+    x_in = x_in.float().clone().requires_grad_(True)
+    out, _ = layer(x_in)
+    (out * g_out.float()).sum().backward()
+
+    # dense float64 TP=1 reference
+    ref_params = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+    xr = x.clone().requires_grad_(True)
+    yr = xr @ (W0 + dense_dw(method, cfg, None, ref_params, d_in, d_out)).t()
+    (yr * g).sum().backward()
+    y_exp = yr[:, :, rows] if mode == "column" else (yr[seq] if sp else yr)
+    gx_exp = (xr.grad[seq] if sp else xr.grad) if mode == "column" else xr.grad[:, :, cols]
+    diffs = dict(out=_rel(out, y_exp), xgrad=_rel(x_in.grad, gx_exp))
+    for n, p in adapter.named_parameters():
+        diffs[f"grad_{n}"] = _rel(p.grad, adapter.shard_of(n, ref_params[n].grad))
+
+    # merge: the merged layer alone gives the adapted output; unmerge restores W0
+    w_before = base.weight.detach().clone()
+    with torch.no_grad():
+        layer.merge()
+        merged, _ = layer(x_in)
+        diffs["merged"] = _rel(merged, out)
+        layer.unmerge()
+        diffs["unmerge"] = (base.weight - w_before).abs().max().item()
+        unmerged, _ = layer(x_in)
+        diffs["unmerged_out"] = _rel(unmerged, out)
+    return diffs
+
+
+def _all_cases(rank, sps):
+    out = {}
+    for method, kw in VARIANTS:
+        for mode in ("column", "row"):
+            for sp in sps:
+                out[(method, str(kw), mode, sp)] = check_layer(method, kw, mode, sp)
+    return out
+
+
+def _assert_small(results):
+    bad = []
+    for rank, res in enumerate(results):
+        for case, diffs in res.items():
+            for k, v in diffs.items():
+                if not v <= 1e-5:
+                    bad.append(f"rank {rank} {case} {k}={v:.2e}")
+    assert not bad, "\n".join(bad[:40])
+
+
+def test_tp1_all_methods():
+    _assert_small(run_ranks(_all_cases, 1, [False], tp=1))
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_equals_dense_all_methods_with_and_without_sp(tp):
+    _assert_small(run_ranks(_all_cases, tp, [False, True], tp=tp))
