@@ -26,7 +26,8 @@ def random_params(adapter, gen):
 
 def dense_dw(method, cfg, adapter, params, d_in, d_out):
     if method == "lora":
-        return ref.lora_dw(params["A"], params["B"], cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r))
+        scale = 1.0 if cfg.allora_eta else cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)  # ALLoRA: no scaling
+        return ref.lora_dw(params["A"], params["B"], scale)
     if method == "vera":
         A, B = shared_projections(cfg.seed, cfg.r, d_in, d_out)
         return ref.vera_dw(A[:, :d_in], B[:d_out], params["d"], params["b"])

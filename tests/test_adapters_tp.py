@@ -88,8 +88,14 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT):
     # dense float64 TP=1 reference
     ref_params = {n: p.clone().requires_grad_(True) for n, p in params.items()}
     xr = x.clone().requires_grad_(True)
-    yr = xr @ (W0 + dense_dw(method, cfg, None, ref_params, d_in, d_out)).t()
-    (yr * g).sum().backward()
+    dw = dense_dw(method, cfg, None, ref_params, d_in, d_out)
+    yr = xr @ (W0 + dw).t()
+    if cfg.allora_eta is None:
+        (yr * g).sum().backward()
+    else:  # ALLoRA: output grad to the parameters scaled per row by 1/sqrt(||dW_i|| + 1/eta^2)
+        c = 1 / (dw.detach().norm(dim=1) + 1 / cfg.allora_eta**2).sqrt()
+        xr.grad, = torch.autograd.grad((yr * g).sum(), xr, retain_graph=True)
+        ((x @ dw.t()) * g * c).sum().backward()
     y_exp = yr[:, :, rows] if mode == "column" else (yr[seq] if sp else yr)
     gx_exp = (xr.grad[seq] if sp else xr.grad) if mode == "column" else xr.grad[:, :, cols]
     diffs = dict(out=_rel(out, y_exp), xgrad=_rel(x_in.grad, gx_exp))
@@ -109,9 +115,13 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT):
     return diffs
 
 
+ALLORA = [("lora", {"allora_eta": 2.0}), ("mora", {"mora_type": "sharing", "allora_eta": 1.0}),
+          ("vera", {"allora_eta": 1.5})]
+
+
 def _all_cases(rank, sps):
     out = {}
-    for method, kw in VARIANTS:
+    for method, kw in VARIANTS + ALLORA:
         for mode in ("column", "row"):
             for sp in sps:
                 out[(method, str(kw), mode, sp)] = check_layer(method, kw, mode, sp)

@@ -47,6 +47,7 @@ class AdapterConfig:
     mora_type: object = "sharing"  # sharing|rotation|decouple|truncation|type1..type4 (authors' numbering)
     vera_d_init: float = 0.1
     seed: int = 0  # adapter init; VeRA's shared projections (PEFT's projection_prng_key)
+    allora_eta: Optional[float] = None  # ALLoRA gradient rule (mora_dist/optim/allora.py); LoRA then unscaled
     targets: list = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
 
     def __post_init__(self):
@@ -57,11 +58,15 @@ class AdapterConfig:
         if self.method == "mora" and self.mora_type not in MORA_TYPES:
             raise ValueError(f"adapter.mora_type: unknown MoRA type {self.mora_type!r}; "
                              f"choose one of {sorted(map(str, MORA_TYPES))}")
+        if self.allora_eta is not None and not self.allora_eta > 0:
+            raise ValueError(f"adapter.allora_eta must be > 0, got {self.allora_eta!r}")
         if not self.targets:
             raise ValueError("adapter.targets: empty target list")
 
     @property
     def scale(self) -> float:
+        if self.allora_eta is not None:  # ALLoRA is scaling-free
+            return 1.0
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mora_dist.adapters.base import Adapter
+from mora_dist.optim.allora import allora_forward
 
 
 class AdaptedLinear(nn.Module):
@@ -42,7 +43,8 @@ class AdaptedLinear(nn.Module):
 
     def _adapter_out(self, x, out):
         for name, adapter in self.adapters.items():
-            delta = adapter(x).to(out.dtype)
+            eta = adapter.cfg.allora_eta
+            delta = (adapter(x) if eta is None else allora_forward(adapter, x, eta)).to(out.dtype)
             pos = self._positions[name]
             if pos is None:
                 out = out + delta
