@@ -39,11 +39,9 @@ def dense_dw(method, cfg, adapter, params, d_in, d_out):
 @pytest.mark.parametrize("method,kw", VARIANTS, ids=[f"{m}-{k.get('mora_type', k)}" for m, k in VARIANTS])
 def test_forward_grads_delta_match_dense_reference(method, kw, d_in, d_out, r):
     cfg = AdapterConfig(method=method, r=r, **kw)
-    if kw.get("mora_type") == "rotation" and mora_rank(d_in, d_out, r) % 2:
-        with pytest.raises(ValueError, match="even rh"):
-            build_adapter(cfg, Shard(d_in, d_out))
-        return
     adapter = build_adapter(cfg, Shard(d_in, d_out)).to(D)
+    if kw.get("mora_type") == "rotation":  # rotation needs an even side: odd rh rounds down
+        assert adapter.rh == mora_rank(d_in, d_out, r) // 2 * 2
     gen = torch.Generator().manual_seed(d_in * 1000 + d_out)
     params = random_params(adapter, gen)
     adapter.load_full_(params)
@@ -110,3 +108,10 @@ def test_lora_init_and_zero_start():
 def test_bad_config_names_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdapterConfig(**kwargs)
+
+
+def test_rotation_rejects_explicit_odd_rank():
+    from mora_dist.adapters.mora import MoRA
+
+    with pytest.raises(ValueError, match="even rh, got rh=11"):
+        MoRA(AdapterConfig("mora", r=2, mora_type="rotation"), Shard(32, 32), rh=11)

@@ -17,7 +17,8 @@ src/peft/tuners/lora/layer.py, read 2026-11-24), numbered by their `mora_type`:
   x_c*cos + rotate_half(x_c)*sin, rotate_half(v) = [-v[rh/2:], v[:rh/2]] (rh must be even);
   "decouple": R_c = I (paper's ablation).
 - "truncation" (ablation): f_comp(x) = x[:rh], f_decomp(y) = [y; 0].
-Generalisation: when pad > d_in the authors' code fails; x'[p] = x[p mod d_in] is our definition.
+Generalisations where the authors' code fails: when pad > d_in, x'[p] = x[p mod d_in]; rotation
+with an odd rh (e.g. 181 for a 2048x2048 layer at r=8) uses rh - 1.
 
 All operators are written as index maps of the *global* layer, so any shard (a slice of input
 columns, any set of output rows) is served by the same code: column-parallel ranks compute
@@ -61,7 +62,11 @@ class MoRA(Adapter):
 
     def __init__(self, cfg: AdapterConfig, shard: Shard, seed: int = 0, rh: int | None = None):
         super().__init__(cfg, shard)
-        self.rh = rh or mora_rank(shard.d_in, shard.d_out, cfg.r)
+        if rh is None:
+            rh = mora_rank(shard.d_in, shard.d_out, cfg.r)
+            if MORA_TYPES[cfg.mora_type] == 6 and rh % 2:
+                rh -= 1  # rotation pairs entries (rh/2 frequencies); the authors' code fails on odd rh
+        self.rh = rh
         self.M = nn.Parameter(torch.zeros(self.rh, self.rh))
         self.set_type(cfg.mora_type)
 

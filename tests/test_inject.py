@@ -1,0 +1,137 @@
+"""Adapters injected into a real megatron-core GPTModel by target name: TP=2 equals TP=1,
+merging is exact at model level, parameter counts, and config errors that name the culprit."""
+import pytest
+import torch
+
+from dist import run_ranks
+
+H, FFN, NH, NG, V, S, B, L = 32, 48, 4, 2, 64, 8, 2, 2
+TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def tiny_gpt():
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from mora_dist.parallel import mcore_cpu
+
+    cfg = TransformerConfig(
+        num_layers=L, hidden_size=H, ffn_hidden_size=FFN, num_attention_heads=NH, num_query_groups=NG,
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, normalization="RMSNorm",
+        add_bias_linear=False, tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0, **mcore_cpu.config_overrides())
+    torch.manual_seed(0)
+    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                    vocab_size=V, max_sequence_length=S, position_embedding_type="rope")
+
+
+def full_params(name, adapter):
+    """Deterministic full (TP=1) values for an adapter's trainables, keyed by layer and target."""
+    import zlib
+
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    out = {}
+    for n, p in adapter.named_parameters():
+        shape = list(p.shape)
+        kind = adapter.layout[n]
+        if adapter.is_sharded(n):
+            shape[adapter.layout_dim(n)] = adapter.shard.d_out if kind == "out" else adapter.shard.d_in
+        out[n] = torch.randn(shape, generator=g) * 0.2
+    return out
+
+
+def _run(rank, method, kw):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from mora_dist.adapters import AdapterConfig
+    from mora_dist.parallel.inject import adapted_layers, apply_adapters, merge_adapters
+
+    model = tiny_gpt()
+    report = apply_adapters(model, AdapterConfig(method=method, r=2, targets=TARGETS, **kw))
+    for lname, layer in model.named_modules():
+        if hasattr(layer, "adapters") and hasattr(layer, "merged"):
+            for t, a in layer.adapters.items():
+                a.load_full_(full_params(f"{lname}:{t}", a))
+    x = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(S).unsqueeze(0).expand(B, -1)
+    mask = torch.ones(1, 1, S, S, dtype=torch.bool).tril().logical_not()
+    loss = model(x, pos, mask, labels=x).float().mean()
+    loss.backward()
+    # full adapter grads, gathered over TP: sum of squares is layout independent
+    sq = torch.zeros(())
+    for layer in adapted_layers(model):
+        for a in layer.adapters.values():
+            for n, p in a.named_parameters():
+                v = p.grad.pow(2).sum()
+                if a.is_sharded(n):
+                    dist.all_reduce(v, group=ps.get_tensor_model_parallel_group())
+                sq += v
+    frozen_grads = sum(p.grad is not None for p in model.parameters() if not p.requires_grad)
+    with torch.no_grad():
+        logits = model(x, pos, mask)
+        merge_adapters(model)
+        merged = model(x, pos, mask)
+    return dict(loss=loss.item(), grad_sq=sq.item(), frozen_grads=frozen_grads, trainable=report.trainable,
+                merge_diff=(merged - logits).abs().max().item(), per_target=report.per_target)
+
+
+CASES = [("lora", {}), ("mora", {"mora_type": "sharing"}), ("mora", {"mora_type": "rotation"}), ("vera", {"r": 16})]
+
+
+def _cases(rank):
+    return {f"{m}{kw}": _run(rank, m, {k: v for k, v in kw.items() if k != "r"} if "r" in kw else kw) for m, kw in CASES}
+
+
+def test_gpt_tp2_equals_tp1_and_merge_is_exact():
+    tp1 = run_ranks(_cases, 1, tp=1)[0]
+    tp2 = run_ranks(_cases, 2, tp=2)
+    kv = NG * (H // NH)
+    for key, r1 in tp1.items():
+        for r2 in tp2:
+            assert abs(r2[key]["loss"] - r1["loss"]) < 1e-5 * max(1, abs(r1["loss"])), key
+            assert abs(r2[key]["grad_sq"] - r1["grad_sq"]) < 1e-4 * r1["grad_sq"], key
+            assert r2[key]["merge_diff"] < 1e-5, key
+        assert r1["grad_sq"] > 0 and r1["frozen_grads"] == 0 and r1["merge_diff"] < 1e-5, key
+    # parameter counts at TP=1: LoRA r=2 on the canonical projections of 2 layers
+    lora = tp1["lora{}"]["per_target"]
+    assert lora == {"q": L * 2 * (H + H), "k": L * 2 * (H + kv), "v": L * 2 * (H + kv), "o": L * 2 * (H + H),
+                    "gate": L * 2 * (H + FFN), "up": L * 2 * (H + FFN), "down": L * 2 * (FFN + H)}
+    from mora_dist.adapters import mora_rank
+
+    mora = tp1["mora{'mora_type': 'sharing'}"]["per_target"]
+    assert mora["k"] == L * mora_rank(H, kv, 2) ** 2 and mora["down"] == L * mora_rank(FFN, H, 2) ** 2
+    vera = tp1["vera{'r': 16}"]["per_target"]  # d_out + r per layer
+    assert vera == {"q": L * (H + 2), "k": L * (kv + 2), "v": L * (kv + 2), "o": L * (H + 2),
+                    "gate": L * (FFN + 2), "up": L * (FFN + 2), "down": L * (H + 2)}
+
+
+def _bad_target(rank):
+    from mora_dist.adapters import AdapterConfig
+    from mora_dist.parallel.inject import apply_adapters
+
+    model = tiny_gpt()
+    msgs = []
+    for targets in (["q", "*.no_such_layer"], ["*.input_layernorm"]):
+        try:
+            apply_adapters(model, AdapterConfig(targets=targets))
+        except ValueError as e:
+            msgs.append(str(e))
+    return msgs
+
+
+def test_bad_targets_name_the_pattern():
+    msgs = run_ranks(_bad_target, 1)[0]
+    assert "'*.no_such_layer' matches no linear layer" in msgs[0]
+    assert "'*.input_layernorm' matched decoder.layers.0.input_layernorm" in msgs[1]
+
+
+def test_tp_not_dividing_groups_names_the_value():
+    from mora_dist.parallel.fused import fc1_rows, qkv_rows
+
+    with pytest.raises(ValueError, match="num_query_groups=2 is not divisible by tensor_parallel=4"):
+        qkv_rows(8, 2, 16, tp_size=4, tp_rank=0)
+    with pytest.raises(ValueError, match="ffn_hidden_size=50 is not divisible by tensor_parallel=4"):
+        fc1_rows(50, tp_size=4, tp_rank=0)
