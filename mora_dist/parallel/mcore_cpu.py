@@ -9,7 +9,8 @@ Workarounds (found by running TP=2/4 linears, a TP=2 GPTModel and a PP=2 1F1B sc
 2. The CUDA RNG tracker's `fork()` touches CUDA RNG state: made a no-op context; tests use dropout 0
    (model-parallel RNG streams are meaningless on CPU), and `model_parallel_cuda_manual_seed` is
    replaced by seeding the CPU generator.
-3. `torch.zeros(..., device="cuda")` in the pipeline schedules -> CPU.
+3. Tensor factories called with `device="cuda"` (zeros/empty/tensor/ones/full/arange: pipeline
+   schedules, the default causal mask, ...) -> CPU.
 4. `torch.cuda.synchronize` -> no-op (p2p communication calls it).
 5. Config flags (see `CPU_CONFIG_OVERRIDES`): `use_cpu_initialization=True`,
    `gradient_accumulation_fusion=False`, every `*_fusion=False`, `persist_layer_norm=False`.
@@ -47,16 +48,17 @@ def apply() -> None:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
 
-    _zeros, _empty = torch.zeros, torch.empty
-
     def _cpu_device(kwargs):
         dev = kwargs.get("device")
         if dev is not None and str(dev).startswith("cuda"):
             kwargs["device"] = "cpu"
         return kwargs
 
-    torch.zeros = lambda *a, **k: _zeros(*a, **_cpu_device(k))
-    torch.empty = lambda *a, **k: _empty(*a, **_cpu_device(k))
+    def _on_cpu(factory):
+        return lambda *a, **k: factory(*a, **_cpu_device(k))
+
+    for name in ("zeros", "empty", "tensor", "ones", "full", "arange"):
+        setattr(torch, name, _on_cpu(getattr(torch, name)))
 
     from megatron.core.tensor_parallel import random as mrandom
 

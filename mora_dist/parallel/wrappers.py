@@ -89,14 +89,44 @@ class AdaptedLinear(nn.Module):
 
     # --- merging ----------------------------------------------------------------------------
     def _apply_delta(self, sign: float) -> None:
+        """W_local[rows of each adapter] += sign * dW_local.
+
+        A bf16 base loses the low bits of every small update: 20 merges of typical restart-sized
+        deltas into bf16 drift far more than one rounding (tests/test_merge_precision.py prints
+        the numbers). We keep the rounding error of each merge in a bf16 `merge_residual` buffer
+        (compensated summation), so W + residual tracks the exact fp32 sum to ~2^-16 relative
+        while the forward keeps reading the plain bf16 W. Export adds the residual back.
+        """
         w = self.base.weight
+        compensated = w.dtype in (torch.bfloat16, torch.float16)
+        if compensated and not hasattr(self, "merge_residual"):
+            self.register_buffer("merge_residual", torch.zeros_like(w))
         for name, adapter in self.adapters.items():
-            delta = (sign * adapter.delta_weight()).to(w.dtype)
+            delta = sign * adapter.delta_weight().float()
             pos = self._positions[name]
-            if pos is None:
-                w.data += delta
+            idx = getattr(self, f"_pos_{name}") if pos is not None else None
+            cur = w.data.float() if idx is None else w.data.index_select(0, idx).float()
+            if compensated:
+                res = self.merge_residual if idx is None else self.merge_residual.index_select(0, idx)
+                exact = cur + res.float() + delta
             else:
-                w.data.index_add_(0, getattr(self, f"_pos_{name}"), delta)
+                exact = cur + delta
+            new = exact.to(w.dtype)
+            if idx is None:
+                w.data.copy_(new)
+            else:
+                w.data.index_copy_(0, idx, new)
+            if compensated:
+                err = (exact - new.float()).to(w.dtype)
+                if idx is None:
+                    self.merge_residual.copy_(err)
+                else:
+                    self.merge_residual.index_copy_(0, idx, err)
+
+    def full_precision_weight(self) -> torch.Tensor:
+        """The local weight shard including the merge residual (for export), in fp32."""
+        w = self.base.weight.detach().float()
+        return w + self.merge_residual.float() if hasattr(self, "merge_residual") else w
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -110,3 +140,10 @@ class AdaptedLinear(nn.Module):
         if self.merged:
             self._apply_delta(-1.0)
             self.merged = False
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Merge permanently (ReLoRA restart): W += dW; the caller then re-initialises the adapters."""
+        if self.merged:
+            raise RuntimeError("fold() on a merged layer: unmerge first")
+        self._apply_delta(1.0)

@@ -1,0 +1,212 @@
+"""One typed training config: YAML file + dotted CLI overrides (`train.steps=100`), validated before
+any rank starts work. Errors name the offending key (and the file it came from)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+
+from mora_dist.adapters.base import AdapterConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    hf_dir: Optional[str] = None  # Llama-family HF checkpoint directory (weights + config.json)
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    vocab_size: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "fp32"  # base weights: fp32 | bf16 (adapters always keep fp32 parameters)
+    seed: int = 1234  # random init when hf_dir is not given
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    sp: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: list = field(default_factory=list)  # [{path: prefix, weight: w}, ...] megatron indexed datasets
+    eval_domain: Optional[str] = None
+    eval_general: Optional[str] = None
+    seq_length: int = 32
+    eod_id: int = 0
+    eval_batches: int = 4
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 40
+    micro_batch: int = 2
+    global_batch: int = 8
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 4
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    recompute: bool = False
+    eval_every: int = 0
+    log_every: int = 1
+
+
+@dataclass
+class RestartConfig:
+    every: int = 0  # merge + re-init every N steps (ReLoRA / ReMoRA); 0 = off
+    warmup: int = 5  # jagged schedule re-warm-up steps
+    prune: float = 0.99  # optimizer-state magnitude pruning quantile; 1.0 = full reset
+    cycle_mora_types: bool = True  # ReMoRA: 1 -> 2 -> 3 -> 4 -> 1 at each restart
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    every: int = 0
+    keep: int = 2
+    resume: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs/run"
+    wandb: bool = False
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    restarts: RestartConfig = field(default_factory=RestartConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, typ, key):
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], key)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool) and not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+    if typ is list and not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping in {source}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} in {source}; known: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        typ, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _build(typ, data[f.name], key + ".", source)
+        elif f.name in ("mora_type",):
+            kwargs[f.name] = data[f.name]
+        else:
+            kwargs[f.name] = _coerce(data[f.name], typ, key)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{str(e)} (in {source})") from None
+
+
+def _set_dotted(d: dict, dotted: str, value):
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    d[parts[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config:
+    """Load `path` (YAML) and apply `key.sub=value` overrides (values parsed as YAML)."""
+    data, source = {}, "defaults"
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        source = path
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        k, v = ov.split("=", 1)
+        _set_dotted(data, k.strip(), yaml.safe_load(v))
+        source = f"{source} + overrides"
+    cfg = _build(Config, data, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str = "config", world_size: Optional[int] = None) -> None:
+    """Checks that need several sections or the launch environment; run before any rank works."""
+    t, p, m = cfg.train, cfg.parallel, cfg.model
+    world = world_size or int(os.environ.get("WORLD_SIZE", 1))
+    if p.tp < 1 or p.pp < 1:
+        raise ConfigError(f"parallel.tp / parallel.pp must be >= 1 (got {p.tp}, {p.pp})")
+    if world % (p.tp * p.pp):
+        raise ConfigError(f"parallel.tp * parallel.pp = {p.tp * p.pp} does not divide the world size {world}")
+    dp = world // (p.tp * p.pp)
+    if t.global_batch % (t.micro_batch * dp):
+        raise ConfigError(f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch * "
+                          f"data-parallel size = {t.micro_batch} * {dp}")
+    if m.num_layers % p.pp:
+        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}")
+    if m.num_query_groups % p.tp or m.num_attention_heads % p.tp:
+        raise ConfigError(f"model.num_query_groups={m.num_query_groups} / num_attention_heads must be divisible "
+                          f"by parallel.tp={p.tp}")
+    if m.dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"model.dtype must be fp32 or bf16, got {m.dtype!r}")
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training data given (list of {path, weight})")
+    for i, item in enumerate(cfg.data.train):
+        if not isinstance(item, dict) or "path" not in item:
+            raise ConfigError(f"data.train[{i}]: expected {{path: prefix, weight: w}}, got {item!r}")
+        for suffix in (".bin", ".idx"):
+            if not os.path.exists(item["path"] + suffix):
+                raise ConfigError(f"data.train[{i}].path: {item['path']}{suffix} not found")
+    for key in ("eval_domain", "eval_general"):
+        path = getattr(cfg.data, key)
+        if path and not os.path.exists(path + ".idx"):
+            raise ConfigError(f"data.{key}: {path}.idx not found")
+    if cfg.restarts.every and cfg.restarts.every <= cfg.restarts.warmup:
+        raise ConfigError(f"restarts.every={cfg.restarts.every} must exceed restarts.warmup={cfg.restarts.warmup}")
+    if not 0 < cfg.restarts.prune <= 1:
+        raise ConfigError(f"restarts.prune must be in (0, 1], got {cfg.restarts.prune}")

@@ -1,0 +1,76 @@
+"""ReLoRA / ReMoRA restarts: fold the adapters into the frozen shards, start fresh adapters.
+
+At a restart (every `restarts.every` steps) each adapted layer adds its dW shard to its frozen
+weight shard (`AdaptedLinear.fold`, compensated when the base is bf16: see wrappers.py), the
+adapter is re-initialised (LoRA: A Kaiming-uniform from a new seed, B zero; MoRA: M zero; VeRA:
+d = d_init, b = 0), MoRA switches its grouping 1 -> 2 -> 3 -> 4 -> 1 (the authors'
+ResetReloraCallback) so successive updates use different groupings, and the adapters' Adam states
+are magnitude-pruned (ReLoRA: zero every entry below the `prune` quantile of |state|, computed
+over the whole TP-sharded tensor) or, with prune = 1.0, dropped (the MoRA authors' pretraining
+setting). The jagged LR schedule (schedule.py) re-warms after each restart. The model output is
+unchanged at the moment of the restart: W + dW before, (W + dW) + 0 after.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from mora_dist.adapters.mora import MoRA, ROTATION_TYPES
+
+
+def _global_quantile(t: torch.Tensor, q: float, sharded: bool) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    v = t.detach().abs().flatten().float()
+    if sharded and ps.get_tensor_model_parallel_world_size() > 1:
+        group = ps.get_tensor_model_parallel_group()
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(sizes, torch.tensor([v.numel()]), group=group)
+        n = max(int(s.item()) for s in sizes)
+        padded = torch.full((n,), float("nan"))
+        padded[: v.numel()] = v
+        parts = [torch.empty(n) for _ in sizes]
+        dist.all_gather(parts, padded, group=group)
+        v = torch.cat(parts)
+        v = v[~v.isnan()]
+    return torch.quantile(v.double(), q).to(t.dtype) if v.numel() <= 16_000_000 else v.kthvalue(
+        max(1, int(q * v.numel()))).values.to(t.dtype)
+
+
+@torch.no_grad()
+def prune_optimizer_states(trainer, quantile: float) -> None:
+    owners = {}
+    from mora_dist.parallel.inject import adapted_layers
+
+    for layer in adapted_layers(trainer.model):
+        for a in layer.adapters.values():
+            for n, p in a.named_parameters():
+                owners[p] = a.is_sharded(n)
+    for p, sharded in owners.items():
+        state = trainer.opt.state.get(p)
+        if not state:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            s = state[key]
+            if quantile >= 1.0:
+                s.zero_()
+            else:
+                s.masked_fill_(s.abs() < _global_quantile(s, quantile, sharded), 0.0)
+
+
+@torch.no_grad()
+def restart(trainer, step: int) -> None:
+    from mora_dist.parallel.inject import adapted_layers
+
+    cfg = trainer.cfg
+    trainer.restarts += 1
+    for i, layer in enumerate(adapted_layers(trainer.model)):
+        layer.fold()
+        for name, a in layer.adapters.items():
+            seed = cfg.adapter.seed * 1_000_003 + zlib.crc32(f"restart{trainer.restarts}:{i}:{name}".encode())
+            a.reset_parameters(torch.Generator().manual_seed(seed))
+            if isinstance(a, MoRA) and cfg.restarts.cycle_mora_types and a.type in ROTATION_TYPES:
+                a.set_type(ROTATION_TYPES[(ROTATION_TYPES.index(a.type) + 1) % len(ROTATION_TYPES)])
+    prune_optimizer_states(trainer, cfg.restarts.prune)
