@@ -4,7 +4,8 @@
 torch.distributed (gloo) and megatron-core's parallel state (with the CPU workarounds of
 `mora_dist.parallel.mcore_cpu`), calls `fn(rank, *args)` and returns every rank's return value.
 A failure on any rank raises in the test process with that rank's full traceback.
-`fn` must be importable (a module-level function of a test module), since ranks are spawned.
+`fn` must be importable (a module-level function of a test module), since ranks are spawned, and
+should return plain Python values (tensors would travel through shared memory of an exiting process).
 """
 from __future__ import annotations
 
