@@ -1,0 +1,129 @@
+"""Build a Llama-family decoder as a megatron-core `GPTModel` for the calling pipeline stage.
+
+Parallel sizes come from megatron's parallel_state (call `init_distributed(tp, pp)` first), so a
+training loop calls `build_model(spec)` once per stage (or once per virtual stage with vp_stage).
+RoPE inverse frequencies are set from `rope_inv_freq` (transformers' formulas incl. llama3
+scaling) rather than megatron's `rope_scaling`, which hard-codes llama3's low/high factors and
+original context length.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from mora_dist.models.config import LlamaSpec, rope_inv_freq
+from mora_dist.models.spec import llama_block_spec
+from mora_dist.parallel import mcore_cpu
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 1) -> int:
+    """Vocab rounded up to a multiple of divisible_by * tp (the embedding is split by rows).
+
+    Padding rows are zero after import; their logits take part in a plain softmax, so keep
+    divisible_by=1 (pad only when TP requires it) to match HF losses, or mask them.
+    """
+    m = divisible_by * tp_size
+    return -(-vocab_size // m) * m
+
+
+def transformer_config(spec: LlamaSpec, params_dtype: torch.dtype = torch.float32,
+                       sequence_parallel: bool = False, **overrides):
+    """megatron TransformerConfig for `spec` with the current TP/PP sizes (CPU fixes applied)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    mcore_cpu.apply()
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if spec.num_query_groups % tp or spec.num_attention_heads % tp or spec.ffn_hidden_size % tp:
+        raise ValueError(
+            f"TP={tp} must divide num_query_groups ({spec.num_query_groups}), num_attention_heads "
+            f"({spec.num_attention_heads}) and ffn_hidden_size ({spec.ffn_hidden_size})"
+        )
+    if spec.num_layers % pp:
+        raise ValueError(f"PP={pp} must divide num_layers ({spec.num_layers})")
+    kw = dict(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.head_dim,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=spec.init_method_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        window_size=(spec.sliding_window - 1, 0) if spec.sliding_window else None,
+    )
+    kw.update(mcore_cpu.config_overrides())
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def build_model(
+    spec: Union[LlamaSpec, str, os.PathLike],
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    params_dtype: torch.dtype = torch.float32,
+    *,
+    attention: str = "auto",
+    sequence_parallel: bool = False,
+    parallel_output: bool = True,
+    vp_stage: Optional[int] = None,
+    make_vocab_size_divisible_by: int = 1,
+    **config_overrides,
+):
+    """GPTModel for this rank's pipeline stage; `spec` may be a LlamaSpec or an HF model dir.
+
+    pre_process/post_process default to whether this rank is the first/last pipeline stage.
+    attention: "auto" (TE if installed, else SDPA), "te", "sdpa" or "local" (megatron's reference).
+    parallel_output=True keeps logits vocab-sharded over TP (for vocab-parallel cross entropy).
+    Weights are randomly initialised; use `load_hf_checkpoint` to import a checkpoint.
+    The returned model carries `llama_spec` (for export) and `vocab_size_padded`.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    if not isinstance(spec, LlamaSpec):
+        spec = LlamaSpec.from_hf(spec)
+    config = transformer_config(spec, params_dtype, sequence_parallel, **config_overrides)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    vocab = padded_vocab_size(spec.vocab_size, config.tensor_model_parallel_size, make_vocab_size_divisible_by)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=llama_block_spec(config, attention, vp_stage),
+        vocab_size=vocab,
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=spec.rope_theta,
+        vp_stage=vp_stage,
+    )
+    rope = model.rotary_pos_emb
+    rope.inv_freq = rope_inv_freq(spec).to(rope.inv_freq.device)
+    if hasattr(type(rope).forward, "cache_clear"):  # forward() is lru_cached on (self, seq_len)
+        type(rope).forward.cache_clear()
+    model.llama_spec = spec
+    model.vocab_size_padded = vocab
+    return model
