@@ -46,7 +46,7 @@ def run_ranks(fn, world_size: int, *args, tp: int = 1, pp: int = 1, timeout: flo
     queue = ctx.SimpleQueue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, tp, pp, fn, args, queue), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, tp, pp, fn, args, queue))
         for r in range(world_size)
     ]
     for p in procs:
