@@ -13,7 +13,6 @@ save little; this is a deliberate deviation from "distributed optimizer".
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import torch
@@ -166,24 +165,3 @@ def _adapted(model):
     from mora_dist.parallel.inject import adapted_layers
 
     return adapted_layers(model)
-
-
-def train(cfg: Config, log=print) -> list[dict]:
-    """Run the configured training on this process (torchrun rank). Returns per-step metrics."""
-    from mora_dist.parallel.state import init_distributed
-
-    init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.model.seed)
-    trainer = Trainer(cfg)
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        log(str(trainer.report))
-    history = []
-    while trainer.step < cfg.train.steps:
-        m = trainer.train_step()
-        if cfg.train.eval_every and trainer.step % cfg.train.eval_every == 0:
-            m.update(trainer.evaluate())
-        history.append(m)
-        if rank0 and (trainer.step % cfg.train.log_every == 0 or trainer.step == cfg.train.steps):
-            log(f"step {m['step']:4d} loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
-                f"{m['step_time'] * 1e3:.0f} ms")
-    return history
