@@ -127,6 +127,11 @@ def _attention_and_load_errors(rank, good, broken):
             diffs[(window, name)] = (outs[(window, name)] - ref(q, k, v, mask)).abs().max().item()
         if window is None:
             diffs[(window, "none_is_causal")] = (ours(q, k, v, None) - ref(q, k, v, causal)).abs().max().item()
+            tail = torch.ones(1, 1, 5, s, dtype=torch.bool).triu(1 + s - 5)  # 5 new queries, s keys
+            diffs[(window, "none_sq<sk")] = (ours(q[-5:], k, v, None) - ref(q[-5:], k, v, tail)).abs().max().item()
+    wide = SDPAttention(transformer_config(dataclasses.replace(spec, num_query_groups=2), window_size=(s, 0)),
+                        1, AttnMaskType.causal, "self")
+    diffs["non-binding window"] = (wide(q, k, v, None) - outs[(None, "causal")]).abs().max().item()
     out["attention_diffs"] = diffs
     causal_out = outs[(None, "causal")]  # the masks matter, so the comparisons above can fail
     out["mask_effects"] = [(outs[key] - causal_out).abs().max().item() for key in [(None, "padding"), ((3, 0), "causal")]]

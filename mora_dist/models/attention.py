@@ -75,9 +75,15 @@ class SDPAttention(MegatronModule):
             self._causal_cache = {key: ref}
         return bool(torch.equal(mask.bool(), ref.expand_as(mask)))
 
-    def _window_mask(self, sq: int, sk: int, device) -> torch.Tensor:
-        """Boolean 'may attend' mask: keys within [i - left, i + right] of query i (megatron's window_size)."""
+    def _window_binds(self, sq: int, sk: int) -> bool:
+        """False when the window admits every causal key (then the causal fast path is exact)."""
         left, right = self.window
+        return right != 0 or (0 <= left < sk - 1)
+
+    @staticmethod
+    def _window_mask(window, sq: int, sk: int, device) -> torch.Tensor:
+        """Boolean 'may attend' mask: keys within [i - left, i + right] of query i (megatron's window_size)."""
+        left, right = window
         i = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
         j = torch.arange(sk, device=device).unsqueeze(0)
         ok = torch.ones(sq, sk, dtype=torch.bool, device=device)
@@ -111,14 +117,23 @@ class SDPAttention(MegatronModule):
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         is_causal, mask = False, None
-        if self.window is not None:
-            mask = self._window_mask(sq, sk, query.device)
+        if self.window is not None and self._window_binds(sq, sk):
+            mask = self._window_mask(self.window, sq, sk, query.device)
             if attention_mask is not None:
                 mask = mask & ~attention_mask.bool()
+        elif attention_mask is None and sq != sk:
+            # SDPA's is_causal aligns the diagonal top-left; megatron's causal mask is bottom-right
+            mask = self._window_mask((-1, 0), sq, sk, query.device)
         elif attention_mask is None or self._is_causal_mask(attention_mask, sq, sk):
             is_causal = True
         else:
             mask = ~attention_mask.bool()
+        gqa = np_ != self.groups
+        if gqa and q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+            # enable_gqa is taken by the flash and math kernels only; fp32 would fall back to math
+            # (materialised scores), so expand k/v instead and keep the memory-efficient kernel.
+            k, v = (t.repeat_interleave(np_ // self.groups, dim=1) for t in (k, v))
+            gqa = False
         dropout = self.dropout_p if self.training else 0.0
         rng = (
             tensor_parallel.get_cuda_rng_tracker().fork()
@@ -128,7 +143,7 @@ class SDPAttention(MegatronModule):
         with rng:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-                scale=self.softmax_scale, enable_gqa=np_ != self.groups,
+                scale=self.softmax_scale, enable_gqa=gqa,
             )
         # [b, np, s, hn] -> [s, b, np*hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
