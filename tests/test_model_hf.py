@@ -193,3 +193,15 @@ def test_pp2_logits_and_export(hf, tmp_path):
         sd = AutoModelForCausalLM.from_pretrained(out_dir).state_dict()
         for k, v in hf[name]["state"].items():
             assert torch.equal(sd[k], v), f"{name}: PP=2 export changed {k}"
+
+
+def test_tp2_pp2_logits_and_export(hf, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    exports = {"llama": str(tmp_path / "llama"), "qwen2": str(tmp_path / "qwen2")}
+    res = run_ranks(_run_models, 4, _cases(hf), ["sdpa"], True, exports, tp=2, pp=2)
+    _check_logits(res, hf, ["sdpa"])
+    for name, out_dir in exports.items():
+        sd = AutoModelForCausalLM.from_pretrained(out_dir).state_dict()
+        for k, v in hf[name]["state"].items():
+            assert torch.equal(sd[k], v), f"{name}: TP=2 PP=2 export changed {k}"
