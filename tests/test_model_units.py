@@ -100,15 +100,21 @@ def test_missing_files_are_named(tmp_path):
 
 
 # ----------------------------------------------------------------------------- rank functions
-def _attention_and_load_errors(rank, good, broken):
-    """SDPA vs DotProductAttention on causal/padding/window masks; load errors as strings."""
+def _attention_and_load_errors(rank, good, broken, ids, export_dir):
+    """SDPA vs DotProductAttention on causal/padding/window masks; padded vocab; load errors."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from mora_dist.models import SDPAttention, build_model, load_hf_checkpoint, transformer_config
+    from mora_dist.models import SDPAttention, build_model, export_hf, load_hf_checkpoint, transformer_config
 
     out = {}
     spec = LlamaSpec.from_hf(good)
+    padded = build_model(spec, attention="sdpa", parallel_output=False, make_vocab_size_divisible_by=5).eval()
+    load_hf_checkpoint(padded, good)
+    with torch.no_grad():
+        logits = padded(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
+    out["padded"] = (padded.vocab_size_padded, logits[..., : spec.vocab_size].clone(), logits[..., spec.vocab_size:].clone())
+    export_hf(padded, export_dir)
     g = torch.Generator().manual_seed(0)
     s, b = 12, 3
     q = torch.randn(s, b, 4, 16, generator=g)
@@ -149,7 +155,8 @@ def _attention_and_load_errors(rank, good, broken):
 def test_sdpa_attention_and_load_errors(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    good = _make("llama", tmp_path / "good", 5)["dir"]
+    made = _make("llama", tmp_path / "good", 5)
+    good = made["dir"]
     state = load_file(os.path.join(good, "model.safetensors"))
     broken = {}
 
@@ -169,7 +176,14 @@ def test_sdpa_attention_and_load_errors(tmp_path):
     variant("bad_shape", bad)
     variant("missing_shard", files={"model.safetensors.index.json": json.dumps(
         {"metadata": {}, "weight_map": {k: "model-00002-of-00002.safetensors" for k in state}})})
-    res = run_ranks(_attention_and_load_errors, 1, good, broken)[0]
+    res = run_ranks(_attention_and_load_errors, 1, good, broken, made["ids"], str(tmp_path / "export"))[0]
+
+    vocab_padded, logits, pad_logits = res["padded"]
+    assert vocab_padded == 130 and torch.all(pad_logits == 0)
+    assert (logits - made["logits"]).abs().max() < 1e-4
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert set(exported) == set(state)
+    assert all(torch.equal(exported[k], v) for k, v in state.items()), "padded-vocab export changed weights"
 
     for key, d in res["attention_diffs"].items():
         assert d < 1e-5, f"SDPA vs DotProductAttention {key}: {d}"
