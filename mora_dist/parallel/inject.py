@@ -160,3 +160,16 @@ def merge_adapters(model: nn.Module) -> None:
 def unmerge_adapters(model: nn.Module) -> None:
     for m in adapted_layers(model):
         m.unmerge()
+
+
+@torch.no_grad()
+def unwrap_adapters(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its frozen shard and put the plain megatron linear back, leaving a
+    standard GPTModel (for Megatron checkpoints and export). With a bf16 base the result is the
+    correctly rounded merged weight (the merge residual is below half an ulp)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdaptedLinear):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
+    return model

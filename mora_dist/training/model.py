@@ -1,28 +1,30 @@
-"""Model for training: a Llama-style megatron-core GPTModel for this pipeline stage."""
+"""The model a training run adapts: a Llama-family GPTModel for this pipeline stage, from an HF
+checkpoint directory (continual pretraining) or randomly initialised from `model.*` sizes."""
 from __future__ import annotations
 
 import torch
 
 
-def build_for_training(mcfg, pcfg, recompute: bool, pre_process: bool, post_process: bool, seq_length: int):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def llama_spec(mcfg):
+    from mora_dist.models import LlamaSpec
 
-    from mora_dist.parallel import mcore_cpu
+    if mcfg.hf_dir:
+        return LlamaSpec.from_hf(mcfg.hf_dir)
+    return LlamaSpec(vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size, num_layers=mcfg.num_layers,
+                     num_attention_heads=mcfg.num_attention_heads, num_query_groups=mcfg.num_query_groups,
+                     ffn_hidden_size=mcfg.ffn_hidden_size, rms_norm_eps=mcfg.norm_eps, rope_theta=mcfg.rope_theta,
+                     tie_word_embeddings=mcfg.tie_embeddings, max_position_embeddings=4096)
+
+
+def build_for_training(mcfg, pcfg, recompute: bool, pre_process: bool, post_process: bool, seq_length: int):
+    """Random init (no hf_dir) draws layer by layer in construction order, so it differs between
+    pipeline layouts; runs that must agree across PP sizes start from an HF directory."""
+    from mora_dist.models import build_model, load_hf_checkpoint
 
     dtype = torch.bfloat16 if mcfg.dtype == "bf16" else torch.float32
     extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
-    cfg = TransformerConfig(
-        num_layers=mcfg.num_layers, hidden_size=mcfg.hidden_size, ffn_hidden_size=mcfg.ffn_hidden_size,
-        num_attention_heads=mcfg.num_attention_heads, num_query_groups=mcfg.num_query_groups,
-        gated_linear_unit=True, activation_func=torch.nn.functional.silu, normalization="RMSNorm",
-        layernorm_epsilon=mcfg.norm_eps, add_bias_linear=False, tensor_model_parallel_size=pcfg.tp,
-        pipeline_model_parallel_size=pcfg.pp, sequence_parallel=pcfg.sp and pcfg.tp > 1,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
-        hidden_dropout=0.0, attention_dropout=0.0, **extra, **mcore_cpu.config_overrides(TransformerConfig))
     torch.manual_seed(mcfg.seed)
-    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                    vocab_size=mcfg.vocab_size, max_sequence_length=seq_length, position_embedding_type="rope",
-                    rotary_base=int(mcfg.rope_theta), share_embeddings_and_output_weights=mcfg.tie_embeddings,
-                    pre_process=pre_process, post_process=post_process)
+    model = build_model(llama_spec(mcfg), pre_process, post_process, dtype, sequence_parallel=pcfg.sp, **extra)
+    if mcfg.hf_dir:
+        load_hf_checkpoint(model, mcfg.hf_dir)
+    return model
