@@ -129,9 +129,9 @@ def test_bad_targets_name_the_pattern():
 
 
 def test_tp_not_dividing_groups_names_the_value():
-    from mora_dist.parallel.fused import fc1_rows, qkv_rows
+    from mora_dist.models.layout import fc1_row_index, qkv_row_index
 
-    with pytest.raises(ValueError, match="num_query_groups=2 is not divisible by tensor_parallel=4"):
-        qkv_rows(8, 2, 16, tp_size=4, tp_rank=0)
-    with pytest.raises(ValueError, match="ffn_hidden_size=50 is not divisible by tensor_parallel=4"):
-        fc1_rows(50, tp_size=4, tp_rank=0)
+    with pytest.raises(ValueError, match=r"num_query_groups \(2\) is not divisible by tensor-parallel size 4"):
+        qkv_row_index(8, 2, 16, tp_size=4, tp_rank=0)
+    with pytest.raises(ValueError, match=r"ffn_hidden_size \(50\) is not divisible by tensor-parallel size 4"):
+        fc1_row_index(50, tp_size=4, tp_rank=0)

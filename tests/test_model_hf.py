@@ -78,18 +78,9 @@ def _pipeline_logits(model, ids):
     return None
 
 
-def _tensor_cuda_is_identity_on_cpu():
-    """Tied embeddings at PP>1: megatron calls `weight.data.cuda()` before the first/last-stage
-    all-reduce. Belongs in mora_dist.parallel.mcore_cpu (not ours to edit; reported to the lead)."""
-    if not torch.cuda.is_available():
-        torch.Tensor.cuda = lambda self, *a, **k: self
-
-
 def _run_models(rank, cases, attentions, sequence_parallel, exports):
     """For every (case, attention) import the HF dir, return logits; export some cases."""
     from mora_dist.models import build_model, export_hf, load_hf_checkpoint
-
-    _tensor_cuda_is_identity_on_cpu()
 
     out = {}
     for name, (path, ids) in cases.items():

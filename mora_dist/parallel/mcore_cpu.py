@@ -11,7 +11,8 @@ Workarounds (found by running TP=2/4 linears, a TP=2 GPTModel and a PP=2 1F1B sc
    replaced by seeding the CPU generator.
 3. Tensor factories called with `device="cuda"` (zeros/empty/tensor/ones/full/arange: pipeline
    schedules, the default causal mask, ...) -> CPU.
-4. `torch.cuda.synchronize` -> no-op (p2p communication calls it).
+4. `torch.cuda.synchronize` -> no-op (p2p communication calls it); `Tensor.cuda()` -> identity
+   (tied embeddings at PP>1 move the weight to CUDA before the first/last-stage all-reduce).
 5. Config flags (see `CPU_CONFIG_OVERRIDES`): `use_cpu_initialization=True`,
    `gradient_accumulation_fusion=False`, every `*_fusion=False`, `persist_layer_norm=False`.
    `RowParallelLinear` needs `skip_bias_add=` passed explicitly.
@@ -59,6 +60,7 @@ def apply() -> None:
 
     for name in ("zeros", "empty", "tensor", "ones", "full", "arange"):
         setattr(torch, name, _on_cpu(getattr(torch, name)))
+    torch.Tensor.cuda = lambda self, *a, **k: self  # tied embeddings at PP>1: weight.data.cuda()
 
     from megatron.core.tensor_parallel import random as mrandom
 
