@@ -4,11 +4,12 @@
 torch.distributed (gloo) and megatron-core's parallel state (with the CPU workarounds of
 `mora_dist.parallel.mcore_cpu`), calls `fn(rank, *args)` and returns every rank's return value.
 A failure on any rank raises in the test process with that rank's full traceback.
-`fn` must be importable (a module-level function of a test module), since ranks are spawned, and
-should return plain Python values (tensors would travel through shared memory of an exiting process).
+`fn` must be importable (a module-level function of a test module), since ranks are spawned; its
+return value travels back serialised with torch.save (tensors welcome).
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -35,7 +36,9 @@ def _worker(rank, world_size, port, tp, pp, fn, args, queue):
 
         init_distributed(tp=tp, pp=pp, timeout_s=300)
         out = fn(rank, *args)
-        queue.put((rank, "ok", out))
+        buf = io.BytesIO()  # by value: tensors must not travel through an exiting process's shm
+        torch.save(out, buf)
+        queue.put((rank, "ok", buf.getvalue()))
         destroy_distributed()
     except BaseException:  # report every failure with its traceback
         queue.put((rank, "error", traceback.format_exc()))
@@ -59,7 +62,9 @@ def run_ranks(fn, world_size: int, *args, tp: int = 1, pp: int = 1, timeout: flo
         if not queue.empty():
             rank, status, payload = queue.get()
             if status == "ok":
-                results[rank] = payload
+                import torch
+
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 break  # peers may now hang in a collective; stop them below

@@ -39,6 +39,7 @@ class VeRA(Adapter):
         if d_in_max < shard.d_in or d_out_max < shard.d_out:
             raise ValueError(f"VeRA shared projections ({d_in_max}, {d_out_max}) smaller than layer "
                              f"({shard.d_in}, {shard.d_out})")
+        self.vera_in_max, self.vera_out_max = d_in_max, d_out_max
         A, B = shared_projections(cfg.seed, cfg.r, d_in_max, d_out_max)
         # non-persistent buffers: follow .to(device/dtype) but never enter a checkpoint
         self.register_buffer("A", A[:, shard.in_start:shard.in_end].clone(), persistent=False)

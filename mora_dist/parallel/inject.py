@@ -135,7 +135,7 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, vera_shapes: tuple | No
             kw = dict(d_in_max=vera_shapes[0], d_out_max=vera_shapes[1]) if cfg.method == "vera" else {}
             seed = cfg.seed * 1_000_003 + zlib.crc32(f"{gname}:{target}".encode())
             adapter = build_adapter(cfg, shard, seed=seed, **kw).to(module.weight.device)
-            wrapper.add_adapter(target if positions is not None else "adapter", adapter, positions)
+            wrapper.add_adapter(target if target in CANONICAL else "adapter", adapter, positions)
             n = sum(p.numel() for p in adapter.parameters())
             report.per_target[target] = report.per_target.get(target, 0) + n
             report.layers += 1
