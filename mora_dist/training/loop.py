@@ -22,12 +22,17 @@ from mora_dist.training.config import Config
 from mora_dist.training.schedule import jagged_cosine_lr
 
 
-def build_gpt(cfg: Config, pre_process: bool, post_process: bool):
-    """Llama-style GPTModel for this pipeline stage (random init from model.seed, or HF weights)."""
+def build_adapted_model(cfg: Config):
+    """This pipeline stage's Llama GPTModel (HF weights or random init) with the configured adapters.
+    Returns (model, AdapterReport)."""
+    from megatron.core import parallel_state as ps
+
+    from mora_dist.parallel.inject import apply_adapters
     from mora_dist.training.model import build_for_training
 
-    return build_for_training(cfg.model, cfg.parallel, cfg.train.recompute, pre_process, post_process,
-                                    seq_length=cfg.data.seq_length)
+    model = build_for_training(cfg.model, cfg.parallel, cfg.train.recompute, ps.is_pipeline_first_stage(),
+                               ps.is_pipeline_last_stage(), seq_length=cfg.data.seq_length)
+    return model, apply_adapters(model, cfg.adapter)
 
 
 def _loss_func(loss_mask, output):
@@ -46,13 +51,10 @@ class Trainer:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-        from mora_dist.parallel.inject import apply_adapters
         from mora_dist.training import data as data_mod
 
         self.cfg, self.ps = cfg, ps
-        pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-        model = build_gpt(cfg, pre, post)
-        self.report = apply_adapters(model, cfg.adapter)
+        model, self.report = build_adapted_model(cfg)
         self.ddp = DistributedDataParallel(
             model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False), model)
         self.model = model

@@ -1,0 +1,65 @@
+"""Merge a checkpoint's adapters into the base; write Megatron + Hugging Face checkpoints.
+
+    torchrun --nproc_per_node=N launch/merge.py --checkpoint runs/x/ckpt [--out runs/x/merged]
+           [--tp T --pp P] [--dtype bf16|fp32]
+
+--checkpoint may be a checkpoint directory (`step_N`) or the run's checkpoint root (uses `latest`).
+The world size must equal tp * pp (defaults: the training layout).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--tp", type=int)
+    ap.add_argument("--pp", type=int)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"])
+    args = ap.parse_args(argv)
+    import torch
+
+    from mora_dist.checkpoint import state
+
+    path = args.checkpoint
+    if not os.path.isdir(path):
+        print(f"merge: checkpoint not found: {path}", file=sys.stderr)
+        return 2
+    if os.path.exists(os.path.join(path, "latest")):
+        path = state.latest(path)
+        if path is None:
+            print(f"merge: {args.checkpoint}/latest names no checkpoint", file=sys.stderr)
+            return 2
+    from mora_dist.checkpoint.merge import config_from_checkpoint, merge_and_export
+    from mora_dist.parallel.state import destroy_distributed, init_distributed
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    from mora_dist.parallel import mcore_cpu
+
+    mcore_cpu.apply()
+    cfg = config_from_checkpoint(path, args.tp, args.pp)
+    if world != cfg.parallel.tp * cfg.parallel.pp:
+        print(f"merge: world size {world} must equal tp*pp = {cfg.parallel.tp}*{cfg.parallel.pp} "
+              "(pass --tp/--pp or change --nproc_per_node)", file=sys.stderr)
+        return 2
+    init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "merged")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    res = merge_and_export(cfg, path, out, dtype)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(json.dumps(res))
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Merge a training checkpoint's adapters into the base and write the merged model as a Megatron
+(dist_checkpointing) checkpoint and as Hugging Face safetensors + config.json.
+
+The base comes from the run's source (`model.hf_dir`, or the seeded random init) with the
+checkpoint's folded restart rows applied; the adapters' last dW is merged on top. Runs under any
+TP/PP layout (not necessarily the training one): the checkpoint is stored in canonical layout.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from mora_dist.training.config import Config, _build
+
+
+def config_from_checkpoint(path: str, tp: int | None = None, pp: int | None = None) -> Config:
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(path)["common"]
+    cfg = _build(Config, common["config"], "", f"{path} (stored config)")
+    if tp:
+        cfg.parallel.tp = tp
+    if pp:
+        cfg.parallel.pp = pp
+    cfg.parallel.sp = False
+    return cfg
+
+
+def load_merged(cfg: Config, path: str):
+    """Build this stage's adapted model, load the checkpoint, merge; returns the plain GPTModel."""
+    from mora_dist.checkpoint import state
+    from mora_dist.parallel.inject import unwrap_adapters
+    from mora_dist.training.loop import build_adapted_model
+
+    model, _ = build_adapted_model(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    holder = SimpleNamespace(model=model, cfg=cfg, step=0, restarts=0, opt=torch.optim.AdamW(params))
+    state.load(holder, path)
+    return unwrap_adapters(model), holder.step
+
+
+def merge_and_export(cfg: Config, path: str, out_dir: str, hf_dtype: torch.dtype | None = None) -> dict:
+    """Collective. Writes out_dir/hf (safetensors) and out_dir/megatron (dist checkpoint)."""
+    from megatron.core import dist_checkpointing
+
+    from mora_dist.models import export_hf
+
+    model, step = load_merged(cfg, path)
+    export_hf(model, os.path.join(out_dir, "hf"), dtype=hf_dtype)
+    mdir = os.path.join(out_dir, "megatron")
+    if dist.get_rank() == 0:
+        os.makedirs(mdir, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), mdir)
+    return dict(step=step, hf=os.path.join(out_dir, "hf"), megatron=mdir)
