@@ -6,7 +6,8 @@ schedules. `apply()` is a no-op when CUDA is available, so the GPU path never se
 
 Workarounds (found by running TP=2/4 linears, a TP=2 GPTModel and a PP=2 1F1B schedule on gloo):
 1. `torch.cuda.current_device()` -> "cpu": RoPE and module buffers move tensors to it.
-2. The CUDA RNG tracker's `fork()` touches CUDA RNG state: made a no-op context; tests use dropout 0
+2. The CUDA RNG tracker's `fork()` and activation recompute's save/restore of the CUDA RNG state
+   touch CUDA: made no-ops; tests use dropout 0
    (model-parallel RNG streams are meaningless on CPU), and `model_parallel_cuda_manual_seed` is
    replaced by seeding the CPU generator.
 3. Tensor factories called with `device="cuda"` (zeros/empty/tensor/ones/full/arange: pipeline
@@ -65,6 +66,9 @@ def apply() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     mrandom.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+    # activation recompute saves/restores the CUDA RNG state around the recomputed forward
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
 
     def _seed(seed, *a, **k):
         torch.manual_seed(seed)

@@ -32,6 +32,10 @@ def build_adapted_model(cfg: Config):
 
     model = build_for_training(cfg.model, cfg.parallel, cfg.train.recompute, ps.is_pipeline_first_stage(),
                                ps.is_pipeline_last_stage(), seq_length=cfg.data.seq_length)
+    if cfg.train.recompute and getattr(model, "pre_process", False):
+        # The embedding is frozen, so its output does not require grad, and megatron's checkpointed
+        # layers (an autograd Function of their *inputs*) would then drop every adapter gradient.
+        model.embedding.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     return model, apply_adapters(model, cfg.adapter)
 
 
