@@ -38,8 +38,9 @@ def main(argv=None) -> int:
             print(f"merge: {args.checkpoint}/latest names no checkpoint", file=sys.stderr)
             return 2
     from mora_dist.checkpoint.merge import config_from_checkpoint, merge_and_export
-    from mora_dist.parallel.state import destroy_distributed, init_distributed
+    from mora_dist.parallel.state import destroy_distributed, env_from_slurm, init_distributed
 
+    env_from_slurm()
     world = int(os.environ.get("WORLD_SIZE", 1))
     from mora_dist.parallel import mcore_cpu
 

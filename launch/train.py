@@ -28,7 +28,10 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    from mora_dist.parallel.state import env_from_slurm
     from mora_dist.training.config import ConfigError, load_config
+
+    env_from_slurm()
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -10,6 +10,18 @@ import torch.distributed as dist
 from mora_dist.parallel import mcore_cpu
 
 
+def env_from_slurm() -> None:
+    """Under `srun` (one task per GPU) take the torchrun variables from Slurm's, where unset.
+    MASTER_ADDR/MASTER_PORT come from the batch script (first node of the allocation)."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_s: int = 600) -> None:
     """Initialise torch.distributed (nccl on GPU, gloo on CPU) and megatron's parallel state.
 
