@@ -38,6 +38,11 @@ def _jsonable(x):
     return str(x)
 
 
+def _plain(x):
+    """Scalar tensors / numpy values become Python numbers, so console, JSON and wandb agree."""
+    return x.tolist() if hasattr(x, "tolist") and not isinstance(x, (list, dict, str)) else x
+
+
 def _fmt_console(rec: dict) -> str:
     """A compact progress line; keys that are absent are left out."""
     parts = [f"step {rec['step']:>6d}"]
@@ -128,7 +133,7 @@ class MetricsLogger:
         """Record ``metrics`` for ``step`` and return the record written (``step`` and ``time`` added)."""
         if isinstance(step, bool) or not isinstance(step, int):
             raise TypeError(f"step must be an int, got {type(step).__name__}")
-        rec = dict(step=step, time=time.time(), **{k: v for k, v in metrics.items() if k != "step"})
+        rec = dict(step=step, time=time.time(), **{k: _plain(v) for k, v in metrics.items() if k != "step"})
         if not self.enabled:
             return rec
         if self._file is None:
