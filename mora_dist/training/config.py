@@ -86,7 +86,8 @@ class CheckpointConfig:
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs/run"
-    wandb: bool = False
+    wandb: bool = False  # mirror metrics to wandb (offline unless WANDB_MODE says otherwise)
+    peak_tflops: float = 989.0  # per-GPU bf16 dense peak for MFU (H100 SXM datasheet; 772 measured)
 
 
 @dataclass

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
-import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -13,9 +10,15 @@ from mora_dist.training.config import Config
 
 
 def run(cfg: Config, stop: dict | None = None) -> dict:
+    """Train per `cfg` on this rank; `stop["signal"]` set by a handler ends the run after the current
+    step with a checkpoint. Returns {rank0, step, loss, stopped_by}."""
     from mora_dist.checkpoint import state
+    from mora_dist.metrics.flops import DecoderShape, flops_per_token
+    from mora_dist.metrics.logger import MetricsLogger
+    from mora_dist.metrics.throughput import StepMeter
     from mora_dist.parallel.state import destroy_distributed, init_distributed
     from mora_dist.training.loop import Trainer
+    from mora_dist.training.model import llama_spec
 
     stop = stop if stop is not None else {}
     init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.model.seed)
@@ -27,27 +30,23 @@ def run(cfg: Config, stop: dict | None = None) -> dict:
         state.load(trainer, path)
         if rank0:
             print(f"resumed from {path} at step {trainer.step}", flush=True)
-    os.makedirs(cfg.run.out_dir, exist_ok=True)
-    log = _truncated_log(os.path.join(cfg.run.out_dir, "metrics.jsonl"), trainer.step) if rank0 else None
     if rank0:
         print(str(trainer.report), flush=True)
-        with open(os.path.join(cfg.run.out_dir, "run.json"), "w") as f:
-            json.dump(dict(config=cfg.to_dict(), num_gpus=dist.get_world_size()), f, indent=1)
+    world = dist.get_world_size()
+    logger = MetricsLogger(cfg.run.out_dir, cfg.run.name, cfg.to_dict(), cfg.run.wandb, rank=dist.get_rank(),
+                           num_gpus=world, log_every=cfg.train.log_every)
+    adapter_params = _global_trainable(trainer)
+    shape = DecoderShape.from_config(llama_spec(cfg.model), cfg.data.seq_length)
+    meter = StepMeter(cfg.train.global_batch * cfg.data.seq_length, world,
+                      flops_per_token(shape, full_finetune=False, adapter_params=adapter_params),
+                      peak_flops=cfg.run.peak_tflops * 1e12)
     last = {}
-    tokens = cfg.train.global_batch * cfg.data.seq_length
     while trainer.step < cfg.train.steps:
         m = trainer.train_step()
-        m["tokens_per_s"] = tokens / m["step_time"]
+        m.update(meter.record(m.pop("step_time")))
         if cfg.train.eval_every and trainer.step % cfg.train.eval_every == 0:
             m.update(trainer.evaluate())
-        last = m
-        if rank0:
-            log.write(json.dumps(m) + "\n")
-            log.flush()
-            if trainer.step % cfg.train.log_every == 0 or trainer.step == cfg.train.steps:
-                extra = "".join(f" {k.split('/')[1]} {v:.2f}" for k, v in m.items() if k.endswith("_ppl"))
-                print(f"step {m['step']:5d} loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
-                      f"{m['tokens_per_s']:.0f} tok/s{extra}", flush=True)
+        last = logger.log(m.pop("step"), m)
         sig = _agreed_signal(stop)
         due = cfg.checkpoint.every and trainer.step % cfg.checkpoint.every == 0
         if ckpt and (due or sig or trainer.step == cfg.train.steps):
@@ -56,11 +55,32 @@ def run(cfg: Config, stop: dict | None = None) -> dict:
                 print(f"checkpoint {path}" + (f" (on {sig})" if sig else ""), flush=True)
         if sig:
             break
+    logger.close()
+    if rank0:
+        print("throughput: " + json.dumps({k: v for k, v in meter.summary().items() if v is not None}), flush=True)
     result = dict(rank0=rank0, step=trainer.step, loss=last.get("loss"), stopped_by=stop.get("signal"))
-    if log:
-        log.close()
     destroy_distributed()
     return result
+
+
+def _global_trainable(trainer) -> int:
+    """Adapter parameters of the whole model: shards summed over TP and stages over PP, replicas once."""
+    from megatron.core import parallel_state as ps
+
+    n = torch.zeros(1, dtype=torch.float64)
+    for layer in _adapted(trainer.model):
+        for a in layer.adapters.values():
+            for name, p in a.named_parameters():
+                if a.is_sharded(name) or ps.get_tensor_model_parallel_rank() == 0:
+                    n += p.numel()
+    dist.all_reduce(n, group=ps.get_model_parallel_group())
+    return int(n.item())
+
+
+def _adapted(model):
+    from mora_dist.parallel.inject import adapted_layers
+
+    return adapted_layers(model)
 
 
 def _agreed_signal(stop: dict):
@@ -70,22 +90,3 @@ def _agreed_signal(stop: dict):
     if flag.item() and not stop.get("signal"):
         stop["signal"] = "peer"
     return stop.get("signal") if flag.item() else None
-
-
-def _truncated_log(path: str, step: int):
-    """Open the JSONL log for appending, dropping records of steps after `step` (a resumed run
-    redoes them)."""
-    if os.path.exists(path):
-        keep = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        keep.append(line if line.endswith("\n") else line + "\n")
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
-    return open(path, "a")
