@@ -159,6 +159,7 @@ def write_plots(runs: list, out: Path, scaling: list | None) -> dict:
         ax.plot(g, [row["tokens_per_s"] for row in scaling], "o-", label="measured")
         base = scaling[0]
         ax.plot(g, [base["tokens_per_s"] * n / base["num_gpus"] for n in g], "--", label="linear")
+        ax.set_xticks(g)
         ax.set_xlabel("GPUs")
         ax.set_ylabel("tokens/s")
         ax.set_title("Scaling")
