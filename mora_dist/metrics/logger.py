@@ -11,7 +11,8 @@ when the logger opens the file. The reader (:func:`read_metrics`) applies the sa
 written by other tools read the same way.
 
 Only rank 0 writes; on other ranks every method is a no-op. wandb mirrors each record when
-``use_wandb`` and the package is importable; it runs offline unless ``WANDB_MODE`` says otherwise.
+``use_wandb`` and the package is importable; it runs offline unless ``WANDB_MODE`` says otherwise,
+and a restarted run reuses the wandb run id kept in ``out_dir/wandb_run_id``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Optional, TextIO
 
@@ -125,8 +127,11 @@ class MetricsLogger:
             print(WANDB_MISSING, file=self.stream, flush=True)
             return None
         mode = os.environ.get("WANDB_MODE", "offline")
+        id_file = self.out_dir / "wandb_run_id"  # a restarted run continues the same wandb run
+        if not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:12] + "\n")
         return wandb.init(project=project, name=run_name, config=config, dir=str(self.out_dir),
-                          mode=mode, resume="allow")
+                          mode=mode, id=id_file.read_text().strip(), resume="allow")
 
     # -- public --------------------------------------------------------------------------
     def log(self, step: int, metrics: dict) -> dict:
