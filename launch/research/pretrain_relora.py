@@ -1,0 +1,161 @@
+"""Small-scale pretraining from scratch: full-rank vs ReLoRA (LoRA + restarts) vs ReMoRA (MoRA +
+restarts with grouping-type cycling 1->2->3->4), same data, same steps, same model.
+
+    python launch/research/pretrain_relora.py --method mora --lr 2e-3 --out docs/results/runs/pretrain/remora
+
+Corpus: the docstrings of this Python's standard library (ast over sysconfig's stdlib *.py, sorted
+file order), byte-level tokens (256 bytes + EOD); files are split 95/5 into train/held-out by a
+hash of the path. Batches are random 128-token windows drawn from a generator seeded by the step,
+so every method sees the same tokens. ReLoRA/ReMoRA follow the MoRA authors' pretraining setup:
+adapters on all 7 projections, embeddings, output layer and norms trained in full, merge + reset
+every --restart-every steps, Adam state of the adapters dropped (prune 1.0) at restarts, jagged
+cosine LR (min ratio 0.1, re-warm-up over --restart-warmup steps). No full-rank warm start.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import os
+import sys
+import sysconfig
+import time
+import zlib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import torch  # noqa: E402
+
+EOD = 256
+VOCAB = 257
+
+
+def docstrings(path: str) -> list[str]:
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+    except Exception:
+        return []
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            d = ast.get_docstring(node)
+            if d and len(d) >= 40:
+                out.append(d)
+    return out
+
+
+def build_corpus(max_bytes: int = 3_000_000):
+    """(train tokens, held-out tokens) as int64 tensors; deterministic for a given Python."""
+    lib = sysconfig.get_paths()["stdlib"]
+    files = []
+    for dp, dn, fn in os.walk(lib):
+        dn[:] = sorted(d for d in dn if d not in ("test", "tests", "site-packages", "idlelib", "__pycache__"))
+        files += [os.path.join(dp, f) for f in sorted(fn) if f.endswith(".py")]
+    train, held = [], []
+    n = 0
+    for f in files:
+        rel = os.path.relpath(f, lib)
+        dst = held if zlib.crc32(rel.encode()) % 20 == 0 else train
+        for d in docstrings(f):
+            b = list(d.encode("utf-8")) + [EOD]
+            dst.extend(b)
+            n += len(b)
+        if n >= max_bytes:
+            break
+    return torch.tensor(train, dtype=torch.long), torch.tensor(held, dtype=torch.long)
+
+
+def windows(data: torch.Tensor, n: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, data.numel() - seq - 1, (n,), generator=gen)
+    return torch.stack([data[s:s + seq + 1] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def eval_ppl(model, held: torch.Tensor, seq: int, n_batches: int = 8, bs: int = 16) -> float:
+    model.eval()
+    gen = torch.Generator().manual_seed(999)
+    tot = cnt = 0.0
+    for _ in range(n_batches):
+        w = windows(held, bs, seq, gen)
+        t, l = w[:, :-1], w[:, 1:]
+        pos = torch.arange(seq).expand_as(t)
+        loss = model(t, pos, None, labels=l)
+        tot += loss.sum().item()
+        cnt += loss.numel()
+    model.train()
+    return math.exp(tot / cnt)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--method", choices=["full", "lora", "mora"], required=True)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--restart-every", type=int, default=150)
+    p.add_argument("--restart-warmup", type=int, default=20)
+    p.add_argument("--prune", type=float, default=1.0)
+    p.add_argument("--no-cycle", action="store_true", help="ReMoRA without type cycling")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=352)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+
+    common.setup_single_process(a.threads, 0)
+    from mora_dist.metrics.logger import MetricsLogger
+    from mora_dist.training.schedule import cosine_lr, jagged_cosine_lr
+
+    train, held = build_corpus()
+    model = common.tiny_model(VOCAB, a.hidden, a.layers, a.heads, a.ffn, 256, seed=1234)
+    if a.method == "full":
+        trainable = common.attach(model, "fft", a.r)
+    else:
+        common.attach(model, a.method, a.r, "sharing")  # MoRA starts at type 1 (sharing), as the authors
+        for n, q in model.named_parameters():
+            if "embedding" in n or "output_layer" in n or "layernorm" in n or "final_norm" in n:
+                q.requires_grad_(True)
+        trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    every = 0 if a.method == "full" else a.restart_every
+    name = {"full": "full-rank", "lora": "ReLoRA", "mora": "ReMoRA"}[a.method] + f"_lr{a.lr:g}"
+    print(f"{name}: trainable {trainable:,} / {sum(q.numel() for q in model.parameters()):,}; "
+          f"train {train.numel():,} tokens, held-out {held.numel():,}", flush=True)
+    cfg = dict(vars(a), trainable=trainable, train_tokens=train.numel(), heldout_tokens=held.numel())
+    t0, restarts = time.time(), 0
+    with MetricsLogger(a.out, name, cfg, rank=0, num_gpus=1, stream=open(os.devnull, "w")) as log:
+        log.log(0, {"eval/ppl": eval_ppl(model, held, a.seq)})
+        for step in range(a.steps):
+            if every and step > 0 and step % every == 0:
+                restarts += 1
+                common.restart_adapters(model, opt, restarts, cycle_mora_types=not a.no_cycle, prune=a.prune)
+            lr = (jagged_cosine_lr(step, a.lr, a.warmup, a.steps, 0.1, every, a.restart_warmup) if every
+                  else cosine_lr(step, a.lr, a.warmup, a.steps, 0.1))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            w = windows(train, a.batch, a.seq, torch.Generator().manual_seed(step))
+            t, l = w[:, :-1], w[:, 1:]
+            pos = torch.arange(a.seq).expand_as(t)
+            loss = model(t, pos, None, labels=l).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+            opt.step()
+            rec = {"loss": loss.item(), "lr": lr, "grad_norm": gn, "restarts": restarts}
+            if (step + 1) % a.eval_every == 0:
+                rec["eval/ppl"] = eval_ppl(model, held, a.seq)
+                print(f"{name} step {step + 1} loss {loss.item():.3f} eval ppl {rec['eval/ppl']:.2f} "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+            log.log(step + 1, rec)
+
+
+if __name__ == "__main__":
+    main()
