@@ -1,0 +1,1 @@
+"""Tokenize domain corpora into megatron-core indexed datasets (`.bin` + `.idx`) on Ray Data."""

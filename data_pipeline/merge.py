@@ -1,0 +1,52 @@
+"""Deterministic final merge: unit shards in unit order -> <prefix>.bin/.idx, rejects -> one file.
+
+Exact dedup happens here, not in workers, because "first occurrence wins" needs the global unit
+order; a worker only records a 64-bit blake2b hash per kept document.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from data_pipeline import store
+
+
+def merge(prefix: str, units: list[dict], dtype, dedup: bool) -> None:
+    """Fill units[i]['duplicates'/'docs_final'/'tokens_final'] and publish the merged dataset."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    work = store.work_dir(prefix)
+    tmp = f"{prefix}.tmp{os.getpid()}"
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    seen: set[int] = set()
+    for u in units:
+        u.update(duplicates=0, docs_final=u["docs_written"], tokens_final=u["tokens"])
+        if u["docs_written"] == 0:
+            continue
+        shard = os.path.join(work, u["unit"])
+        keep = None
+        if dedup:
+            hashes = np.fromfile(shard + ".hashes", dtype=np.uint64).tolist()
+            keep = []
+            for i, h in enumerate(hashes):
+                if h not in seen:
+                    seen.add(h)
+                    keep.append(i)
+        if keep is None or len(keep) == u["docs_written"]:
+            builder.add_index(shard)
+            continue
+        ds = IndexedDataset(shard)
+        for i in keep:
+            builder.add_document(ds[i], [int(ds.sequence_lengths[i])])
+        u.update(duplicates=u["docs_written"] - len(keep), docs_final=len(keep),
+                 tokens_final=int(ds.sequence_lengths[keep].sum()) if keep else 0)
+        del ds
+    builder.finalize(tmp + ".idx")
+    with open(tmp + ".rejects", "wb") as out:
+        for u in units:
+            with open(os.path.join(work, u["unit"] + ".rejects.jsonl"), "rb") as f:
+                out.write(f.read())
+    os.replace(tmp + ".bin", prefix + ".bin")
+    os.replace(tmp + ".idx", prefix + ".idx")
+    os.replace(tmp + ".rejects", prefix + ".rejects.jsonl")

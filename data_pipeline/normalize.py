@@ -1,0 +1,75 @@
+"""Document extraction and normalisation: one rule, applied identically everywhere.
+
+Rule (documented in docs/data_pipeline.md): CRLF/CR -> LF, Unicode NFC, then Python ``str.strip()``.
+NFC keeps the text visually identical while making equal strings byte-equal (needed for dedup);
+nothing stronger (NFKC, whitespace collapsing) so that decode(encode(doc)) returns the stored text.
+"""
+from __future__ import annotations
+
+import json
+import unicodedata
+
+# Reasons a line can be rejected; the manifest counts each, the rejects file records each line.
+REASONS = ("invalid_utf8", "bad_json", "not_object", "missing_field", "bad_field_type",
+           "invalid_unicode", "empty", "oversize")
+
+
+def normalise(text: str) -> str:
+    """Apply the pipeline's normalisation rule (see module docstring)."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    return text.strip()
+
+
+class Extracted:
+    """Outcome for one input record: either ``text`` or a ``reason`` (+ ``detail``)."""
+
+    __slots__ = ("text", "reason", "detail", "has_field", "keys")
+
+    def __init__(self, text=None, reason=None, detail="", has_field=True, keys=None):
+        self.text, self.reason, self.detail, self.has_field, self.keys = text, reason, detail, has_field, keys
+
+
+def _finish(text: str, max_chars: int) -> Extracted:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates from JSON \ud800 escapes
+        return Extracted(reason="invalid_unicode", detail=f"unencodable character at offset {e.start}")
+    text = normalise(text)
+    if not text:
+        return Extracted(reason="empty", detail="empty after normalisation")
+    if len(text) > max_chars:
+        return Extracted(reason="oversize", detail=f"{len(text)} chars > --max-doc-chars {max_chars}")
+    return Extracted(text=text)
+
+
+def extract(raw, fmt: str, field: str, max_chars: int) -> Extracted:
+    """Turn one raw record (bytes for jsonl/txt, str-or-None for parquet) into text or a reject."""
+    if fmt == "parquet":
+        if raw is None:
+            return Extracted(reason="missing_field", detail=f"null '{field}'", has_field=False)
+        if not isinstance(raw, str):
+            return Extracted(reason="bad_field_type", detail=f"'{field}' is {type(raw).__name__}")
+        return _finish(raw, max_chars)
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Extracted(reason="invalid_utf8", detail=f"byte {e.start}: {e.reason}", has_field=False)
+    if fmt == "txt":
+        return _finish(s, max_chars)
+    if not s.strip():
+        return Extracted(reason="empty", detail="blank line", has_field=False)
+    try:
+        obj = json.loads(s)
+    except ValueError as e:
+        return Extracted(reason="bad_json", detail=str(e), has_field=False)
+    if not isinstance(obj, dict):
+        return Extracted(reason="not_object", detail=f"JSON {type(obj).__name__}, expected object", has_field=False)
+    val = obj.get(field)
+    if val is None:
+        return Extracted(reason="missing_field", detail=f"no '{field}'", has_field=False, keys=sorted(obj)[:20])
+    if not isinstance(val, str):
+        return Extracted(reason="bad_field_type", detail=f"'{field}' is {type(val).__name__}")
+    return _finish(val, max_chars)

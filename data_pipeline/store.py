@@ -1,0 +1,65 @@
+"""Output layout and atomic writes: everything a restart trusts is published by rename.
+
+<prefix>.bin/.idx            merged dataset        <prefix>.manifest.json  plan + counts
+<prefix>.rejects.jsonl       every rejected line   <prefix>.work/          per-unit shards (deleted at the end)
+A unit counts as done only once its `<unit>.json` exists, and that file is renamed into place
+after the unit's shard, rejects and hashes, so a kill can never leave a half-recorded unit.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def unit_name(file_i: int, part_i: int, chunk_i: int) -> str:
+    return f"f{file_i:06d}-p{part_i:05d}-c{chunk_i:06d}"
+
+
+def part_name(file_i: int, part_i: int) -> str:
+    return f"f{file_i:06d}-p{part_i:05d}"
+
+
+def work_dir(prefix: str) -> str:
+    return prefix + ".work"
+
+
+def write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def token_dtype(vocab_size: int):
+    """Smallest dtype megatron reads that holds every id (its own rule)."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    return DType.optimal_dtype(vocab_size)
+
+
+def write_shard(prefix: str, docs: list[list[int]], dtype) -> None:
+    """Write docs as a megatron indexed dataset at `prefix`.bin/.idx via tmp files + rename."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    tmp = f"{prefix}.tmp{os.getpid()}"
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    for d in docs:
+        builder.add_document(np.asarray(d, dtype=dtype), [len(d)])
+    builder.finalize(tmp + ".idx")
+    os.replace(tmp + ".bin", prefix + ".bin")
+    os.replace(tmp + ".idx", prefix + ".idx")
