@@ -15,7 +15,7 @@ while read m lr; do
   jobs+=("$PY launch/research/uuid_memorize.py --method $a --lr $lr --epochs 100 --n-pairs 256 --out $U/$m > $U/$m.log 2>&1")
 done < <($PY launch/research/pick_best_lr.py docs/results/runs/uuid_sweep | sort -r)   # vera (slowest) first
 PT="--steps 300 --restart-every 75 --restart-warmup 10 --warmup 20 --eval-every 25"
-for spec in "full 1e-3" "lora 2e-3" "mora 2e-3" "full 3e-3" "lora 5e-3" "mora 5e-3"; do
+for spec in "full 1e-3" "lora 2e-3" "mora 2e-3"; do  # one LR each (CPU budget)
   set -- $spec
   jobs+=("$PY launch/research/pretrain_relora.py --method $1 --lr $2 $PT --out $P/${1}_lr$2 > $P/${1}_lr$2.log 2>&1")
 done
