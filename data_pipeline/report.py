@@ -15,7 +15,7 @@ def human(n: float) -> str:
 class Progress:
     """Accumulates unit results and prints a line at most every `interval` seconds."""
 
-    def __init__(self, interval: float = 5.0, out=sys.stdout):
+    def __init__(self, interval: float = 5.0, out=None):
         self.interval, self.out = interval, out
         self.t0 = self.last = time.perf_counter()
         self.units = self.docs = self.tokens = self.rejected = 0
@@ -36,7 +36,7 @@ class Progress:
         self.last = time.perf_counter()
         el = max(self.elapsed, 1e-9)
         print(f"[tokenize] {el:7.1f}s units {self.units}  docs {human(self.docs)}  rejected {self.rejected}  "
-              f"tokens {human(self.tokens)}  {human(self.tokens / el)} tok/s", file=self.out, flush=True)
+              f"tokens {human(self.tokens)}  {human(self.tokens / el)} tok/s", file=self.out or sys.stdout, flush=True)
 
 
 def summary_table(manifest: dict) -> str:
