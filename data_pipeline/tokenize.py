@@ -105,8 +105,9 @@ def _run_ray(a, tasks: list[str], cfg: dict, progress: Progress) -> None:
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
     ds = ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks))
+    pool = ray.data.ActorPoolStrategy(size=min(a.workers, len(tasks)))
     ds = ds.map_batches(UnitProcessor, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy",
-                        concurrency=min(a.workers, len(tasks)), num_cpus=1)
+                        compute=pool, num_cpus=1)
     for row in ds.iter_rows():
         progress.add(int(row["docs"]), int(row["tokens"]), int(row["rejected"]), float(row["busy_s"]))
 
@@ -181,7 +182,7 @@ def run(argv=None) -> dict:
     tasks, done_units = _pending_tasks(prefix, files)
     print(f"[tokenize] {len(files)} files, {sum(len(f['parts']) for f in files)} parts; "
           f"{len(tasks)} parts to process, {done_units} units already done", flush=True)
-    progress = Progress(a.progress_interval)
+    progress, ray_seconds = Progress(a.progress_interval), 0.0
     if tasks:
         import ray
 
@@ -192,8 +193,10 @@ def run(argv=None) -> dict:
         cfg = {"tokenizer": tok.path, "eod_token": a.eod_token, "output_prefix": os.path.abspath(prefix),
                "field": a.field, "txt_mode": a.txt_mode, "unit_lines": a.unit_lines,
                "max_doc_chars": a.max_doc_chars, "dedup": a.dedup}
+        t_ray = time.perf_counter()
         try:
             _run_ray(a, tasks, cfg, progress)
+            ray_seconds = time.perf_counter() - t_ray
         finally:
             if own_ray:
                 ray.shutdown()
@@ -214,7 +217,9 @@ def run(argv=None) -> dict:
     print(f"[tokenize] done in {el:.1f}s: {human(progress.tokens)} tokens tokenized this run "
           f"({human(progress.tokens / max(el, 1e-9))} tok/s); {t['docs_rejected']} rejected -> "
           f"{manifest['output']['rejects']}; data.eod_id={tok.eod_id}", flush=True)
-    manifest["_run"] = {"seconds": el, "tokens_this_run": progress.tokens, "worker_busy_s": progress.busy}
+    # not written to disk: timings would make the manifest differ between identical runs
+    manifest["_run"] = {"seconds": el, "ray_seconds": ray_seconds, "tokens_this_run": progress.tokens,
+                        "worker_busy_s": progress.busy}
     return manifest
 
 
