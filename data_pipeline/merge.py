@@ -45,8 +45,9 @@ def merge(prefix: str, units: list[dict], dtype, dedup: bool) -> None:
     builder.finalize(tmp + ".idx")
     with open(tmp + ".rejects", "wb") as out:
         for u in units:
-            with open(os.path.join(work, u["unit"] + ".rejects.jsonl"), "rb") as f:
-                out.write(f.read())
+            if sum(u["rejected"].values()):
+                with open(os.path.join(work, u["unit"] + ".rejects.jsonl"), "rb") as f:
+                    out.write(f.read())
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")
     os.replace(tmp + ".rejects", prefix + ".rejects.jsonl")

@@ -7,6 +7,7 @@ after the unit's shard, rejects and hashes, so a kill can never leave a half-rec
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -57,9 +58,13 @@ def write_shard(prefix: str, docs: list[list[int]], dtype) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     tmp = f"{prefix}.tmp{os.getpid()}"
+    lengths = [len(d) for d in docs]
+    # one list->array conversion for the whole unit; per-document Python->numpy copies cost ~15%
+    flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=sum(lengths))
+    ends = np.cumsum(lengths).tolist()
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
-    for d in docs:
-        builder.add_document(np.asarray(d, dtype=dtype), [len(d)])
+    for n, e in zip(lengths, ends):
+        builder.add_document(flat[e - n:e], [n])
     builder.finalize(tmp + ".idx")
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")

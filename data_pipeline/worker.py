@@ -87,7 +87,8 @@ class UnitProcessor:
         prefix = os.path.join(self.work, name)
         if docs:
             store.write_shard(prefix, docs, self.dtype)
-        store.write_bytes(prefix + ".rejects.jsonl", "".join(r + "\n" for r in rejects).encode())
+        if rejects:  # absent file == no rejects (saves a rename per clean unit)
+            store.write_bytes(prefix + ".rejects.jsonl", "".join(r + "\n" for r in rejects).encode())
         if cfg["dedup"]:
             hashes = [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") for t in texts]
             store.write_bytes(prefix + ".hashes", np.asarray(hashes, dtype=np.uint64).tobytes())
