@@ -1,0 +1,62 @@
+#!/bin/bash
+# Tokenize a corpus on a Ray cluster spanning the allocation: Ray head on the first node, one Ray
+# worker per other node (srun), the pipeline driver here with --address, Ray stopped at the end.
+#   sbatch --nodes=4 --cpus-per-task=64 slurm/tokenize.sh --input 'data/pubmed/*.jsonl.gz' \
+#          --tokenizer tok/llama.model --output-prefix data/pubmed_text_document [--dedup ...]
+# Arguments are passed to `python -m data_pipeline.tokenize` unchanged. --workers defaults to all
+# allocated CPUs minus one (for the driver). Re-submitting the same command resumes a killed run.
+# Env: PYTHON (.venv/bin/python)  RAY (ray next to PYTHON)  RAY_PORT (derived from the job id).
+# Inputs, tokenizer and output must be on a filesystem every node sees (or a pyarrow URI for inputs).
+#SBATCH --job-name=tokenize
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=16
+#SBATCH --time=12:00:00
+#SBATCH --output=%x-%j.out
+set -uo pipefail
+cd "${SLURM_SUBMIT_DIR:-.}"
+PYTHON=${PYTHON:-.venv/bin/python}
+RAY=${RAY:-$(dirname "$PYTHON")/ray}
+[ "$#" -gt 0 ] || { echo "tokenize.sh: pass data_pipeline.tokenize arguments (--input ... --tokenizer ... --output-prefix ...)" >&2; exit 2; }
+[ -x "$PYTHON" ] || { echo "tokenize.sh: python not found: $PYTHON (set PYTHON=...)" >&2; exit 2; }
+[ -x "$RAY" ] || { echo "tokenize.sh: ray executable not found: $RAY (set RAY=...)" >&2; exit 2; }
+
+mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+HEAD=${NODES[0]}
+CPUS=${SLURM_CPUS_PER_TASK:-$(nproc)}
+PORT=${RAY_PORT:-$((30000 + SLURM_JOB_ID % 20000))}
+HEAD_IP=$(srun --nodes=1 --ntasks=1 -w "$HEAD" hostname -I | awk '{print $1}')
+ADDRESS="$HEAD_IP:$PORT"
+echo "tokenize.sh: job $SLURM_JOB_ID, ${#NODES[@]} node(s) x $CPUS CPUs, Ray head $ADDRESS"
+
+PIDS=()
+stop_ray() {
+  srun --overlap --nodes="${#NODES[@]}" --ntasks-per-node=1 "$RAY" stop --force >/dev/null 2>&1
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null
+}
+trap 'stop_ray; exit 143' TERM INT
+
+srun --nodes=1 --ntasks=1 -w "$HEAD" "$RAY" start --head --node-ip-address="$HEAD_IP" --port="$PORT" \
+  --num-cpus="$CPUS" --include-dashboard=false --disable-usage-stats --block &
+PIDS+=($!)
+alive() {  # number of alive Ray nodes, 0 while the head does not answer
+  "$PYTHON" -c 'import ray,sys; ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(sum(n["Alive"] for n in ray.nodes()))' "$ADDRESS" 2>/dev/null | tail -1
+}
+for _ in $(seq 120); do [ "$(alive)" -ge 1 ] 2>/dev/null && break; sleep 2; done
+[ "$(alive)" -ge 1 ] 2>/dev/null || { echo "tokenize.sh: Ray head did not come up at $ADDRESS" >&2; stop_ray; exit 1; }
+for n in "${NODES[@]:1}"; do
+  srun --nodes=1 --ntasks=1 -w "$n" "$RAY" start --address="$ADDRESS" --num-cpus="$CPUS" --disable-usage-stats --block &
+  PIDS+=($!)
+done
+for _ in $(seq 120); do [ "$(alive)" -ge "${#NODES[@]}" ] 2>/dev/null && break; sleep 2; done
+echo "tokenize.sh: $(alive) of ${#NODES[@]} Ray node(s) up"
+
+WORKERS=()
+[[ " $* " == *" --workers "* ]] || WORKERS=(--workers $((CPUS * ${#NODES[@]} - 1 > 0 ? CPUS * ${#NODES[@]} - 1 : 1)))
+"$PYTHON" -m data_pipeline.tokenize --address "$ADDRESS" "${WORKERS[@]}" "$@"
+RC=$?
+stop_ray
+echo "tokenize.sh: exit $RC"
+exit "$RC"
