@@ -5,7 +5,8 @@
 #          --tokenizer tok/llama.model --output-prefix data/pubmed_text_document [--dedup ...]
 # Arguments are passed to `python -m data_pipeline.tokenize` unchanged. --workers defaults to all
 # allocated CPUs minus one (for the driver). Re-submitting the same command resumes a killed run.
-# Env: PYTHON (.venv/bin/python)  RAY (ray next to PYTHON)  RAY_PORT (derived from the job id).
+# Env: PYTHON (.venv/bin/python)  RAY (ray next to PYTHON)  RAY_PORT (derived from the job id)
+#      RAY_AUTH_MODE (token)  RAY_AUTH_TOKEN (default: `ray get-auth-token --generate`, ~/.ray/auth_token).
 # Inputs, tokenizer and output must be on a filesystem every node sees (or a pyarrow URI for inputs).
 #SBATCH --job-name=tokenize
 #SBATCH --nodes=2
@@ -20,6 +21,14 @@ RAY=${RAY:-$(dirname "$PYTHON")/ray}
 [ "$#" -gt 0 ] || { echo "tokenize.sh: pass data_pipeline.tokenize arguments (--input ... --tokenizer ... --output-prefix ...)" >&2; exit 2; }
 [ -x "$PYTHON" ] || { echo "tokenize.sh: python not found: $PYTHON (set PYTHON=...)" >&2; exit 2; }
 [ -x "$RAY" ] || { echo "tokenize.sh: ray executable not found: $RAY (set RAY=...)" >&2; exit 2; }
+
+# Ray token auth: one token for the head, workers and driver, handed to every srun step via the env.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+  RAY_AUTH_TOKEN=$("$RAY" get-auth-token --generate 2>/dev/null | tail -n 1)
+  [ -n "$RAY_AUTH_TOKEN" ] || { echo "tokenize.sh: could not get a Ray auth token" >&2; exit 1; }
+  export RAY_AUTH_TOKEN
+fi
 
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 HEAD=${NODES[0]}
@@ -54,7 +63,7 @@ for _ in $(seq 120); do [ "$(alive)" -ge "${#NODES[@]}" ] 2>/dev/null && break; 
 echo "tokenize.sh: $(alive) of ${#NODES[@]} Ray node(s) up"
 
 WORKERS=()
-[[ " $* " == *" --workers "* ]] || WORKERS=(--workers $((CPUS * ${#NODES[@]} - 1 > 0 ? CPUS * ${#NODES[@]} - 1 : 1)))
+[[ " $* " == *" --workers "* || " $* " == *" --workers="* ]] || WORKERS=(--workers $((CPUS * ${#NODES[@]} - 1 > 0 ? CPUS * ${#NODES[@]} - 1 : 1)))
 "$PYTHON" -m data_pipeline.tokenize --address "$ADDRESS" "${WORKERS[@]}" "$@"
 RC=$?
 stop_ray
