@@ -57,29 +57,7 @@ def attach(model, method: str, r: int, mora_type: str = "sharing", seed: int = 0
 
 @torch.no_grad()
 def restart_adapters(model, opt, n_restart: int, cycle_mora_types: bool, prune: float, seed: int = 0) -> None:
-    """ReLoRA/ReMoRA restart for a plain loop: fold dW into W, re-init the adapters (LoRA: A
-    Kaiming, B=0; MoRA: M=0), MoRA type 1->2->3->4->1 when asked, prune the adapters' Adam states
-    (prune >= 1: drop them). Same steps as mora_dist/training/restarts.py."""
-    from mora_dist.adapters.mora import ROTATION_TYPES, MoRA
-    from mora_dist.parallel.inject import adapted_layers
+    """ReLoRA/ReMoRA restart for a plain loop (mora_dist/training/restarts.py)."""
+    from mora_dist.training.restarts import restart_model
 
-    owned = []
-    for i, layer in enumerate(adapted_layers(model)):
-        layer.fold()
-        for name, a in layer.adapters.items():
-            s = seed * 1_000_003 + zlib.crc32(f"restart{n_restart}:{i}:{name}".encode())
-            a.reset_parameters(torch.Generator().manual_seed(s))
-            if cycle_mora_types and isinstance(a, MoRA) and a.type in ROTATION_TYPES:
-                a.set_type(ROTATION_TYPES[(ROTATION_TYPES.index(a.type) + 1) % len(ROTATION_TYPES)])
-            owned += list(a.parameters())
-    for p in owned:
-        st = opt.state.get(p)
-        if not st:
-            continue
-        for key in ("exp_avg", "exp_avg_sq"):
-            s = st[key]
-            if prune >= 1.0:
-                s.zero_()
-            else:
-                thr = torch.quantile(s.abs().flatten().double(), prune).to(s.dtype)
-                s.masked_fill_(s.abs() < thr, 0.0)
+    restart_model(model, opt, n_restart, seed, cycle_mora_types, prune)

@@ -40,16 +40,18 @@ def _global_quantile(t: torch.Tensor, q: float, sharded: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prune_optimizer_states(trainer, quantile: float) -> None:
-    owners = {}
+def prune_optimizer_states(model, opt, quantile: float) -> None:
+    """Zero the adapters' Adam moments below the `quantile` of |state| (global over TP shards);
+    quantile >= 1 drops them entirely."""
     from mora_dist.parallel.inject import adapted_layers
 
-    for layer in adapted_layers(trainer.model):
+    owners = {}
+    for layer in adapted_layers(model):
         for a in layer.adapters.values():
             for n, p in a.named_parameters():
                 owners[p] = a.is_sharded(n)
     for p, sharded in owners.items():
-        state = trainer.opt.state.get(p)
+        state = opt.state.get(p)
         if not state:
             continue
         for key in ("exp_avg", "exp_avg_sq"):
@@ -61,16 +63,24 @@ def prune_optimizer_states(trainer, quantile: float) -> None:
 
 
 @torch.no_grad()
-def restart(trainer, step: int) -> None:
+def restart_model(model, opt, n_restart: int, seed: int, cycle_mora_types: bool, prune: float) -> None:
+    """The restart itself, for any loop: fold, re-initialise (seeded by restart count, layer and
+    target), cycle MoRA groupings, prune or drop the adapters' optimizer states."""
     from mora_dist.parallel.inject import adapted_layers
 
-    cfg = trainer.cfg
-    trainer.restarts += 1
-    for i, layer in enumerate(adapted_layers(trainer.model)):
+    for i, layer in enumerate(adapted_layers(model)):
         layer.fold()
         for name, a in layer.adapters.items():
-            seed = cfg.adapter.seed * 1_000_003 + zlib.crc32(f"restart{trainer.restarts}:{i}:{name}".encode())
-            a.reset_parameters(torch.Generator().manual_seed(seed))
-            if isinstance(a, MoRA) and cfg.restarts.cycle_mora_types and a.type in ROTATION_TYPES:
+            s = seed * 1_000_003 + zlib.crc32(f"restart{n_restart}:{i}:{name}".encode())
+            a.reset_parameters(torch.Generator().manual_seed(s))
+            if isinstance(a, MoRA) and cycle_mora_types and a.type in ROTATION_TYPES:
                 a.set_type(ROTATION_TYPES[(ROTATION_TYPES.index(a.type) + 1) % len(ROTATION_TYPES)])
-    prune_optimizer_states(trainer, cfg.restarts.prune)
+    prune_optimizer_states(model, opt, prune)
+
+
+def restart(trainer, step: int) -> None:
+    """A restart of the training loop (`Trainer`) at `step`."""
+    cfg = trainer.cfg
+    trainer.restarts += 1
+    restart_model(trainer.model, trainer.opt, trainer.restarts, cfg.adapter.seed, cfg.restarts.cycle_mora_types,
+                  cfg.restarts.prune)
