@@ -17,7 +17,7 @@ def merge(prefix: str, units: list[dict], dtype, dedup: bool) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
     work = store.work_dir(prefix)
-    tmp = f"{prefix}.tmp{os.getpid()}"
+    tmp = prefix + ".merge-tmp"  # only the driver merges; a fixed name is overwritten after a kill
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     seen: set[int] = set()
     for u in units:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import uuid
 
 import numpy as np
 
@@ -26,8 +27,13 @@ def work_dir(prefix: str) -> str:
     return prefix + ".work"
 
 
+def _tmp(path: str) -> str:
+    """A temp name no other writer uses (pids repeat across nodes of a cluster)."""
+    return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+
+
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = _tmp(path)
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -40,7 +46,7 @@ def read_json(path: str):
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = _tmp(path)
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
@@ -57,7 +63,7 @@ def write_shard(prefix: str, docs: list[list[int]], dtype) -> None:
     """Write docs as a megatron indexed dataset at `prefix`.bin/.idx via tmp files + rename."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    tmp = f"{prefix}.tmp{os.getpid()}"
+    tmp = _tmp(prefix)
     lengths = [len(d) for d in docs]
     # one list->array conversion for the whole unit; per-document Python->numpy copies cost ~15%
     flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=sum(lengths))

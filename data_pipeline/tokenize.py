@@ -9,6 +9,7 @@ final merge runs in unit order, so the output bytes equal those of one uninterru
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -19,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from data_pipeline import store
 from data_pipeline.report import Progress, human, summary_table
-from data_pipeline.sources import list_inputs, plan_file
+from data_pipeline.normalize import extract
+from data_pipeline.sources import list_inputs, plan_file, read_part
 
 MANIFEST_VERSION = 1
 
@@ -80,6 +82,20 @@ def _check_resume(path: str, settings: dict, files: list[dict]):
     return old
 
 
+def _warn_missing_field(files: list[dict], field: str, txt_mode: str, n: int = 200) -> None:
+    """Early hint (the exact check runs at the end): the first records of a jsonl file lack the field."""
+    for info in files:
+        if info["format"] != "jsonl" or not info["parts"]:
+            continue
+        recs = itertools.islice(read_part(info, info["parts"][0], field, txt_mode), n)
+        outs = [extract(raw, "jsonl", field, 1 << 62) for _, raw in recs]
+        objects = [o for o in outs if o.reason in (None, "missing_field", "bad_field_type", "empty", "oversize")]
+        if objects and not any(o.has_field for o in objects):
+            keys = next((o.keys for o in objects if o.keys), None)
+            print(f"[tokenize] WARNING {info['path']}: none of the first {len(outs)} lines has '{field}' "
+                  f"(keys: {keys}); wrong --field?", flush=True)
+
+
 def _pending_tasks(prefix: str, files: list[dict]) -> tuple[list[str], int]:
     work = store.work_dir(prefix)
     tasks, done_units = [], 0
@@ -109,7 +125,8 @@ def _run_ray(a, tasks: list[str], cfg: dict, progress: Progress) -> None:
     ds = ds.map_batches(UnitProcessor, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy",
                         compute=pool, num_cpus=1)
     for row in ds.iter_rows():
-        progress.add(int(row["docs"]), int(row["tokens"]), int(row["rejected"]), float(row["busy_s"]))
+        progress.add(int(row["docs"]), int(row["tokens"]), int(row["rejected"]), float(row["busy_s"]),
+                     float(row["ready_t"]), float(row["done_t"]))
 
 
 def _collect(prefix: str, files: list[dict]) -> list[dict]:
@@ -168,6 +185,7 @@ def run(argv=None) -> dict:
         if f["format"] == "parquet" and a.field not in f["columns"]:
             raise SystemExit(f"{f['path']}: text field '{a.field}' is not a column (columns: {f['columns']}); "
                              "pass --field")
+    _warn_missing_field(files, a.field, a.txt_mode)
     settings = _settings(a, tok)
     mpath = prefix + ".manifest.json"
     old = _check_resume(mpath, settings, files)
@@ -210,7 +228,7 @@ def run(argv=None) -> dict:
     manifest["complete"] = True
     store.write_json(mpath, manifest)
     if not a.keep_work:
-        shutil.rmtree(store.work_dir(prefix))
+        shutil.rmtree(store.work_dir(prefix), ignore_errors=True)
     el = time.perf_counter() - t0
     t = manifest["totals"]
     print(summary_table(manifest), flush=True)
@@ -218,8 +236,9 @@ def run(argv=None) -> dict:
           f"({human(progress.tokens / max(el, 1e-9))} tok/s); {t['docs_rejected']} rejected -> "
           f"{manifest['output']['rejects']}; data.eod_id={tok.eod_id}", flush=True)
     # not written to disk: timings would make the manifest differ between identical runs
-    manifest["_run"] = {"seconds": el, "ray_seconds": ray_seconds, "tokens_this_run": progress.tokens,
-                        "worker_busy_s": progress.busy}
+    steady = progress.last_done - progress.first_ready if progress.first_ready is not None else 0.0
+    manifest["_run"] = {"seconds": el, "ray_seconds": ray_seconds, "steady_seconds": steady,
+                        "tokens_this_run": progress.tokens, "worker_busy_s": progress.busy}
     return manifest
 
 

@@ -39,10 +39,15 @@ class UnitProcessor:
         self.tok = Tokenizer(cfg["tokenizer"], cfg.get("eod_token"))
         self.dtype = store.token_dtype(self.tok.vocab_size)
         self.work = store.work_dir(cfg["output_prefix"])
+        self.ready_t = time.time()  # bench: steady rate from the first actor ready (conservative)
 
     def __call__(self, batch):
         for task in batch["task"]:
-            yield from self.process_part(json.loads(task))
+            task = json.loads(task)
+            try:
+                yield from self.process_part(task)
+            except Exception as e:  # name the input: Ray's traceback alone does not
+                raise RuntimeError(f"{task['info']['path']} (part {task['part_i']}): {type(e).__name__}: {e}") from e
 
     def process_part(self, task: dict):
         cfg, info, fi, pi = self.cfg, task["info"], task["file_i"], task["part_i"]
@@ -63,7 +68,7 @@ class UnitProcessor:
             store.write_json(os.path.join(self.work, name + ".json"), rec)
             yield {"unit": [name], "docs": [rec["docs_written"]], "tokens": [rec["tokens"]],
                    "lines": [rec["lines"]], "rejected": [sum(rec["rejected"].values())],
-                   "busy_s": [time.perf_counter() - t0]}
+                   "busy_s": [time.perf_counter() - t0], "ready_t": [self.ready_t], "done_t": [time.time()]}
         store.write_json(os.path.join(self.work, store.part_name(fi, pi) + ".done.json"), {"chunks": n_chunks})
 
     def process_unit(self, name: str, info: dict, chunk: list) -> dict:
