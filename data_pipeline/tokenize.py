@@ -87,7 +87,10 @@ def _warn_missing_field(files: list[dict], field: str, txt_mode: str, n: int = 2
     for info in files:
         if info["format"] != "jsonl" or not info["parts"]:
             continue
-        recs = itertools.islice(read_part(info, info["parts"][0], field, txt_mode), n)
+        try:
+            recs = list(itertools.islice(read_part(info, info["parts"][0], field, txt_mode), n))
+        except Exception:  # unreadable input is reported, with its name, by the worker that reads it
+            continue
         outs = [extract(raw, "jsonl", field, 1 << 62) for _, raw in recs]
         objects = [o for o in outs if o.reason in (None, "missing_field", "bad_field_type", "empty", "oversize")]
         if objects and not any(o.has_field for o in objects):

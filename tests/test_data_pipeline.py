@@ -266,9 +266,17 @@ def test_gpt_dataset_reads_output(corpus, run2):
 def test_missing_field_everywhere_is_an_error(ray_session, tmp_path, corpus):
     p = tmp_path / "wrong.jsonl"
     p.write_text("".join(json.dumps({"body": f"doc {i}"}) + "\n" for i in range(30)))
-    with pytest.raises(SystemExit, match=r"wrong.jsonl: text field 'text' is missing in every line \(30 lines\)"):
+    buf = io.StringIO()
+    with pytest.raises(SystemExit, match=r"wrong.jsonl: text field 'text' is missing in every line \(30 lines\); "
+                                         r"keys present: \['body'\]"), contextlib.redirect_stdout(buf):
         dp_tokenize.run(["--input", str(p), "--tokenizer", corpus.tokenizer, "--output-prefix",
                          str(tmp_path / "o"), "--workers", "1"])
+    assert "WARNING" in buf.getvalue() and "none of the first 30 lines has 'text'" in buf.getvalue()
+    bad = tmp_path / "truncated.jsonl.gz"
+    bad.write_bytes(gzip.compress(b'{"text": "a b c"}\n' * 2000)[:-40])
+    with pytest.raises(Exception, match="truncated.jsonl.gz .part 0.: EOFError"):
+        dp_tokenize.run(["--input", str(bad), "--tokenizer", corpus.tokenizer, "--output-prefix",
+                         str(tmp_path / "o3"), "--workers", "1"])
     with pytest.raises(SystemExit, match=r"c.parquet: text field 'body' is not a column"):
         dp_tokenize.run(["--input", corpus.inputs[2], "--tokenizer", corpus.tokenizer, "--field", "body",
                          "--output-prefix", str(tmp_path / "o2")])
