@@ -43,11 +43,11 @@ def detect_format(name: str, forced: str = "auto") -> tuple[str, bool]:
 
 
 def list_inputs(specs: list[str], forced: str = "auto") -> list[str]:
-    """Expand files / directories / local globs to a deterministic, duplicate-free list of URIs."""
+    """Expand files / directories / local globs to a deterministic, duplicate-free list (local: absolute)."""
     out = []
     for spec in specs:
         if "://" not in spec and any(c in spec for c in "*?["):
-            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            found = sorted(os.path.abspath(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
             if not found:
                 raise FileNotFoundError(f"--input {spec}: glob matched no files")
             out += found
@@ -57,7 +57,7 @@ def list_inputs(specs: list[str], forced: str = "auto") -> list[str]:
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"--input {spec}: no such file or directory")
         if info.type != pafs.FileType.Directory:
-            out.append(spec)
+            out.append(spec if "://" in spec else path)  # absolute: Ray workers may run elsewhere
             continue
         keep = []
         for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
@@ -71,13 +71,7 @@ def list_inputs(specs: list[str], forced: str = "auto") -> list[str]:
             raise FileNotFoundError(f"--input {spec}: directory holds no input files")
         scheme = spec.split("://")[0] + "://" if "://" in spec else ""
         out += [scheme + n for n in sorted(keep)]
-    seen, uniq = set(), []
-    for p in out:
-        key = p if "://" in p else os.path.abspath(p)
-        if key not in seen:
-            seen.add(key)
-            uniq.append(p)
-    return uniq
+    return list(dict.fromkeys(out))
 
 
 def plan_file(uri: str, forced: str, part_bytes: int, txt_mode: str) -> dict:

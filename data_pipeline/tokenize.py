@@ -39,13 +39,14 @@ def parse_args(argv=None):
     p.add_argument("--part-bytes", type=int, default=256 << 20, help="split uncompressed line files this often")
     p.add_argument("--max-doc-chars", type=int, default=1_000_000, help="longer documents are rejected")
     p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (first one wins)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer actors")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer actors (default: the Ray cluster's CPUs minus one for the driver)")
     p.add_argument("--address", default=None, help="existing Ray cluster (e.g. auto); default: local Ray")
     p.add_argument("--keep-work", action="store_true", help="keep <prefix>.work/ unit shards after merging")
     p.add_argument("--progress-interval", type=float, default=5.0)
     a = p.parse_args(argv)
     for name in ("unit_lines", "part_bytes", "max_doc_chars", "workers"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return a
 
@@ -209,11 +210,18 @@ def run(argv=None) -> dict:
 
         own_ray = not ray.is_initialized()
         if own_ray:
+            # workers import data_pipeline from this checkout (shared filesystem, like the outputs)
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
             ray.init(address=a.address, include_dashboard=False, log_to_driver=False,
-                     **({} if a.address else {"num_cpus": max(a.workers, os.cpu_count() or 1)}))
-        cfg = {"tokenizer": tok.path, "eod_token": a.eod_token, "output_prefix": os.path.abspath(prefix),
-               "field": a.field, "txt_mode": a.txt_mode, "unit_lines": a.unit_lines,
-               "max_doc_chars": a.max_doc_chars, "dedup": a.dedup}
+                     runtime_env={"env_vars": {"PYTHONPATH": path}},
+                     **({} if a.address else {"num_cpus": max(a.workers or 1, os.cpu_count() or 1)}))
+        if a.workers is None:
+            a.workers = max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+        print(f"[tokenize] {a.workers} worker(s) on Ray {'at ' + a.address if a.address else '(local)'}", flush=True)
+        cfg = {"tokenizer": os.path.abspath(tok.path), "eod_token": a.eod_token,
+               "output_prefix": os.path.abspath(prefix), "field": a.field, "txt_mode": a.txt_mode,
+               "unit_lines": a.unit_lines, "max_doc_chars": a.max_doc_chars, "dedup": a.dedup}
         t_ray = time.perf_counter()
         try:
             _run_ray(a, tasks, cfg, progress)
