@@ -85,3 +85,19 @@ def test_train_tokenizer_byte_fallback_round_trip(tmp_path):
         ids = sp.encode(text)
         assert sp.decode(ids) == text
     assert any(sp.id_to_piece(i).startswith("<0x") for i in sp.encode("😀"))
+
+
+def test_txt_file_mode_and_file_uri(tmp_path):
+    """--txt-mode file: one record per file; inputs given as file:// URIs go through pyarrow's filesystem."""
+    (tmp_path / "d").mkdir()
+    body = "Title\r\n\r\nSecond paragraph\n"
+    (tmp_path / "d" / "a.txt").write_text(body, newline="")
+    (tmp_path / "d" / "b.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n{"text": "y"}\n'))
+    uris = list_inputs(["file://" + str(tmp_path / "d")])
+    assert uris == ["file://" + str(tmp_path / "d" / "a.txt"), "file://" + str(tmp_path / "d" / "b.jsonl.gz")]
+    info = plan_file(uris[0], "auto", 4, "file")
+    assert len(info["parts"]) == 1
+    recs = _lines_of(None, info, "file")
+    assert recs == [(1, body.encode())] and extract(recs[0][1], "txt", "text", 100).text == "Title\n\nSecond paragraph"
+    assert [extract(r, "jsonl", "text", 9).text for _, r in _lines_of(None, plan_file(uris[1], "auto", 4, "line"))] \
+        == ["x", "y"]
