@@ -24,6 +24,7 @@ separate reduction step and nothing for the optimizer to know.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,6 +32,10 @@ import torch
 from torch import nn
 
 METHODS = ("lora", "mora", "vera")
+# Unsharded fast paths (`Adapter.factors`, MoRA's GEMM forms, `AdaptedLinear._fused_out`).
+# MORA_DIST_ADAPTER_FAST=0 (or setting this to False) restores the original per-adapter index-map
+# path everywhere: kept for before/after measurements (docs/performance.md) and as a reference.
+FAST_PATH = os.environ.get("MORA_DIST_ADAPTER_FAST", "1") != "0"
 MORA_TYPES = {"sharing": 1, "type1": 1, "type2": 2, "type3": 3, "type4": 4, "rotation": 6, "decouple": "decouple",
               "truncation": "truncation", 1: 1, 2: 2, 3: 3, 4: 4, 6: 6}
 
@@ -157,9 +162,29 @@ def kaiming_uniform(shape, generator: torch.Generator, a: float = 0.0) -> torch.
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
+@dataclass
+class Factors:
+    """An unsharded adapter's update as three factors, for the fused GPU path of `AdaptedLinear`:
+
+        delta(x) = mid(x @ P^T) @ Q^T,   mid(h) = h (None) | h * mid (vector) | h @ mid^T (matrix)
+
+    P [k, d_in], mid, Q [d_out, k'] are already in the activation dtype and carry gradients to
+    the trainables (fp32 master weights are cast here, once per forward). Frozen 0/1 or random
+    factors (MoRA's compress/decompress, VeRA's shared projections) make every adapter a pair of
+    skinny GEMMs, so the adapters of one fused layer run as one GEMM over x and one GEMM that
+    accumulates straight into the base output. `p_key`: adapters with equal keys share an identical
+    frozen P (VeRA's A), so x @ P^T is computed once for them.
+    """
+
+    P: torch.Tensor
+    Q: torch.Tensor
+    mid: Optional[torch.Tensor] = None
+    p_key: Optional[tuple] = None
+
+
 class Adapter(nn.Module):
     """Base class. Subclasses define `layout` (param name -> None | "in" | "out": which dim, if any,
-    is sharded), `forward`, and `delta_weight`."""
+    is sharded), `forward`, and `delta_weight`; optionally `factors` (unsharded fast path)."""
 
     layout: dict = {}
 
@@ -204,6 +229,15 @@ class Adapter(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def factors(self, dtype: torch.dtype) -> Optional[Factors]:
+        """`Factors` of this adapter on an unsharded layer (TP=1), or None (use `forward`)."""
+        return None
+
+    @property
+    def unsharded(self) -> bool:
+        """True on an unsharded layer (TP=1) while the fast paths are on (`FAST_PATH`)."""
+        return FAST_PATH and (self.shard.tp_size == 1 or self.shard.mode == "none")
 
 
 def build_adapter(cfg: AdapterConfig, shard: Shard, seed: int = 0, **kw) -> Adapter:

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from mora_dist.adapters.base import Adapter, AdapterConfig, Shard, kaiming_uniform, to_rows
+from mora_dist.adapters.base import Adapter, AdapterConfig, Factors, Shard, kaiming_uniform, to_rows
 
 
 class LoRA(Adapter):
@@ -36,3 +36,8 @@ class LoRA(Adapter):
 
     def delta_weight(self):
         return (self.B @ self.A) * self.scale
+
+    def factors(self, dtype):
+        if not self.unsharded:
+            return None
+        return Factors(P=self.A.to(dtype), Q=(self.B * self.scale).to(dtype))

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import nn
 
-from mora_dist.adapters.base import MORA_TYPES, Adapter, AdapterConfig, Shard, to_rows
+from mora_dist.adapters.base import MORA_TYPES, Adapter, AdapterConfig, Factors, Shard, to_rows
 
 GROUP_TYPES = {1: ("strided", "tile"), 2: ("contiguous", "interleave"), 3: ("contiguous", "tile"),
                4: ("strided", "interleave")}
@@ -106,6 +106,7 @@ class MoRA(Adapter):
             self.n_chunks = n
         for name, val in (("src", src), ("grp", grp), ("rows", rows)):
             self.register_buffer(name, val.to(self.M.device), persistent=False)
+        self._maps_cache = {}
 
     def _padded_positions(self, cols):
         """(local column, position in x') pairs: x'[p] = x[p mod d_in] for p < ceil(d_in/rh)*rh."""
@@ -136,7 +137,65 @@ class MoRA(Adapter):
             y = torch.cat((y, y.new_zeros(*y.shape[:-1], 1)), dim=-1)
         return y.index_select(-1, self.rows)
 
+    # --- unsharded (TP=1) fast path: the index maps as skinny GEMMs --------------------------
+    def _maps(self, dtype, device):
+        """Dense 0/1 compress C [rh, local_in] and decompress D [rows, rh] of the group types, built
+        once per dtype/device from the index maps (exact in bf16: entries are small counts)."""
+        key = (dtype, device)
+        if key not in self._maps_cache:
+            C = torch.zeros(self.rh, self.shard.local_in, dtype=torch.float64)
+            C.index_put_((self.grp.cpu(), self.src.cpu()), torch.ones(len(self.src), dtype=torch.float64),
+                         accumulate=True)
+            rows = self.rows.cpu()
+            D = torch.zeros(len(rows), self.rh + 1, dtype=torch.float64)
+            D[torch.arange(len(rows)), rows] = 1.0
+            self._maps_cache = {key: (C.to(device=device, dtype=dtype), D[:, :self.rh].to(device=device, dtype=dtype))}
+        return self._maps_cache[key]
+
+    def factors(self, dtype):
+        """Group types: P = compress (0/1), mid = M, Q = decompress (0/1); block types: None."""
+        if not self.unsharded or not (self.type in GROUP_TYPES or self.type == "truncation"):
+            return None
+        C, D = self._maps(dtype, self.M.device)
+        comp = "truncation" if self.type == "truncation" else GROUP_TYPES[self.type][0]
+        key = ("mora", comp, self.rh, self.shard.d_in, self.shard.in_start, self.shard.in_end, self.M.device)
+        return Factors(P=C, mid=self.M.to(dtype), Q=D, p_key=key)
+
+    def _chunk_mats(self, n: int) -> torch.Tensor:
+        """M R_c for chunks c < n, [n, rh, rh] (rotation folded into M, in M's precision)."""
+        M = self.M
+        if self.type != 6:
+            return M.expand(n, -1, -1)
+        h = self.rh // 2
+        cos, sin = (t[:n, None, :].to(M.dtype) for t in (self.cos, self.sin))
+        S = M * sin  # R_c = diag(cos) + diag(sin) rotate_half: (M diag(sin) rot)[:, r] = S[:, r+h] | -S[:, r-h]
+        return M * cos + torch.cat((S[..., h:], -S[..., :h]), dim=-1)
+
+    def _blocks_unsharded(self, x):
+        """Block types on an unsharded layer: only the chunks that reach an output row are computed
+        (out_j = flat[j mod n*rh]), the padded input is a view when it fits in x, and each chunk's
+        rotation is folded into its own rh x rh matrix (one batched GEMM, no elementwise passes)."""
+        rh, n, d_in, d_out = self.rh, self.n_chunks, self.shard.d_in, self.shard.d_out
+        n_used = n if d_out >= n * rh else -(-d_out // rh)
+        L = n_used * rh
+        x2 = x.reshape(-1, d_in)
+        if L <= d_in:
+            z = x2[:, :L]
+        else:
+            z = x2.index_select(1, torch.arange(L, device=x.device) % d_in)
+        z = z.unflatten(-1, (n_used, rh))
+        Mc = self._chunk_mats(n_used).to(x.dtype)
+        y = torch.bmm(z.transpose(0, 1), Mc.transpose(1, 2)).transpose(0, 1).reshape(-1, L)
+        if d_out > L:
+            y = y.repeat(1, -(-d_out // L))
+        return y[:, :d_out].reshape(*x.shape[:-1], d_out)
+
     def forward(self, x):
+        if self.unsharded:
+            fac = self.factors(x.dtype)
+            if fac is None:
+                return self._blocks_unsharded(x)
+            return ((x @ fac.P.t()) @ fac.mid.t()) @ fac.Q.t()
         if self.type in GROUP_TYPES or self.type == "truncation":
             M = self.param("M", x, after_comm=False)
             y = to_rows(self._scatter(x, self.rh) @ M.t(), self.shard)

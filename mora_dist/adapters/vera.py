@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mora_dist.adapters.base import Adapter, AdapterConfig, Shard, kaiming_uniform, to_rows
+from mora_dist.adapters.base import Adapter, AdapterConfig, Factors, Shard, kaiming_uniform, to_rows
 
 _SHARED: dict = {}
 
@@ -61,3 +61,15 @@ class VeRA(Adapter):
 
     def delta_weight(self):
         return self.b[:, None] * (self.B @ (self.d[:, None] * self.A))
+
+    def factors(self, dtype):
+        """P = A (frozen, identical for every layer of the same input width: computed once per
+        fused layer), mid = d, Q = diag(b) B."""
+        if not self.unsharded:
+            return None
+        key = ("vera", self.cfg.seed, self.cfg.r, self.vera_in_max, self.vera_out_max, self.shard.in_start,
+               self.shard.in_end, self.A.device)
+        cast = getattr(self, "_A_cast", None)
+        if cast is None or cast.dtype != dtype or cast.device != self.A.device:
+            cast = self._A_cast = self.A.to(dtype)  # frozen: cast once (the wrapper caches its concatenation)
+        return Factors(P=cast, mid=self.d.to(dtype), Q=(self.b[:, None] * self.B).to(dtype), p_key=key)

@@ -1,0 +1,593 @@
+"""Adapter CPT step throughput on one GPU, side by side with Hugging Face PEFT (issue 7).
+
+One command measures tokens/s, model TFLOP/s, MFU and peak memory of a continual-pretraining step
+(forward, backward, fused AdamW over the trainables) on the Llama-style 1.1B model of DESIGN.md
+section 5 (seq 2048) for: the frozen base without adapters, LoRA r=8, MoRA sharing and rotation
+(r=8-equivalent), VeRA r=256, ALLoRA (LoRA r=8, eta=2) and full fine-tuning; every configuration
+runs in its own process (peak memory per configuration). It then runs the peer script
+`shared/bench/peer_peft.py` (transformers + PEFT) in the same call and prints one table with
+ratios to PEFT LoRA. FLOPs and MFU use the peer's formula (frozen base: 2x forward, full FT: 3x).
+
+    python3 launch/bench.py                       # the table (GPU), default configurations
+    python3 launch/bench.py --check               # fused adapter path vs per-adapter path vs dense
+    python3 launch/bench.py --sweep               # before/after variants (docs/performance.md)
+    python3 launch/bench.py --attn                # SDPA kernels on the model's attention shape
+
+Options: --mbs, --steps, --peer PATH (default: ../shared/bench/peer_peft.py, then
+shared/bench/peer_peft.py, then .bench/peer_peft.py), --no-peer, --json OUT.
+Library knobs it measures: MORA_DIST_ADAPTER_FAST (fused adapter path, default on),
+MORA_DIST_SDPA_BACKENDS (SDPA kernel order), megatron config fusions (`fuse` below) and
+torch.compile of RMSNorm / RoPE (`compile` below).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# Llama-style 1.1B of DESIGN.md section 5 (TinyLlama shape)
+SIZES = {
+    "1b": dict(vocab_size=32000, hidden_size=2048, num_layers=22, num_attention_heads=32, num_query_groups=4,
+               ffn_hidden_size=5632),
+    "tiny": dict(vocab_size=512, hidden_size=256, num_layers=2, num_attention_heads=8, num_query_groups=2,
+                 ffn_hidden_size=704),
+}
+PEAK_BF16_TFLOPS = 772.0  # DESIGN.md section 5, measured on the H100 of the anchors
+# megatron config switches that take the fused (torch.compile'd) kernels megatron ships for the
+# non-TE path: SwiGLU, residual add, vocab-parallel cross entropy
+FUSE = dict(bias_activation_fusion=True, bias_dropout_fusion=True, cross_entropy_loss_fusion=True,
+            cross_entropy_fusion_impl="native")
+NCCL_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+
+# name -> configuration (method: none = frozen base, full = full fine-tuning)
+ROWS = {
+    "frozen": dict(method="none"),
+    "lora": dict(method="lora", r=8),
+    "mora-sharing": dict(method="mora", r=8, mora_type="sharing"),
+    "mora-rotation": dict(method="mora", r=8, mora_type="rotation"),
+    "vera": dict(method="vera", r=256),
+    "allora": dict(method="lora", r=8, allora_eta=2.0),
+    "full": dict(method="full"),
+}
+
+
+def flops_per_token(size: dict, seq: int, full: bool) -> float:
+    """The peer's formula (peer_peft.py): matmul params incl. lm head, causal attention counted
+    full; frozen base = forward + input-grad backward = 2x forward, full FT = 3x forward."""
+    h, L, f, V = size["hidden_size"], size["num_layers"], size["ffn_hidden_size"], size["vocab_size"]
+    kv = size["num_query_groups"] * (h // size["num_attention_heads"])
+    n_lin = L * (2 * h * h + 2 * h * kv + 3 * h * f) + h * V
+    attn = L * 2 * 2 * seq * h
+    fwd = 2 * n_lin + attn
+    return fwd * 3 if full else fwd * 2
+
+
+# ----------------------------------------------------------------------------- one configuration
+def _init_dist():
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    from mora_dist.parallel.state import init_distributed
+
+    init_distributed(tp=1, pp=1)
+
+
+def compile_hot_paths(what: str) -> None:
+    """torch.compile the memory-bound elementwise chains the non-TE spec runs eagerly: our RMSNorm
+    (fp32 normalise, 7 kernels -> 1) and megatron's unfused RoPE (cos/sin/rotate/cat -> 1)."""
+    import torch
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    parts = set(what.split(",")) if what else set()
+    if "norm" in parts:
+        from mora_dist.models.norm import RMSNorm
+
+        eager = RMSNorm.forward
+
+        @torch.compile(dynamic=False)
+        def rms(x, weight, eps: float):  # the arithmetic of RMSNorm.forward (checked below)
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+            return weight * h.to(x.dtype)
+
+        state = {"checked": False}
+
+        def forward(self, x):
+            y = rms(x, self.weight, self.eps)
+            if not state["checked"]:  # once: same function as the library's eager forward
+                state["checked"] = True
+                with torch.no_grad():
+                    ref = eager(self, x.detach())
+                    err = ((y.detach().float() - ref.float()).norm() / ref.float().norm()).item()
+                if err > 1e-2:
+                    raise RuntimeError(f"compiled RMSNorm differs from mora_dist's: rel {err:.2e}")
+            return y
+
+        RMSNorm.forward = forward
+    if "rope" in parts:
+        from megatron.core.models.common.embeddings import rope_utils
+
+        rope_utils._apply_rotary_pos_emb_bshd = torch.compile(rope_utils._apply_rotary_pos_emb_bshd, dynamic=False)
+
+
+def build(cfg: dict):
+    import torch
+
+    from mora_dist.models import LlamaSpec, build_model
+
+    size = SIZES[cfg.get("size", "1b")]
+    spec = LlamaSpec(max_position_embeddings=cfg["seq"], **size)
+    overrides = dict(FUSE) if cfg.get("fuse", True) else {}
+    torch.manual_seed(0)
+    model = build_model(spec, pre_process=True, post_process=True, params_dtype=torch.bfloat16, attention="sdpa",
+                        parallel_output=True, **overrides)
+    if torch.cuda.is_available():
+        model.cuda()  # megatron's linears are made on the GPU, our RMSNorm weights on the CPU
+    method = cfg["method"]
+    if method in ("lora", "mora", "vera"):
+        from mora_dist.adapters import AdapterConfig
+        from mora_dist.parallel.inject import apply_adapters
+
+        kw = {k: cfg[k] for k in ("r", "mora_type", "allora_eta") if k in cfg}
+        apply_adapters(model, AdapterConfig(method=method, **kw))
+        # no timing on zeros (B, M, b start at zero): small random trainables
+        g = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 1e-3)
+    elif method == "none":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # nothing trains: make the backward run through every layer (input gradients, as adapters need)
+        model.embedding.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    return model, spec, size
+
+
+def run_one(cfg: dict) -> dict:
+    import torch
+
+    os.environ.update(NCCL_ENV)
+    for k, v in cfg.get("env", {}).items():
+        os.environ[k] = v
+    _init_dist()
+    compile_hot_paths(cfg.get("compile", ""))
+    model, spec, size = build(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ntrain = sum(p.numel() for p in params)
+    graph = bool(cfg.get("graph")) and torch.cuda.is_available()
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=graph) if params else None
+    mbs, seq = cfg["mbs"], cfg["seq"]
+    cuda = torch.cuda.is_available()
+    dev = torch.cuda.current_device() if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    tokens = torch.randint(0, spec.vocab_size, (mbs, seq), device=dev)
+    pos = torch.arange(seq, device=dev).unsqueeze(0).expand(mbs, -1)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        loss = model(tokens, pos, None, labels=tokens).mean()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    t_c = time.perf_counter()
+    if graph:
+        step = capture_step(model, opt, tokens, pos, step, cfg.get("warm", 3))
+    else:
+        for _ in range(cfg.get("warm", 3)):
+            loss = step()
+    loss = step()
+    sync()
+    warm_s = time.perf_counter() - t_c
+    steps = cfg.get("steps", 10)
+    per = []
+    t0 = time.perf_counter()
+    if cuda:
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        ev[0].record()
+    for i in range(steps):
+        loss = step()
+        if cuda:
+            ev[i + 1].record()
+    sync()
+    dt = (time.perf_counter() - t0) / steps
+    per = sorted(ev[i].elapsed_time(ev[i + 1]) for i in range(steps)) if cuda else [dt * 1e3]
+    tok_s = mbs * seq / dt
+    fpt = flops_per_token(size, seq, cfg["method"] == "full")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    extra = {}
+    if cuda and cfg.get("profile"):
+        extra = profile_steps(step, cfg["profile"], f"{cfg.get('name')}: mean step {dt * 1e3:.1f} ms",
+                              cpu=bool(cfg.get("profile_cpu")))
+    return dict(**extra, graph=graph,name=cfg.get("name"), method=cfg["method"], mbs=mbs, seq=seq, trainable=ntrain,
+                step_ms=round(dt * 1e3, 2), step_ms_median=round(per[len(per) // 2], 2),
+                step_ms_min=round(per[0], 2), tokens_per_s=round(tok_s), model_tflops=round(tok_s * fpt / 1e12, 1),
+                mfu=round(tok_s * fpt / 1e12 / PEAK_BF16_TFLOPS, 3), peak_gib=round(peak, 2),
+                loss=round(float(loss), 4), warm_s=round(warm_s, 1))
+
+
+def capture_step(model, opt, tokens, pos, eager_step, warm: int):
+    """The whole step (forward, backward, fused AdamW) as one CUDA graph: the same kernels with no
+    per-op CPU launch cost (PyTorch's whole-network capture recipe: warm up on a side stream, grads
+    set to None before capture so the replayed backward writes them; AdamW capturable=True).
+    Collectives over 1-rank groups (megatron's vocab-parallel loss at TP=1) are identities and are
+    skipped, so nothing but kernels is captured."""
+    import torch
+    import torch.distributed as dist
+
+    all_reduce = dist.all_reduce
+
+    def all_reduce_tp1(tensor, *args, **kwargs):
+        group = kwargs.get("group", args[1] if len(args) > 1 else None)
+        if dist.get_world_size(group) == 1:
+            return None
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = all_reduce_tp1
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warm):
+            eager_step()
+    torch.cuda.current_stream().wait_stream(s)
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, capture_error_mode="thread_local"):
+        loss = model(tokens, pos, None, labels=tokens).mean()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+
+    def replay():
+        g.replay()
+        return loss
+
+    return replay
+
+
+def profile_steps(step, path: str, title: str, n: int = 2, cpu: bool = False) -> dict:
+    """Kernel time per step (CUDA activity only: kernels, copies) and the top kernels, appended to path."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
+        with profile(activities=acts) as prof:
+            for _ in range(n):
+                step()
+            torch.cuda.synchronize()
+        ka = prof.key_averages()
+        attr = "self_device_time_total" if hasattr(ka[0], "self_device_time_total") else "self_cuda_time_total"
+        busy = sum(getattr(e, attr) for e in ka if "CUDA" in str(getattr(e, "device_type", "CUDA"))) / n / 1e3
+        table = ka.table(sort_by="self_cpu_time_total" if cpu else attr, row_limit=40, max_name_column_width=90)
+        with open(path, "a") as f:
+            f.write(f"=== {title}; GPU kernel time {busy:.1f} ms/step\n{table}\n")
+        return dict(gpu_kernel_ms=round(busy, 1))
+    except Exception as e:  # noqa: BLE001 - profiling is optional
+        return dict(profile_error=repr(e)[:200])
+
+
+def spawn(cfg: dict, timeout: int = 300) -> dict:
+    env = dict(os.environ, **NCCL_ENV, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(cfg)], env=env,
+                           capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(name=cfg.get("name"), error=f"timeout {timeout}s")
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    err = [ln for ln in (p.stderr or p.stdout).splitlines() if "Error" in ln or "error" in ln]
+    return dict(name=cfg.get("name"), error=(err[-1] if err else "") + " | " + (p.stderr or p.stdout)[-3000:])
+
+
+# ----------------------------------------------------------------------------- peer
+def find_peer(path):
+    for c in ([path] if path else []) + [os.path.join(ROOT, "..", "shared", "bench", "peer_peft.py"),
+                                          os.path.join(ROOT, "shared", "bench", "peer_peft.py"),
+                                          os.path.join(ROOT, ".bench", "peer_peft.py")]:
+        if c and os.path.isfile(c):
+            return os.path.abspath(c)
+    return None
+
+
+def run_peer(path, mbs: int, seq: int, timeout: int = 420):
+    env = dict(os.environ, **NCCL_ENV, PYTHONUNBUFFERED="1")
+    try:
+        p = subprocess.run([sys.executable, path, "--size", "1b", "--seq", str(seq), "--mbs", str(mbs)], env=env,
+                           capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [], dict(error="peer timeout")
+    rows, head = [], {}
+    for line in p.stdout.splitlines():
+        if line.startswith("{"):
+            d = json.loads(line)
+            (rows.append(d) if "method" in d else head.update(d))
+    if not rows:
+        head["error"] = p.stderr[-1500:]
+    return rows, head
+
+
+# ----------------------------------------------------------------------------- checks
+def check(size_name: str = "1b", layers: int = 2) -> list:
+    """On the current device, for each method: the fused path (MORA_DIST_ADAPTER_FAST) against the
+    per-adapter path (output, input grad, parameter grads of a short model) and one fused layer
+    (linear_qkv) against a dense float64 reference x (W0 + dW)^T."""
+    import torch
+
+    from mora_dist.adapters import AdapterConfig
+    from mora_dist.models import LlamaSpec, build_model
+    from mora_dist.adapters import base as adapters_base
+    from mora_dist.parallel.inject import apply_adapters
+
+    _init_dist()
+    size = dict(SIZES[size_name], num_layers=layers)
+    spec = LlamaSpec(max_position_embeddings=256, **size)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out = []
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+    for name, row in ROWS.items():
+        if row["method"] in ("none", "full"):
+            continue
+        torch.manual_seed(0)
+        model = build_model(spec, pre_process=True, post_process=True, params_dtype=torch.bfloat16, attention="sdpa")
+        model.to(dev)
+        kw = {k: row[k] for k in ("r", "mora_type", "allora_eta") if k in row}
+        apply_adapters(model, AdapterConfig(method=row["method"], **kw))
+        g = torch.Generator(device=dev).manual_seed(2)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g, device=dev) * 0.02)
+        tok = torch.randint(0, spec.vocab_size, (2, 256), generator=g, device=dev)
+        pos = torch.arange(256, device=dev).unsqueeze(0).expand(2, -1)
+        res = {}
+
+        def grads(fast):
+            adapters_base.FAST_PATH = fast
+            model.zero_grad(set_to_none=True)
+            loss = model(tok, pos, None, labels=tok).mean()
+            loss.backward()
+            return loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        res["fused"], res["per_adapter"] = grads(True), grads(False)
+        adapters_base.FAST_PATH = True
+        # one fused layer against float64 dense (bf16 model)
+        layer = model.decoder.layers[0].self_attention.linear_qkv
+        x = torch.randn(64, 2, spec.hidden_size, generator=g, device=dev, dtype=torch.bfloat16)
+        with torch.no_grad():
+            y, _ = layer(x)
+            W = layer.base.weight.double().clone()
+            for n, a in layer.adapters.items():
+                W.index_add_(0, getattr(layer, f"_pos_{n}"), a.delta_weight().double())
+            ref = x.double() @ W.t()
+            base = x.double() @ layer.base.weight.double().t()
+        model.float()  # fp32 reference of the same model: every adapter gradient, both bf16 paths
+        res["fp32"] = grads(True)
+        row = dict(check=name, loss_fused=round(float(res["fused"][0]), 5), loss_per_adapter=round(float(res["per_adapter"][0]), 5),
+                   loss_fp32=round(float(res["fp32"][0]), 5))
+        for k in ("fused", "per_adapter"):
+            row[f"grad_rel_{k}_vs_fp32"] = round(max(rel(res[k][1][n], res["fp32"][1][n]) for n in res["fp32"][1]), 5)
+        row.update(qkv_out_rel_vs_fp64=round(rel(y, ref), 5),
+                   adapter_share_of_qkv=round(float((ref - base).norm() / ref.norm()), 4))
+        out.append(row)
+        del model
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def attn_bench(mbs: int = 4, seq: int = 2048, heads: int = 32, groups: int = 4, hd: int = 64) -> list:
+    """SDPA kernels, forward + backward, on the model's [s, b, n, h] -> [b, n, s, h] views."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = "cuda"
+    q = torch.randn(seq, mbs, heads, hd, device=dev, dtype=torch.bfloat16).permute(1, 2, 0, 3).requires_grad_()
+    k = torch.randn(seq, mbs, groups, hd, device=dev, dtype=torch.bfloat16).permute(1, 2, 0, 3).requires_grad_()
+    v = torch.randn(seq, mbs, groups, hd, device=dev, dtype=torch.bfloat16).permute(1, 2, 0, 3).requires_grad_()
+    go = torch.randn(mbs, heads, seq, hd, device=dev, dtype=torch.bfloat16)
+    flops = 4 * mbs * heads * seq * seq * hd / 2 * 3.5  # causal fwd + bwd (2.5x fwd)
+    rows = []
+    outs = {}
+    for name, be, expand in (("flash-gqa", SDPBackend.FLASH_ATTENTION, False),
+                             ("cudnn-gqa", SDPBackend.CUDNN_ATTENTION, False),
+                             ("cudnn-expand", SDPBackend.CUDNN_ATTENTION, True),
+                             ("flash-expand", SDPBackend.FLASH_ATTENTION, True),
+                             ("efficient-expand", SDPBackend.EFFICIENT_ATTENTION, True)):
+        def f():
+            kk, vv = k, v
+            if expand:
+                kk, vv = (t.repeat_interleave(heads // groups, dim=1) for t in (k, v))
+            with sdpa_kernel([be]):
+                o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=not expand)
+            o.backward(go)
+            return o
+        try:
+            q.grad = k.grad = v.grad = None
+            o = f()
+            outs[name] = [t.detach().float() for t in (o, q.grad, k.grad, v.grad)]
+            for _ in range(2):
+                f()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(10):
+                f()
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t) / 10 * 1e3
+            r = dict(attn=name, ms_fwd_bwd=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
+            if name != "flash-gqa" and "flash-gqa" in outs:  # out, dq, dk, dv against torch's default kernel
+                r["rel_vs_flash"] = [round(float((a - b).norm() / b.norm()), 5) for a, b in zip(outs[name], outs["flash-gqa"])]
+            rows.append(r)
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(attn=name, error=repr(e)[:200]))
+        q.grad = k.grad = v.grad = None
+    return rows
+
+
+def matmul_peak() -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (time.perf_counter() - t) / 1e12
+
+
+# ----------------------------------------------------------------------------- table
+def table(ours: list, peer: list, peer_head: dict) -> str:
+    ref = next((r for r in peer if r.get("method") == "lora" and "tokens_per_s" in r), None)
+    lines = ["| system | config | mbs | tokens/s | x PEFT LoRA | step ms | model TFLOP/s | MFU | peak GiB | trainable |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def row(system, r):
+        if "error" in r:
+            return f"| {system} | {r.get('name') or r.get('method')} | | error: {r['error'][:160]!r} | | | | | | |"
+        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
+        mfu = r.get("mfu", round(r["model_tflops"] / PEAK_BF16_TFLOPS, 3))
+        return (f"| {system} | {r.get('name') or r['method']} | {r['mbs']} | {r['tokens_per_s']:,} | {ratio} | "
+                f"{r['step_ms']} | {r['model_tflops']} | {mfu:.3f} | {r['peak_gib']} | {r['trainable']:,} |")
+
+    for r in ours:
+        lines.append(row("mora_dist", r))
+    for r in peer:
+        lines.append(row("HF PEFT", r))
+    if peer_head:
+        lines.append(f"\npeer: {json.dumps(peer_head)}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--attn", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="before/after variants instead of the table")
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ",".join(ROWS))
+    ap.add_argument("--modes", default="eager,graph", help="eager and/or graph (whole step as one CUDA graph)")
+    ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--compile", default="norm,rope", help="torch.compile targets: norm,rope or ''")
+    ap.add_argument("--no-fuse", action="store_true", help="without megatron's fused SwiGLU/residual/CE")
+    ap.add_argument("--peer", default=None)
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--profile", default=None, help="append per-configuration kernel profiles to this file")
+    ap.add_argument("--profile-cpu", action="store_true", help="--profile: CPU ops too, sorted by CPU time")
+    ap.add_argument("--warm", type=int, default=5)
+    ap.add_argument("--only", default="", help="--sweep: comma list of name prefixes to run")
+    ap.add_argument("--json", default=None, help="write all results here (rewritten after each configuration)")
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(run_one(json.loads(a.one))), flush=True)
+        return
+    os.environ.update(NCCL_ENV)
+    results = dict()
+    if a.check:
+        results["check"] = check()
+        for r in results["check"]:
+            print(json.dumps(r), flush=True)
+    if a.attn:
+        results["attn"] = attn_bench(a.mbs, a.seq)
+        for r in results["attn"]:
+            print(json.dumps(r), flush=True)
+    if a.check or a.attn:
+        if a.json:
+            json.dump(results, open(a.json, "w"), indent=1)
+        return
+    import torch
+
+    head = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                bf16_matmul_tflops=round(matmul_peak(), 1))
+    print(json.dumps(head), flush=True)
+    base = dict(mbs=a.mbs, seq=a.seq, steps=a.steps, warm=a.warm, compile=a.compile, fuse=not a.no_fuse)
+    if a.profile:
+        base["profile"] = os.path.abspath(a.profile)
+        base["profile_cpu"] = a.profile_cpu
+    if a.sweep:
+        cfgs = sweep_configs(base)
+        if a.only:
+            cfgs = [c for c in cfgs if any(c["name"].startswith(p) for p in a.only.split(","))]
+    else:
+        cfgs = []
+        for mode in a.modes.split(","):
+            for n in a.rows.split(","):
+                if n:
+                    cfgs.append(dict(base, name=n + ("+graph" if mode == "graph" else ""), graph=mode == "graph", **ROWS[n]))
+    ours = []
+    results.update(head=head, ours=ours)
+    for c in cfgs:
+        r = spawn(c)
+        print(json.dumps(r), flush=True)
+        ours.append(r)
+        if a.json:
+            json.dump(results, open(a.json, "w"), indent=1)
+    peer, peer_head = [], {}
+    if not a.no_peer:
+        path = find_peer(a.peer)
+        if path is None:
+            peer_head = dict(error="peer_peft.py not found")
+        else:
+            peer, peer_head = run_peer(path, a.mbs, a.seq)
+            peer_head["script"] = os.path.relpath(path, ROOT)
+            for r in peer:
+                print(json.dumps(r), flush=True)
+    results.update(head=head, ours=ours, peer=peer, peer_head=peer_head)
+    if a.json:
+        json.dump(results, open(a.json, "w"), indent=1)
+    print(f"\n{head['device']}, torch {head['torch']}, bf16 matmul {head['bf16_matmul_tflops']} TFLOP/s measured; "
+          f"MFU against {PEAK_BF16_TFLOPS} (DESIGN.md)\n")
+    print(table(ours, peer, peer_head))
+
+
+def sweep_configs(base: dict) -> list:
+    """Before/after variants for docs/performance.md."""
+    plain = dict(base, compile="", fuse=False)
+    slow = dict(MORA_DIST_ADAPTER_FAST="0")
+    flash = dict(MORA_DIST_SDPA_BACKENDS="default")
+    out = [
+        dict(plain, name="frozen:plain(flash)", env=flash, **ROWS["frozen"]),
+        dict(base, compile="", name="frozen:+fuse(flash)", env=flash, **ROWS["frozen"]),
+        dict(base, name="frozen:+fuse+compile(flash)", env=flash, **ROWS["frozen"]),
+        dict(base, name="frozen:+fuse+compile+cudnn", **ROWS["frozen"]),
+        dict(base, name="frozen:mbs8", **dict(ROWS["frozen"], mbs=8)),
+        dict(plain, name="lora:plain(flash)+per-adapter", env=dict(flash, **slow), **ROWS["lora"]),
+    ]
+    for n in ("lora", "mora-sharing", "vera", "mora-rotation", "allora"):
+        out.append(dict(base, name=f"{n}:per-adapter", env=slow, **ROWS[n]))
+        out.append(dict(base, name=f"{n}:fused", **ROWS[n]))
+    out += [
+        dict(base, name="lora-mbs8:fused", **dict(ROWS["lora"], mbs=8)),
+        dict(base, name="full", **ROWS["full"]),
+    ]
+    return out
+
+
+if __name__ == "__main__":
+    main()
