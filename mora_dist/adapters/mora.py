@@ -138,54 +138,72 @@ class MoRA(Adapter):
         return y.index_select(-1, self.rows)
 
     # --- unsharded (TP=1) fast path: the index maps as skinny GEMMs --------------------------
+    @property
+    def rh_pad(self) -> int:
+        """rh rounded up to 8: bf16 GEMM operands of width rh (181, 136, 248...) are not 16-byte
+        aligned and cuBLAS falls back to slow sm75 `align1` kernels (22 ms a step of MoRA sharing on
+        the 1.1B model, H100). Zero rows/columns pad every factor; results are unchanged."""
+        return -(-self.rh // 8) * 8
+
     def _maps(self, dtype, device):
-        """Dense 0/1 compress C [rh, local_in] and decompress D [rows, rh] of the group types, built
-        once per dtype/device from the index maps (exact in bf16: entries are small counts)."""
+        """Dense 0/1 compress C [rh_pad, local_in] and decompress D [rows, rh_pad] of the group
+        types, built once per dtype/device from the index maps (exact in bf16: small counts)."""
         key = (dtype, device)
         if key not in self._maps_cache:
-            C = torch.zeros(self.rh, self.shard.local_in, dtype=torch.float64)
+            C = torch.zeros(self.rh_pad, self.shard.local_in, dtype=torch.float64)
             C.index_put_((self.grp.cpu(), self.src.cpu()), torch.ones(len(self.src), dtype=torch.float64),
                          accumulate=True)
             rows = self.rows.cpu()
-            D = torch.zeros(len(rows), self.rh + 1, dtype=torch.float64)
-            D[torch.arange(len(rows)), rows] = 1.0
-            self._maps_cache = {key: (C.to(device=device, dtype=dtype), D[:, :self.rh].to(device=device, dtype=dtype))}
+            D = torch.zeros(len(rows), self.rh_pad + 1, dtype=torch.float64)
+            D[torch.arange(len(rows)), torch.where(rows == self.rh, self.rh_pad, rows)] = 1.0  # rh: zero slot
+            self._maps_cache = {key: (C.to(device=device, dtype=dtype), D[:, :self.rh_pad].to(device=device, dtype=dtype))}
         return self._maps_cache[key]
 
     def factors(self, dtype):
-        """Group types: P = compress (0/1), mid = M, Q = decompress (0/1); block types: None."""
+        """Group types: P = compress (0/1), mid = M, Q = decompress (0/1), padded to rh_pad;
+        block types: None."""
         if not self.unsharded or not (self.type in GROUP_TYPES or self.type == "truncation"):
             return None
         C, D = self._maps(dtype, self.M.device)
         comp = "truncation" if self.type == "truncation" else GROUP_TYPES[self.type][0]
         key = ("mora", comp, self.rh, self.shard.d_in, self.shard.in_start, self.shard.in_end, self.M.device)
-        return Factors(P=C, mid=self.M.to(dtype), Q=D, p_key=key)
+        p = self.rh_pad - self.rh
+        mid = torch.nn.functional.pad(self.M, (0, p, 0, p)) if p else self.M
+        return Factors(P=C, mid=mid.to(dtype), Q=D, p_key=key)
 
-    def _chunk_mats(self, n: int) -> torch.Tensor:
-        """M R_c for chunks c < n, [n, rh, rh] (rotation folded into M, in M's precision)."""
+    def _chunk_mats(self, n: int, pad: int = 0) -> torch.Tensor:
+        """M R_c for chunks c < n, [n, rh, rh] (rotation folded into M, in M's precision), zero-padded
+        by `pad` rows and columns."""
         M = self.M
         if self.type != 6:
-            return M.expand(n, -1, -1)
-        h = self.rh // 2
-        cos, sin = (t[:n, None, :].to(M.dtype) for t in (self.cos, self.sin))
-        S = M * sin  # R_c = diag(cos) + diag(sin) rotate_half: (M diag(sin) rot)[:, r] = S[:, r+h] | -S[:, r-h]
-        return M * cos + torch.cat((S[..., h:], -S[..., :h]), dim=-1)
+            Mc = M.expand(n, -1, -1)
+        else:
+            h = self.rh // 2
+            cos, sin = (t[:n, None, :].to(M.dtype) for t in (self.cos, self.sin))
+            S = M * sin  # R_c = diag(cos) + diag(sin) rotate_half: (M diag(sin) rot)[:, r] = S[:, r+h] | -S[:, r-h]
+            Mc = M * cos + torch.cat((S[..., h:], -S[..., :h]), dim=-1)
+        return torch.nn.functional.pad(Mc, (0, pad, 0, pad)) if pad else Mc
 
     def _blocks_unsharded(self, x):
         """Block types on an unsharded layer: only the chunks that reach an output row are computed
-        (out_j = flat[j mod n*rh]), the padded input is a view when it fits in x, and each chunk's
-        rotation is folded into its own rh x rh matrix (one batched GEMM, no elementwise passes)."""
+        (out_j = flat[j mod n*rh]); the chunks are laid out once as an aligned [n, T, rh_pad] batch
+        (one copy of the used part of x), each chunk's rotation is folded into its own rh x rh
+        matrix, and one batched GEMM does all chunks."""
         rh, n, d_in, d_out = self.rh, self.n_chunks, self.shard.d_in, self.shard.d_out
         n_used = n if d_out >= n * rh else -(-d_out // rh)
         L = n_used * rh
         x2 = x.reshape(-1, d_in)
         if L <= d_in:
             z = x2[:, :L]
+        elif L <= 2 * d_in:
+            z = torch.cat((x2, x2[:, :L - d_in]), 1)
         else:
             z = x2.index_select(1, torch.arange(L, device=x.device) % d_in)
-        z = z.unflatten(-1, (n_used, rh))
-        Mc = self._chunk_mats(n_used).to(x.dtype)
-        y = torch.bmm(z.transpose(0, 1), Mc.transpose(1, 2)).transpose(0, 1).reshape(-1, L)
+        pad = self.rh_pad - rh
+        z = z.unflatten(-1, (n_used, rh)).transpose(0, 1)  # [n_used, T, rh] view
+        z = torch.nn.functional.pad(z, (0, pad)) if pad else z.contiguous()
+        Mc = self._chunk_mats(n_used, pad).to(x.dtype)
+        y = torch.bmm(z, Mc.transpose(1, 2))[..., :rh].transpose(0, 1).reshape(-1, L)
         if d_out > L:
             y = y.repeat(1, -(-d_out // L))
         return y[:, :d_out].reshape(*x.shape[:-1], d_out)

@@ -33,12 +33,43 @@ def _mid_block(mid: Optional[torch.Tensor], k: int, like: torch.Tensor) -> torch
     return torch.diag(mid) if mid.dim() == 1 else mid
 
 
+def _row_blocks(pos: torch.Tensor, n: int):
+    """Output rows `pos` of an n-wide layer as a strided view: ("blk", G, stride, off, w, pos)
+    when pos = off + stride * g + i (g < G, i < w) with G * stride == n (q/k/v in the fused qkv
+    layer: one block per query group), else ("idx", pos)."""
+    p = pos.cpu()
+    d = len(p)
+    if d:
+        w = 1
+        while w < d and int(p[w]) == int(p[w - 1]) + 1:
+            w += 1
+        G = d // w
+        stride = int(p[w] - p[0]) if G > 1 else n
+        off = int(p[0])
+        if (G * w == d and stride > 0 and G * stride == n and off + w <= stride and torch.equal(
+                p, (off + stride * torch.arange(G)[:, None] + torch.arange(w)[None, :]).reshape(-1))):
+            return ("blk", G, stride, off, w, pos)
+    return ("idx", pos)
+
+
+def _dst(o2, rows):
+    """The destination of a term in the 2-D output: a slice or block view, or None (scatter)."""
+    n = o2.shape[1]
+    if rows[0] == "range":
+        return o2 if (rows[1], rows[2]) == (0, n) else o2[:, rows[1]:rows[2]]
+    if rows[0] == "blk":
+        _, G, stride, off, w, _ = rows
+        return o2.view(o2.shape[0], G, stride)[:, :, off:off + w]
+    return None
+
+
 class _AddLowRank(torch.autograd.Function):
     """out += every term, in place on the base layer's fresh output, with no autograd views (an
     in-place op on a slice view records CopySlices, whose backward clones the whole output
-    gradient: 14 ms a step of device copies for LoRA on the 1.1B model). Terms, per `plan` entry:
-    ("mm", (a, b)) out[:, a:b] += Z @ Q^T;  ("mm", pos) out[:, pos] += Z @ Q^T (all such terms
-    in one GEMM with a block-sparse Q over the whole output);  ("add", (a, b) | pos): += Z.
+    gradient: 14 ms a step of device copies for LoRA on the 1.1B model). Terms, per `plan` entry
+    (kind, rows), rows = ("range", a, b) | ("blk", ...) | ("idx", pos) (`_row_blocks`):
+    "mm": out[:, rows] += Z @ Q^T (range rows: addmm_ into the slice; other rows: all such terms
+    in one GEMM with a block-sparse Q over the whole output);  "add": out[:, rows] += Z.
     The output gradient passes through unchanged; Z, Q get theirs from the rows they wrote."""
 
     @staticmethod
@@ -48,17 +79,21 @@ class _AddLowRank(torch.autograd.Function):
         scat = []
         for i, (kind, rows) in enumerate(plan):
             Z, Q = zq[2 * i], zq[2 * i + 1]
-            if isinstance(rows, tuple):
-                dst = o2 if rows == (0, n) else o2[:, rows[0]:rows[1]]
-                dst.addmm_(Z, Q.t()) if kind == "mm" else dst.add_(Z)
-            elif kind == "add":
-                o2.index_add_(1, rows, Z)
+            if kind == "mm":
+                if rows[0] == "range":
+                    _dst(o2, rows).addmm_(Z, Q.t())
+                else:
+                    scat.append(i)
             else:
-                scat.append(i)
+                dst = _dst(o2, rows)
+                if dst is None:
+                    o2.index_add_(1, rows[1], Z)
+                else:
+                    dst.add_(Z.reshape(dst.shape))
         Qf = None
         if scat:
-            Qf = torch.cat([zq[2 * i + 1].new_zeros(n, zq[2 * i + 1].shape[1]).index_copy_(0, plan[i][1], zq[2 * i + 1])
-                            for i in scat], 1)
+            Qs = [zq[2 * i + 1] for i in scat]
+            Qf = torch.cat([Q.new_zeros(n, Q.shape[1]).index_copy_(0, plan[i][1][-1], Q) for i, Q in zip(scat, Qs)], 1)
             o2.addmm_(torch.cat([zq[2 * i] for i in scat], 1) if len(scat) > 1 else zq[2 * scat[0]], Qf.t())
         ctx.mark_dirty(out)
         ctx.plan, ctx.scat, ctx.Qf = plan, scat, Qf
@@ -75,9 +110,10 @@ class _AddLowRank(torch.autograd.Function):
         for i, (kind, rows) in enumerate(ctx.plan):
             if i in ctx.scat:
                 continue
-            gi = (g2 if rows == (0, n) else g2[:, rows[0]:rows[1]]) if isinstance(rows, tuple) else g2.index_select(1, rows)
+            gi = _dst(g2, rows)
+            gi = g2.index_select(1, rows[1]) if gi is None else gi
             if kind == "add":
-                grads[2 * i] = gi if need[2 * i] else None
+                grads[2 * i] = gi.reshape(g2.shape[0], -1) if need[2 * i] else None
                 continue
             Z, Q = zq[2 * i], zq[2 * i + 1]
             grads[2 * i] = gi @ Q if need[2 * i] else None
@@ -93,7 +129,7 @@ class _AddLowRank(torch.autograd.Function):
                 c = 0
                 for i, k in zip(ctx.scat, ks):
                     if need[2 * i + 1]:
-                        grads[2 * i + 1] = gQf[:, c:c + k].index_select(0, ctx.plan[i][1])
+                        grads[2 * i + 1] = gQf[:, c:c + k].index_select(0, ctx.plan[i][1][-1])
                     c += k
         return (g, None, *grads)
 
@@ -119,7 +155,7 @@ class AdaptedLinear(nn.Module):
         self.base, self.mode = base, mode
         self.adapters = nn.ModuleDict()
         self._positions: dict[str, Optional[torch.Tensor]] = {}
-        self._ranges: dict[str, Optional[tuple]] = {}
+        self._rows: dict[str, tuple] = {}
         self.merged = False
 
     def add_adapter(self, name: str, adapter: Adapter, positions: Optional[torch.Tensor] = None) -> None:
@@ -128,15 +164,17 @@ class AdaptedLinear(nn.Module):
         if positions is None and len(adapter.out_rows) != n_local:
             raise ValueError(f"adapter {name!r} computes {len(adapter.out_rows)} rows, layer has {n_local}")
         self.adapters[name] = adapter
-        # contiguous output rows [a, b) (or all rows): written through a slice view, no scatter
-        self._ranges[name] = (0, n_local) if positions is None else None
+        # the adapter's output rows for the fused path: contiguous [a, b) (or all rows) are
+        # written through a slice view, regular blocks (q/k/v) through a strided view
+        self._rows[name] = ("range", 0, n_local)
         if positions is not None:
             positions = torch.as_tensor(positions, dtype=torch.long).cpu()
-            if len(positions) and torch.equal(positions, torch.arange(int(positions[0]), int(positions[0]) + len(positions))):
-                self._ranges[name] = (int(positions[0]), int(positions[0]) + len(positions))
+            a = int(positions[0]) if len(positions) else 0
+            contiguous = torch.equal(positions, torch.arange(a, a + len(positions)))
             # on the layer's device (the model may already be on the GPU when adapters are added)
             positions = positions.to(self.base.weight.device)
             self.register_buffer(f"_pos_{name}", positions, persistent=False)
+            self._rows[name] = ("range", a, a + len(positions)) if contiguous else _row_blocks(positions, n_local)
         self._positions[name] = positions
 
     def _adapter_out(self, x, out):
@@ -180,8 +218,10 @@ class AdaptedLinear(nn.Module):
         plan, zq = [], []
 
         def term(kind, name, Z, Q):
-            rng = self._ranges[name]
-            plan.append((kind, rng if rng is not None else getattr(self, f"_pos_{name}")))
+            rows = self._rows[name]
+            if rows[0] != "range":  # the index buffer as it is now (follows .to(device))
+                rows = rows[:-1] + (getattr(self, f"_pos_{name}"),)
+            plan.append((kind, rows))
             zq.extend((Z, Q))
 
         shared = []  # fused adapters: (name, fac)
