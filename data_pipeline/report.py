@@ -21,6 +21,7 @@ class Progress:
         self.units = self.docs = self.tokens = self.rejected = 0
         self.busy = 0.0
         self.first_ready = self.last_done = None  # worker wall clocks, for the steady-state rate
+        self.last_tokens = 0
 
     def add(self, docs: int, tokens: int, rejected: int, busy_s: float, ready_t=None, done_t=None) -> None:
         if ready_t is not None:
@@ -37,10 +38,13 @@ class Progress:
         return time.perf_counter() - self.t0
 
     def print(self) -> None:
-        self.last = time.perf_counter()
+        now = time.perf_counter()
+        recent = (self.tokens - self.last_tokens) / max(now - self.last, 1e-9)
+        self.last, self.last_tokens = now, self.tokens
         el = max(self.elapsed, 1e-9)
         print(f"[tokenize] {el:7.1f}s units {self.units}  docs {human(self.docs)}  rejected {self.rejected}  "
-              f"tokens {human(self.tokens)}  {human(self.tokens / el)} tok/s", file=self.out or sys.stdout, flush=True)
+              f"tokens {human(self.tokens)}  {human(recent)} tok/s (avg {human(self.tokens / el)})",
+              file=self.out or sys.stdout, flush=True)
 
 
 def summary_table(manifest: dict) -> str:

@@ -126,6 +126,7 @@ def _run_ray(a, tasks: list[str], cfg: dict, progress: Progress) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
+    ctx.target_max_block_size = 1024  # rows are tiny unit records: emit each as produced (live progress)
     ds = ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks))
     pool = ray.data.ActorPoolStrategy(size=min(a.workers, len(tasks)))
     ds = ds.map_batches(UnitProcessor, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy",
