@@ -8,16 +8,16 @@ runs in its own process (peak memory per configuration). It then runs the peer s
 `shared/bench/peer_peft.py` (transformers + PEFT) in the same call and prints one table with
 ratios to PEFT LoRA. FLOPs and MFU use the peer's formula (frozen base: 2x forward, full FT: 3x).
 
-    python3 launch/bench.py                       # the table (GPU), default configurations
+    python3 launch/bench.py                       # the table (GPU): every row eager and as one CUDA graph
     python3 launch/bench.py --check               # fused adapter path vs per-adapter path vs dense
     python3 launch/bench.py --sweep               # before/after variants (docs/performance.md)
     python3 launch/bench.py --attn                # SDPA kernels on the model's attention shape
 
-Options: --mbs, --steps, --peer PATH (default: ../shared/bench/peer_peft.py, then
+Options: --rows, --modes eager,graph, --mbs, --steps, --compile norm,rope, --no-fuse, --peer PATH (default: ../shared/bench/peer_peft.py, then
 shared/bench/peer_peft.py, then .bench/peer_peft.py), --no-peer, --json OUT.
 Library knobs it measures: MORA_DIST_ADAPTER_FAST (fused adapter path, default on),
-MORA_DIST_SDPA_BACKENDS (SDPA kernel order), megatron config fusions (`fuse` below) and
-torch.compile of RMSNorm / RoPE (`compile` below).
+megatron config fusions (`FUSE`), torch.compile of RMSNorm / RoPE (`compile_hot_paths`) and the
+whole step as one CUDA graph (`capture_step`). Results: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -567,21 +567,20 @@ def main():
 
 
 def sweep_configs(base: dict) -> list:
-    """Before/after variants for docs/performance.md."""
+    """Before/after variants for docs/performance.md (eager unless named +graph)."""
     plain = dict(base, compile="", fuse=False)
     slow = dict(MORA_DIST_ADAPTER_FAST="0")
-    flash = dict(MORA_DIST_SDPA_BACKENDS="default")
     out = [
-        dict(plain, name="frozen:plain(flash)", env=flash, **ROWS["frozen"]),
-        dict(base, compile="", name="frozen:+fuse(flash)", env=flash, **ROWS["frozen"]),
-        dict(base, name="frozen:+fuse+compile(flash)", env=flash, **ROWS["frozen"]),
-        dict(base, name="frozen:+fuse+compile+cudnn", **ROWS["frozen"]),
+        dict(plain, name="frozen:plain", **ROWS["frozen"]),
+        dict(base, compile="", name="frozen:+fuse", **ROWS["frozen"]),
+        dict(base, name="frozen:+fuse+compile", **ROWS["frozen"]),
         dict(base, name="frozen:mbs8", **dict(ROWS["frozen"], mbs=8)),
-        dict(plain, name="lora:plain(flash)+per-adapter", env=dict(flash, **slow), **ROWS["lora"]),
+        dict(plain, name="lora:plain+per-adapter", env=slow, **ROWS["lora"]),
     ]
     for n in ("lora", "mora-sharing", "vera", "mora-rotation", "allora"):
         out.append(dict(base, name=f"{n}:per-adapter", env=slow, **ROWS[n]))
         out.append(dict(base, name=f"{n}:fused", **ROWS[n]))
+        out.append(dict(base, name=f"{n}:fused+graph", graph=True, **ROWS[n]))
     out += [
         dict(base, name="lora-mbs8:fused", **dict(ROWS["lora"], mbs=8)),
         dict(base, name="full", **ROWS["full"]),

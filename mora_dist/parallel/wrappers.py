@@ -8,6 +8,9 @@ rank's local output). Column-parallel: the base runs unchanged and each adapter'
 its local output. Row-parallel: the wrapper runs the base matmul, adds the adapters' partial outputs,
 and only then does the layer's all-reduce (reduce-scatter under SP), mirroring megatron's
 `RowParallelLinear.forward`, so adapters cost no extra communication.
+
+On an unsharded layer (TP=1) the adapters run through `_fused_out`: their `Factors` as a few
+skinny GEMMs per layer accumulated in place into the base output (docs/performance.md).
 """
 from __future__ import annotations
 
