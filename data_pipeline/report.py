@@ -19,11 +19,12 @@ class Progress:
         self.interval, self.out = interval, out
         self.t0 = self.last = time.perf_counter()
         self.units = self.docs = self.tokens = self.rejected = 0
-        self.busy = 0.0
+        self.busy = self.cpu = 0.0
         self.first_ready = self.last_done = None  # worker wall clocks, for the steady-state rate
         self.last_tokens = 0
 
-    def add(self, docs: int, tokens: int, rejected: int, busy_s: float, ready_t=None, done_t=None) -> None:
+    def add(self, docs: int, tokens: int, rejected: int, busy_s: float, ready_t=None, done_t=None, cpu_s=0.0) -> None:
+        self.cpu += cpu_s
         if ready_t is not None:
             self.first_ready = ready_t if self.first_ready is None else min(self.first_ready, ready_t)
             self.last_done = done_t if self.last_done is None else max(self.last_done, done_t)

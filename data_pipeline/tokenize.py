@@ -133,7 +133,7 @@ def _run_ray(a, tasks: list[str], cfg: dict, progress: Progress) -> None:
                         compute=pool, num_cpus=1)
     for row in ds.iter_rows():
         progress.add(int(row["docs"]), int(row["tokens"]), int(row["rejected"]), float(row["busy_s"]),
-                     float(row["ready_t"]), float(row["done_t"]))
+                     float(row["ready_t"]), float(row["done_t"]), float(row["cpu_s"]))
 
 
 def _collect(prefix: str, files: list[dict]) -> list[dict]:
@@ -252,7 +252,8 @@ def run(argv=None) -> dict:
     # not written to disk: timings would make the manifest differ between identical runs
     steady = progress.last_done - progress.first_ready if progress.first_ready is not None else 0.0
     manifest["_run"] = {"seconds": el, "ray_seconds": ray_seconds, "steady_seconds": steady,
-                        "tokens_this_run": progress.tokens, "worker_busy_s": progress.busy}
+                        "tokens_this_run": progress.tokens, "worker_busy_s": progress.busy,
+                        "worker_cpu_s": progress.cpu}
     return manifest
 
 
