@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                                os.path.join(tmp, "tok"), a.vocab_size)
     raw, raw_cpu, n_tok = raw_rate(tok, docs)
     print(f"[bench] corpus: {len(inputs)} files, {len(docs)} docs, {human(n_tok)} tokens; tokenizer {tok}")
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     rows = []
     try:
         for w in (1, 2):

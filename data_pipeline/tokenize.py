@@ -216,7 +216,7 @@ def run(argv=None) -> dict:
             # workers import data_pipeline from this checkout (shared filesystem, like the outputs)
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-            ray.init(address=a.address, include_dashboard=False, log_to_driver=False,
+            ray.init(address=a.address or "local", include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"PYTHONPATH": path}},
                      **({} if a.address else {"num_cpus": max(a.workers or 1, os.cpu_count() or 1)}))
         if a.workers is None:

@@ -104,7 +104,7 @@ class Corpus:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never join a cluster another job started
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

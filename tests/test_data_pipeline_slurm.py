@@ -46,7 +46,7 @@ def test_tokenize_sh_runs_pipeline_on_allocation(tmp_path):
     assert "tokenize.sh: exit 0" in log, log[-3000:]
     assert "1 of 1 Ray node(s) up" in log and "data.eod_id=2" in log
     assert _ray_processes() <= before, "Ray processes left behind by the job"
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never join a cluster another job started
     try:
         dp_tokenize.run([*common, "--output-prefix", str(tmp_path / "local"), "--workers", "1"])
     finally:
