@@ -122,7 +122,7 @@ def main() -> int:
 
     from data_pipeline.tokenize import run as tokenize
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # one local Ray for the four sets
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # one local Ray, own
     try:
         for name in ("domain_train", "domain_heldout", "general_train", "general_heldout"):
             tokenize(["--input", str(corpus / f"{name}.jsonl"), "--tokenizer", f"{tok}.model",
