@@ -18,6 +18,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from mora_dist.parallel.inject import adapted_layers
+
 from mora_dist.training.config import Config
 from mora_dist.training.schedule import jagged_cosine_lr
 
@@ -113,7 +115,7 @@ class Trainer:
         counted once, stages summed over PP (DP grads are identical after the reduction)."""
         ps = self.ps
         sq_shard, sq_rep = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        for layer in _adapted(self.model):
+        for layer in adapted_layers(self.model):
             for a in layer.adapters.values():
                 for n, p in a.named_parameters():
                     if p.grad is None:
@@ -165,9 +167,3 @@ class Trainer:
             out[f"eval/{name}_loss"] = loss
             out[f"eval/{name}_ppl"] = math.exp(loss)
         return out
-
-
-def _adapted(model):
-    from mora_dist.parallel.inject import adapted_layers
-
-    return adapted_layers(model)

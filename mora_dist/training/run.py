@@ -6,6 +6,8 @@ import json
 import torch
 import torch.distributed as dist
 
+from mora_dist.parallel.inject import adapted_layers
+
 from mora_dist.training.config import Config
 
 
@@ -68,7 +70,7 @@ def _global_trainable(trainer) -> int:
     from megatron.core import parallel_state as ps
 
     n = torch.zeros(1, dtype=torch.float64)
-    for layer in _adapted(trainer.model):
+    for layer in adapted_layers(trainer.model):
         for a in layer.adapters.values():
             for name, p in a.named_parameters():
                 if a.is_sharded(name) or ps.get_tensor_model_parallel_rank() == 0:
@@ -76,11 +78,6 @@ def _global_trainable(trainer) -> int:
     dist.all_reduce(n, group=ps.get_model_parallel_group())
     return int(n.item())
 
-
-def _adapted(model):
-    from mora_dist.parallel.inject import adapted_layers
-
-    return adapted_layers(model)
 
 
 def _agreed_signal(stop: dict):
