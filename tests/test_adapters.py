@@ -15,8 +15,10 @@ VARIANTS = [
     ("mora", {"mora_type": "type4"}), ("mora", {"mora_type": "rotation"}), ("mora", {"mora_type": "decouple"}),
     ("mora", {"mora_type": "truncation"}), ("vera", {}),
 ]
-# (d_in, d_out, r): non-divisible unequal shapes; d_out < rh; d_in < rh with padding > d_in; divisible
-SHAPES = [(44, 68, 3), (68, 44, 3), (40, 12, 4), (10, 70, 3), (36, 36, 4)]
+# (d_in, d_out, r): non-divisible unequal shapes; d_out < rh; d_in < rh with padding > d_in; divisible;
+# rh = 36 (MoRA block types batch 2 chunks per aligned superblock, blockdiag.py): tiled output with a
+# wrapped input, and a cut output reading 3 of 7 chunks
+SHAPES = [(44, 68, 3), (68, 44, 3), (40, 12, 4), (10, 70, 3), (36, 36, 4), (120, 204, 4), (250, 74, 4)]
 
 
 def random_params(adapter, gen):
@@ -115,3 +117,30 @@ def test_rotation_rejects_explicit_odd_rank():
 
     with pytest.raises(ValueError, match="even rh, got rh=11"):
         MoRA(AdapterConfig("mora", r=2, mora_type="rotation"), Shard(32, 32), rh=11)
+
+
+@pytest.mark.parametrize("d_in,d_out,rh,a", [(120, 204, 36, 16), (250, 74, 36, 8), (64, 64, 16, 0), (200, 90, 44, 24)])
+def test_blockdiag_in_place_rows_match_dense(d_in, d_out, rh, a):
+    """MoRA block types' strided batched GEMMs, accumulating in place into rows [a, a + d_out) of a
+    wider output (as AdaptedLinear does for contiguous rows), against a dense float64 dW built
+    independently: block_diag of the chunk matrices, output rows read mod L, input columns mod d_in."""
+    from mora_dist.adapters import blockdiag
+
+    geo = blockdiag.geometry(rh, d_in, d_out)
+    gen = torch.Generator().manual_seed(d_in + d_out + rh)
+    Wc = (torch.randn(geo.n_used, rh, rh, generator=gen, dtype=D) * 0.3).requires_grad_(True)
+    x = torch.randn(6, d_in, generator=gen, dtype=D, requires_grad=True)
+    base = torch.randn(6, a + d_out + 8, generator=gen, dtype=D, requires_grad=True)
+    g = torch.randn(6, a + d_out + 8, generator=gen, dtype=D)
+    out = blockdiag.BlockDiagAdd.apply(base * 1.0, x, Wc, geo, lambda t: t[:, a:a + d_out])
+    (out * g).sum().backward()
+
+    Wr, xr, br = (t.detach().clone().requires_grad_(True) for t in (Wc, x, base))
+    L = geo.n_used * rh
+    Bd = torch.block_diag(*Wr)[torch.arange(d_out) % L]  # [d_out, L]
+    dw = torch.zeros(d_out, d_in, dtype=D).index_add(1, torch.arange(L) % d_in, Bd)
+    ref = torch.cat((br[:, :a], br[:, a:a + d_out] + xr @ dw.t(), br[:, a + d_out:]), 1)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for got, want in ((x.grad, xr.grad), (Wc.grad, Wr.grad), (base.grad, br.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

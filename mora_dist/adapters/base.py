@@ -234,6 +234,10 @@ class Adapter(nn.Module):
         """`Factors` of this adapter on an unsharded layer (TP=1), or None (use `forward`)."""
         return None
 
+    def block_operator(self, dtype):
+        """MoRA block types only (mora.py); None: not a block-diagonal operator."""
+        return None
+
     @property
     def unsharded(self) -> bool:
         """True on an unsharded layer (TP=1) while the fast paths are on (`FAST_PATH`)."""

@@ -34,6 +34,7 @@ import math
 import torch
 from torch import nn
 
+from mora_dist.adapters import blockdiag
 from mora_dist.adapters.base import MORA_TYPES, Adapter, AdapterConfig, Factors, Shard, to_rows
 
 GROUP_TYPES = {1: ("strided", "tile"), 2: ("contiguous", "interleave"), 3: ("contiguous", "tile"),
@@ -184,29 +185,19 @@ class MoRA(Adapter):
             Mc = M * cos + torch.cat((S[..., h:], -S[..., :h]), dim=-1)
         return torch.nn.functional.pad(Mc, (0, pad, 0, pad)) if pad else Mc
 
+    def block_operator(self, dtype):
+        """Block types on an unsharded layer: (geometry, W_c = M R_c for the used chunks in `dtype`)
+        for `blockdiag.BlockDiagAdd`; None for the other types or a sharded layer."""
+        if not self.unsharded or self.type in GROUP_TYPES or self.type == "truncation":
+            return None
+        geo = blockdiag.geometry(self.rh, self.shard.d_in, self.shard.d_out)
+        return geo, self._chunk_mats(geo.n_used).to(dtype)
+
     def _blocks_unsharded(self, x):
-        """Block types on an unsharded layer: only the chunks that reach an output row are computed
-        (out_j = flat[j mod n*rh]); the chunks are laid out once as an aligned [n, T, rh_pad] batch
-        (one copy of the used part of x), each chunk's rotation is folded into its own rh x rh
-        matrix, and one batched GEMM does all chunks."""
-        rh, n, d_in, d_out = self.rh, self.n_chunks, self.shard.d_in, self.shard.d_out
-        n_used = n if d_out >= n * rh else -(-d_out // rh)
-        L = n_used * rh
-        x2 = x.reshape(-1, d_in)
-        if L <= d_in:
-            z = x2[:, :L]
-        elif L <= 2 * d_in:
-            z = torch.cat((x2, x2[:, :L - d_in]), 1)
-        else:
-            z = x2.index_select(1, torch.arange(L, device=x.device) % d_in)
-        pad = self.rh_pad - rh
-        z = z.unflatten(-1, (n_used, rh)).transpose(0, 1)  # [n_used, T, rh] view
-        z = torch.nn.functional.pad(z, (0, pad)) if pad else z.contiguous()
-        Mc = self._chunk_mats(n_used, pad).to(x.dtype)
-        y = torch.bmm(z, Mc.transpose(1, 2))[..., :rh].transpose(0, 1).reshape(-1, L)
-        if d_out > L:
-            y = y.repeat(1, -(-d_out // L))
-        return y[:, :d_out].reshape(*x.shape[:-1], d_out)
+        geo, Wc = self.block_operator(x.dtype)
+        x2 = x.reshape(-1, self.shard.d_in)
+        delta = blockdiag.BlockDiagAdd.apply(x2.new_zeros(x2.shape[0], self.shard.d_out), x2, Wc, geo, None)
+        return delta.reshape(*x.shape[:-1], self.shard.d_out)
 
     def forward(self, x):
         if self.unsharded:

@@ -21,6 +21,7 @@ from torch import nn
 
 from mora_dist.adapters import base as _adapters_base
 from mora_dist.adapters.base import Adapter, Factors
+from mora_dist.adapters.blockdiag import BlockDiagAdd
 from mora_dist.optim.allora import allora_forward
 
 
@@ -212,8 +213,9 @@ class AdaptedLinear(nn.Module):
            rows are contiguous (gate/up, o, down), else by one addmm_ with a block-sparse Q over
            the whole output (q/k/v rows interleave per query group).
         ALLoRA adapters add three terms (values cancel) that route the scaled gradient to the
-        parameters and the plain one to x. Adapters without factors (MoRA rotation) run their
-        own (unsharded fast) forward."""
+        parameters and the plain one to x. MoRA block types (rotation, decouple) accumulate
+        through strided batched GEMMs (`blockdiag.BlockDiagAdd`): in place for contiguous rows,
+        through a temporary for q/k/v."""
         x2 = x.reshape(-1, x.shape[-1])
         if not out.is_contiguous():
             out = out.contiguous()
@@ -231,7 +233,17 @@ class AdaptedLinear(nn.Module):
         for name, adapter in self.adapters.items():
             fac = adapter.factors(dt)
             eta = adapter.cfg.allora_eta
-            if fac is None:
+            block = adapter.block_operator(dt) if fac is None and eta is None else None
+            if block is not None:  # MoRA rotation/decouple: strided batched GEMMs (blockdiag.py)
+                geo, Wc = block
+                rows = self._rows[name]
+                if rows[0] == "range":
+                    a, b = rows[1], rows[2]
+                    out = BlockDiagAdd.apply(out, x2, Wc, geo, lambda t, a=a, b=b: t.view(-1, t.shape[-1])[:, a:b])
+                else:
+                    delta = BlockDiagAdd.apply(x2.new_zeros(x2.shape[0], geo.d_out), x2, Wc, geo, None)
+                    term("add", name, delta, None)
+            elif fac is None:
                 delta = (adapter(x) if eta is None else allora_forward(adapter, x, eta)).to(dt)
                 term("add", name, delta.reshape(-1, delta.shape[-1]), None)
             elif eta is not None:
