@@ -13,11 +13,11 @@ ratios to PEFT LoRA. FLOPs and MFU use the peer's formula (frozen base: 2x forwa
     python3 launch/bench.py --sweep               # before/after variants (docs/performance.md)
     python3 launch/bench.py --attn                # SDPA kernels on the model's attention shape
 
-Options: --rows, --modes eager,graph, --mbs, --steps, --compile norm,rope, --no-fuse, --peer PATH (default: ../shared/bench/peer_peft.py, then
+Options: --rows, --modes eager,graph, --mbs, --steps, --no-compile, --no-fuse, --peer PATH (default: ../shared/bench/peer_peft.py, then
 shared/bench/peer_peft.py, then .bench/peer_peft.py), --no-peer, --json OUT.
 Library knobs it measures: MORA_DIST_ADAPTER_FAST (fused adapter path, default on),
-megatron config fusions (`FUSE`), torch.compile of RMSNorm / RoPE (`compile_hot_paths`) and the
-whole step as one CUDA graph (`capture_step`). Results: docs/performance.md.
+megatron config fusions and torch.compile of RMSNorm / RoPE (mora_dist/models/kernels.py, on by
+default on a GPU) and the whole step as one CUDA graph. Results: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -40,10 +40,6 @@ SIZES = {
                  ffn_hidden_size=704),
 }
 PEAK_BF16_TFLOPS = 772.0  # DESIGN.md section 5, measured on the H100 of the anchors
-# megatron config switches that take the fused (torch.compile'd) kernels megatron ships for the
-# non-TE path: SwiGLU, residual add, vocab-parallel cross entropy
-FUSE = dict(bias_activation_fusion=True, bias_dropout_fusion=True, cross_entropy_loss_fusion=True,
-            cross_entropy_fusion_impl="native")
 NCCL_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 
 # name -> configuration (method: none = frozen base, full = full fine-tuning)
@@ -81,44 +77,6 @@ def _init_dist():
     init_distributed(tp=1, pp=1)
 
 
-def compile_hot_paths(what: str) -> None:
-    """torch.compile the memory-bound elementwise chains the non-TE spec runs eagerly: our RMSNorm
-    (fp32 normalise, 7 kernels -> 1) and megatron's unfused RoPE (cos/sin/rotate/cat -> 1)."""
-    import torch
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    parts = set(what.split(",")) if what else set()
-    if "norm" in parts:
-        from mora_dist.models.norm import RMSNorm
-
-        eager = RMSNorm.forward
-
-        @torch.compile(dynamic=False)
-        def rms(x, weight, eps: float):  # the arithmetic of RMSNorm.forward (checked below)
-            h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-            return weight * h.to(x.dtype)
-
-        state = {"checked": False}
-
-        def forward(self, x):
-            y = rms(x, self.weight, self.eps)
-            if not state["checked"]:  # once: same function as the library's eager forward
-                state["checked"] = True
-                with torch.no_grad():
-                    ref = eager(self, x.detach())
-                    err = ((y.detach().float() - ref.float()).norm() / ref.float().norm()).item()
-                if err > 1e-2:
-                    raise RuntimeError(f"compiled RMSNorm differs from mora_dist's: rel {err:.2e}")
-            return y
-
-        RMSNorm.forward = forward
-    if "rope" in parts:
-        from megatron.core.models.common.embeddings import rope_utils
-
-        rope_utils._apply_rotary_pos_emb_bshd = torch.compile(rope_utils._apply_rotary_pos_emb_bshd, dynamic=False)
-
-
 def build(cfg: dict):
     import torch
 
@@ -126,12 +84,13 @@ def build(cfg: dict):
 
     size = SIZES[cfg.get("size", "1b")]
     spec = LlamaSpec(max_position_embeddings=cfg["seq"], **size)
-    overrides = dict(FUSE) if cfg.get("fuse", True) else {}
+    # build_model turns on megatron's fusions and the compiled RMSNorm/RoPE on a GPU (models/kernels.py)
+    from mora_dist.models.kernels import CUDA_FUSIONS
+
+    overrides = {} if cfg.get("fuse", True) else {k: False for k, v in CUDA_FUSIONS.items() if v is True}
     torch.manual_seed(0)
     model = build_model(spec, pre_process=True, post_process=True, params_dtype=torch.bfloat16, attention="sdpa",
                         parallel_output=True, **overrides)
-    if torch.cuda.is_available():
-        model.cuda()  # megatron's linears are made on the GPU, our RMSNorm weights on the CPU
     method = cfg["method"]
     if method in ("lora", "mora", "vera"):
         from mora_dist.adapters import AdapterConfig
@@ -159,8 +118,9 @@ def run_one(cfg: dict) -> dict:
     os.environ.update(NCCL_ENV)
     for k, v in cfg.get("env", {}).items():
         os.environ[k] = v
+    if not cfg.get("compile", True):
+        os.environ["MORA_DIST_COMPILE"] = "0"
     _init_dist()
-    compile_hot_paths(cfg.get("compile", ""))
     model, spec, size = build(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     ntrain = sum(p.numel() for p in params)
@@ -227,27 +187,19 @@ def capture_step(model, opt, tokens, pos, eager_step, warm: int):
     Collectives over 1-rank groups (megatron's vocab-parallel loss at TP=1) are identities and are
     skipped, so nothing but kernels is captured."""
     import torch
-    import torch.distributed as dist
 
-    all_reduce = dist.all_reduce
+    from mora_dist.training.cuda_graph import skip_single_rank_collectives
 
-    def all_reduce_tp1(tensor, *args, **kwargs):
-        group = kwargs.get("group", args[1] if len(args) > 1 else None)
-        if dist.get_world_size(group) == 1:
-            return None
-        return all_reduce(tensor, *args, **kwargs)
-
-    dist.all_reduce = all_reduce_tp1
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+    with torch.cuda.stream(s), skip_single_rank_collectives():
         for _ in range(warm):
             eager_step()
     torch.cuda.current_stream().wait_stream(s)
     if opt is not None:
         opt.zero_grad(set_to_none=True)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, capture_error_mode="thread_local"):
+    with skip_single_rank_collectives(), torch.cuda.graph(g, capture_error_mode="thread_local"):
         loss = model(tokens, pos, None, labels=tokens).mean()
         loss.backward()
         if opt is not None:
@@ -295,6 +247,78 @@ def spawn(cfg: dict, timeout: int = 300) -> dict:
             return json.loads(line)
     err = [ln for ln in (p.stderr or p.stdout).splitlines() if "Error" in ln or "error" in ln]
     return dict(name=cfg.get("name"), error=(err[-1] if err else "") + " | " + (p.stderr or p.stdout)[-3000:])
+
+
+# ----------------------------------------------------------------------------- the training loop
+TRAIN_ROWS = ("lora", "mora-sharing", "mora-rotation", "vera", "allora")
+
+
+def train_rows(names, steps: int, mbs: int, seq: int, workdir: str, timeout: int = 300) -> list:
+    """What `launch/train.py` itself achieves (megatron DDP, schedules, grad norm/clip, AdamW,
+    metrics) on the 1.1B model, eager and with `train.cuda_graph=true`: random tokens (a megatron
+    indexed dataset written here), global batch 2 micro-batches, one process per run. Returns
+    rows with the loop's own throughput summary (post-warm-up mean) and the per-step losses."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    os.makedirs(workdir, exist_ok=True)
+    prefix = os.path.join(workdir, "random_tokens")
+    rng = np.random.default_rng(0)
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    n_tok = (steps + 2) * 2 * mbs * (seq + 1) * 2
+    for _ in range(-(-n_tok // 4096)):
+        b.add_document(torch.from_numpy(rng.integers(3, SIZES["1b"]["vocab_size"], 4096).astype(np.int64)), [4096])
+    b.finalize(prefix + ".idx")
+    sz = SIZES["1b"]
+    out = []
+    for name in names:
+        row = ROWS[name]
+        adapter = [f"adapter.method={row['method']}", f"adapter.r={row['r']}"]
+        adapter += [f"adapter.mora_type={row['mora_type']}"] if "mora_type" in row else []
+        adapter += [f"adapter.allora_eta={row['allora_eta']}"] if "allora_eta" in row else []
+        for graph in (False, True):
+            tag = f"{name}{'+graph' if graph else ''}"
+            run_dir = os.path.join(workdir, tag)
+            ov = [f"model.{k}={v}" for k, v in dict(num_layers=sz["num_layers"], hidden_size=sz["hidden_size"],
+                  ffn_hidden_size=sz["ffn_hidden_size"], num_attention_heads=sz["num_attention_heads"],
+                  num_query_groups=sz["num_query_groups"], vocab_size=sz["vocab_size"], dtype="bf16").items()]
+            ov += adapter + [f"data.train=[{{path: {prefix}}}]", f"data.seq_length={seq}", "data.eod_id=0",
+                             f"train.steps={steps}", f"train.micro_batch={mbs}", f"train.global_batch={2 * mbs}",
+                             "train.lr=1e-4", "train.warmup=2", f"train.cuda_graph={str(graph).lower()}",
+                             "train.log_every=1000", f"run.out_dir={run_dir}", f"run.peak_tflops={PEAK_BF16_TFLOPS}",
+                             "parallel.tp=1"]
+            env = dict(os.environ, **NCCL_ENV, PYTHONUNBUFFERED="1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + len(out)))
+            env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+            try:
+                p = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), *ov], env=env,
+                                   capture_output=True, text=True, timeout=timeout)
+                text = p.stdout
+            except subprocess.TimeoutExpired as e:
+                p, text = None, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            summ = next((json.loads(ln.split(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("throughput: ")), None)
+            if summ is None or summ.get("tokens_per_s") is None:
+                with open(run_dir + ".log", "w") as f:
+                    f.write(text + "\n----- stderr\n" + (p.stderr if p is not None else "timeout"))
+                err = (p.stderr if p is not None else "timeout")[-2000:]
+                out.append(dict(name=f"train:{tag}", error=err))
+                print(json.dumps(out[-1]), flush=True)
+                continue
+            losses = []
+            with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+                for ln in f:
+                    d = json.loads(ln)
+                    if "loss" in d:
+                        losses.append(round(d["loss"], 5))
+            tok_s = summ["tokens_per_s"]
+            fpt = flops_per_token(sz, seq, False)
+            out.append(dict(name=f"train:{tag}", method=row["method"], mbs=mbs, seq=seq, graph=graph,
+                            step_ms=round(summ["mean_step_time"] * 1e3, 2), tokens_per_s=round(tok_s),
+                            model_tflops=round(tok_s * fpt / 1e12, 1), mfu=round(tok_s * fpt / 1e12 / PEAK_BF16_TFLOPS, 3),
+                            peak_gib=round(summ["peak_mem_gib"], 2), trainable=None, losses=losses))
+            print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- peer
@@ -471,8 +495,9 @@ def table(ours: list, peer: list, peer_head: dict) -> str:
             return f"| {system} | {r.get('name') or r.get('method')} | | error: {r['error'][:160]!r} | | | | | | |"
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
         mfu = r.get("mfu", round(r["model_tflops"] / PEAK_BF16_TFLOPS, 3))
+        trainable = f"{r['trainable']:,}" if r.get("trainable") is not None else "-"
         return (f"| {system} | {r.get('name') or r['method']} | {r['mbs']} | {r['tokens_per_s']:,} | {ratio} | "
-                f"{r['step_ms']} | {r['model_tflops']} | {mfu:.3f} | {r['peak_gib']} | {r['trainable']:,} |")
+                f"{r['step_ms']} | {r['model_tflops']} | {mfu:.3f} | {r['peak_gib']} | {trainable} |")
 
     for r in ours:
         lines.append(row("mora_dist", r))
@@ -489,12 +514,16 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--attn", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="before/after variants instead of the table")
+    ap.add_argument("--train", default="", help="also run launch/train.py (eager and cuda_graph) for these rows "
+                    "(comma list of " + ",".join(TRAIN_ROWS) + ", or 'all')")
+    ap.add_argument("--train-steps", type=int, default=20)
+    ap.add_argument("--workdir", default="/tmp/mora_dist_bench", help="--train: dataset and run directories")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ",".join(ROWS))
     ap.add_argument("--modes", default="eager,graph", help="eager and/or graph (whole step as one CUDA graph)")
     ap.add_argument("--mbs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--compile", default="norm,rope", help="torch.compile targets: norm,rope or ''")
+    ap.add_argument("--no-compile", action="store_true", help="without the compiled RMSNorm/RoPE (MORA_DIST_COMPILE=0)")
     ap.add_argument("--no-fuse", action="store_true", help="without megatron's fused SwiGLU/residual/CE")
     ap.add_argument("--peer", default=None)
     ap.add_argument("--no-peer", action="store_true")
@@ -526,7 +555,7 @@ def main():
     head = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 bf16_matmul_tflops=round(matmul_peak(), 1))
     print(json.dumps(head), flush=True)
-    base = dict(mbs=a.mbs, seq=a.seq, steps=a.steps, warm=a.warm, compile=a.compile, fuse=not a.no_fuse)
+    base = dict(mbs=a.mbs, seq=a.seq, steps=a.steps, warm=a.warm, compile=not a.no_compile, fuse=not a.no_fuse)
     if a.profile:
         base["profile"] = os.path.abspath(a.profile)
         base["profile_cpu"] = a.profile_cpu
@@ -546,6 +575,11 @@ def main():
         r = spawn(c)
         print(json.dumps(r), flush=True)
         ours.append(r)
+        if a.json:
+            json.dump(results, open(a.json, "w"), indent=1)
+    if a.train:
+        names = TRAIN_ROWS if a.train == "all" else a.train.split(",")
+        ours.extend(train_rows(names, a.train_steps, a.mbs, a.seq, a.workdir))
         if a.json:
             json.dump(results, open(a.json, "w"), indent=1)
     peer, peer_head = [], {}
@@ -568,11 +602,11 @@ def main():
 
 def sweep_configs(base: dict) -> list:
     """Before/after variants for docs/performance.md (eager unless named +graph)."""
-    plain = dict(base, compile="", fuse=False)
+    plain = dict(base, compile=False, fuse=False)
     slow = dict(MORA_DIST_ADAPTER_FAST="0")
     out = [
         dict(plain, name="frozen:plain", **ROWS["frozen"]),
-        dict(base, compile="", name="frozen:+fuse", **ROWS["frozen"]),
+        dict(base, compile=False, name="frozen:+fuse", **ROWS["frozen"]),
         dict(base, name="frozen:+fuse+compile", **ROWS["frozen"]),
         dict(base, name="frozen:mbs8", **dict(ROWS["frozen"], mbs=8)),
         dict(plain, name="lora:plain+per-adapter", env=slow, **ROWS["lora"]),

@@ -90,6 +90,7 @@ def test_kill9_resume_and_sigusr1(tmp_path):
     ("adapter.method=dora", "unknown method 'dora'"),
     ("train.stepz=3", "unknown key train.stepz"),
     ("data.train=[{path: /nonexistent/corpus}]", "data.train[0].path: /nonexistent/corpus.bin not found"),
+    ("train.cuda_graph=true", "train.cuda_graph: true needs parallel.tp=1 and parallel.pp=1 (got tp=2, pp=1)"),
 ])
 def test_bad_config_fails_fast_naming_the_key(tmp_path, override, needle):
     t0 = time.time()

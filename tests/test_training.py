@@ -49,3 +49,14 @@ def test_recompute_same_losses_and_eval_perplexity(tmp_path):
     before, after = out[False]["before"], out[False]["after"]
     assert before["eval/domain_ppl"] == math.exp(before["eval/domain_loss"])
     assert after["eval/domain_ppl"] < before["eval/domain_ppl"]  # held-out domain text got likelier
+
+
+def test_config_reads_exponent_floats_and_names_bad_values(tmp_path):
+    """YAML 1.1 parses `1e-4` (no dot) as a string; a float key must still take it."""
+    from mora_dist.training.config import ConfigError
+    from train_utils import tiny_config
+
+    cfg = tiny_config(tmp_path, **{"train.lr": "1e-4", "train.min_lr_ratio": "5E-2"})
+    assert cfg.train.lr == 1e-4 and cfg.train.min_lr_ratio == 0.05
+    with pytest.raises(ConfigError, match="train.lr: expected float, got 'fast'"):
+        tiny_config(tmp_path, **{"train.lr": "fast"})

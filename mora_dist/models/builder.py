@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from mora_dist.models import kernels
 from mora_dist.models.config import LlamaSpec, rope_inv_freq
 from mora_dist.models.spec import llama_block_spec
 from mora_dist.parallel import mcore_cpu
@@ -71,6 +72,8 @@ def transformer_config(spec: LlamaSpec, params_dtype: torch.dtype = torch.float3
         window_size=(spec.sliding_window - 1, 0) if spec.sliding_window else None,
     )
     kw.update(mcore_cpu.config_overrides())
+    if torch.cuda.is_available():
+        kw.update(kernels.CUDA_FUSIONS)
     kw.update(overrides)
     return TransformerConfig(**kw)
 
@@ -94,6 +97,8 @@ def build_model(
     attention: "auto" (TE if installed, else SDPA), "te", "sdpa" or "local" (megatron's reference).
     parallel_output=True keeps logits vocab-sharded over TP (for vocab-parallel cross entropy).
     Weights are randomly initialised; use `load_hf_checkpoint` to import a checkpoint.
+    On a GPU the model is moved to the current device and the fast kernels of `kernels.py` are on
+    (megatron's fused SwiGLU / residual / cross entropy, compiled RMSNorm and RoPE).
     The returned model carries `llama_spec` (for export) and `vocab_size_padded`.
     """
     from megatron.core import parallel_state as ps
@@ -126,4 +131,7 @@ def build_model(
         type(rope).forward.cache_clear()
     model.llama_spec = spec
     model.vocab_size_padded = vocab
+    if torch.cuda.is_available():
+        kernels.enable_compiled()
+        model.cuda()  # megatron makes its linears on the GPU; our RMSNorm weights start on the CPU
     return model

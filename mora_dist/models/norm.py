@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from mora_dist.models import kernels
+
 
 class RMSNorm(torch.nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
@@ -19,7 +21,5 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        fn = kernels.compiled_rms_norm() if x.is_cuda else None
+        return (fn or kernels.rms_norm)(x, self.weight, self.eps)

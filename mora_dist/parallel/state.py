@@ -23,7 +23,9 @@ def env_from_slurm() -> None:
 
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_s: int = 600) -> None:
-    """Initialise torch.distributed (nccl on GPU, gloo on CPU) and megatron's parallel state.
+    """Initialise torch.distributed and megatron's parallel state. On GPU the default group is
+    "cpu:gloo,cuda:nccl": CUDA tensors go through NCCL, the few CPU tensors the loop reduces
+    (loss/signal flags, counts) through gloo, so the same code runs on CPU and GPU.
 
     Reads the usual torchrun variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK).
     """
@@ -31,8 +33,8 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_s: int = 6
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     world = dist.get_world_size()

@@ -64,6 +64,7 @@ class TrainConfig:
     recompute: bool = False
     eval_every: int = 0
     log_every: int = 1
+    cuda_graph: bool = False  # replay each micro-batch's forward+backward as a CUDA graph (GPU, TP=PP=1)
 
 
 @dataclass
@@ -112,6 +113,11 @@ def _coerce(value, typ, key):
         return None if value is None else _coerce(value, args[0], key)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ in (int, float, str, bool) and not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
     if typ is list and not isinstance(value, list):
@@ -193,6 +199,8 @@ def validate(cfg: Config, source: str = "config", world_size: Optional[int] = No
     if m.num_query_groups % p.tp or m.num_attention_heads % p.tp:
         raise ConfigError(f"model.num_query_groups={m.num_query_groups} / num_attention_heads must be divisible "
                           f"by parallel.tp={p.tp}")
+    if t.cuda_graph and (p.tp > 1 or p.pp > 1):
+        raise ConfigError(f"train.cuda_graph: true needs parallel.tp=1 and parallel.pp=1 (got tp={p.tp}, pp={p.pp})")
     if m.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"model.dtype must be fp32 or bf16, got {m.dtype!r}")
     if not cfg.data.train:

@@ -46,8 +46,15 @@ def _loss_func(loss_mask, output):
     return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
 
 
+def _to_device(batch: dict) -> dict:
+    if not torch.cuda.is_available():
+        return batch
+    dev = torch.cuda.current_device()
+    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+
+
 def _forward_step(data_iterator, model):
-    b = next(data_iterator)
+    b = _to_device(next(data_iterator))
     out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
     return out, lambda o: _loss_func(b["loss_mask"].float(), o)
 
@@ -61,8 +68,19 @@ class Trainer:
 
         self.cfg, self.ps = cfg, ps
         model, self.report = build_adapted_model(cfg)
-        self.ddp = DistributedDataParallel(
-            model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False), model)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+        if cfg.train.cuda_graph and torch.cuda.is_available():
+            # DDP keeps each parameter's AccumulateGrad node (its grad hooks live there), and a node
+            # runs on the stream it was made on: made on the legacy default stream, the captured
+            # backward would have to join that stream, which CUDA forbids. Made on a side stream, it
+            # joins the capture (PyTorch's recipe for DDP under CUDA graphs).
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.ddp = DistributedDataParallel(model.config, ddp_config, model)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            self.ddp = DistributedDataParallel(model.config, ddp_config, model)
         self.model = model
         self.params = [p for p in self.ddp.parameters() if p.requires_grad]
         fused = torch.cuda.is_available()
@@ -85,6 +103,16 @@ class Trainer:
                     t.global_batch, t.micro_batch, dp, dp_rank)
         self.step = 0
         self.restarts = 0
+        self.graph = None
+        if t.cuda_graph:
+            if not torch.cuda.is_available():
+                raise ValueError("train.cuda_graph: true needs a GPU")
+            if ps.get_pipeline_model_parallel_world_size() > 1 or ps.get_tensor_model_parallel_world_size() > 1:
+                raise ValueError("train.cuda_graph: true is implemented for parallel.tp=1, parallel.pp=1 "
+                                 "(data parallel is fine); use the eager step for TP/PP")
+            from mora_dist.training.cuda_graph import MicrobatchGraph
+
+            self.graph = MicrobatchGraph(self._graph_fwd_bwd, self._zero_grads)
 
     # --- one step ---------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -100,6 +128,22 @@ class Trainer:
             num_microbatches=source.num_microbatches, seq_length=self.cfg.data.seq_length,
             micro_batch_size=t.micro_batch, forward_only=forward_only)
 
+    def _graph_fwd_bwd(self, b: dict) -> torch.Tensor:
+        """One micro-batch as the no-pipelining schedule does it: loss / num_microbatches, backward."""
+        out = self.ddp(b["tokens"], b["position_ids"], None, labels=b["labels"])
+        loss, _ = _loss_func(b["loss_mask"].float(), out)
+        (loss / self.batches.num_microbatches).backward()
+        return loss.detach()
+
+    def _zero_grads(self) -> None:
+        self.ddp.zero_grad_buffer()
+        for p in self.params:
+            p.grad = None
+
+    def _run_graphed(self, step: int) -> list:
+        return [{"loss": self.graph(b, first_of_step=(i == 0))}
+                for i, b in enumerate(self.batches.microbatches(step))]
+
     def _mean_loss(self, losses) -> float:
         """Mean micro-batch loss of the last stage, averaged over DP, known to every rank."""
         ps = self.ps
@@ -114,20 +158,13 @@ class Trainer:
         """Global L2 norm of the adapter gradients: sharded tensors summed over TP, replicated ones
         counted once, stages summed over PP (DP grads are identical after the reduction)."""
         ps = self.ps
-        sq_shard, sq_rep = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        for layer in adapted_layers(self.model):
-            for a in layer.adapters.values():
-                for n, p in a.named_parameters():
-                    if p.grad is None:
-                        continue
-                    s = p.grad.double().pow(2).sum()
-                    if a.is_sharded(n):
-                        sq_shard += s
-                    else:
-                        sq_rep += s
-        if ps.get_tensor_model_parallel_rank() != 0:
-            sq_rep.zero_()
-        total = (sq_shard + sq_rep).reshape(1)
+        tp_rank0 = ps.get_tensor_model_parallel_rank() == 0
+        grads = [p.grad for layer in adapted_layers(self.model) for a in layer.adapters.values()
+                 for n, p in a.named_parameters() if p.grad is not None and (tp_rank0 or a.is_sharded(n))]
+        dev = grads[0].device if grads else "cpu"
+        total = torch.zeros(1, dtype=torch.float64, device=dev)
+        if grads:  # one multi-tensor kernel for the per-tensor norms, squares summed in float64
+            total += torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
         dist.all_reduce(total, group=ps.get_model_parallel_group())
         return math.sqrt(total.item())
 
@@ -137,20 +174,24 @@ class Trainer:
         cfg, step = self.cfg, self.step
         if cfg.restarts.every and step > 0 and step % cfg.restarts.every == 0:
             restarts.restart(self, step)
+            if self.graph is not None:
+                self.graph.invalidate()  # restarts may rebuild tensors the captured forward reads
         lr = self.lr_at(step)
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.ddp.zero_grad_buffer()
         self.opt.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        losses = self._run_schedule(self.batches, step, forward_only=False)
+        if self.graph is not None:
+            losses = self._run_graphed(step)
+        else:
+            losses = self._run_schedule(self.batches, step, forward_only=False)
         self.ddp.finish_grad_sync()
         for p in self.params:
             p.grad = p.main_grad
         gnorm = self.grad_norm()
         if cfg.train.clip_grad and gnorm > cfg.train.clip_grad:
-            for p in self.params:
-                p.grad.mul_(cfg.train.clip_grad / (gnorm + 1e-6))
+            torch._foreach_mul_([p.grad for p in self.params], cfg.train.clip_grad / (gnorm + 1e-6))
         self.opt.step()
         loss = self._mean_loss(losses)
         self.step += 1

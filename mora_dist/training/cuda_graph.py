@@ -1,0 +1,80 @@
+"""One micro-batch's forward and backward as a CUDA graph (`train.cuda_graph: true`).
+
+Why: the eager adapter step is CPU-bound on a GPU. On the 1.1B model of DESIGN.md section 5 (H100,
+docs/performance.md) a LoRA step's kernels take ~108 ms but launching them from Python (megatron's
+layers, ~150 adapters, autograd bookkeeping) takes ~230 ms; replaying a graph issues the same
+kernels with one launch.
+
+What is captured: the model forward, the masked mean loss and its backward on static input
+buffers; megatron DDP's gradient hooks add each parameter's gradient into its fp32 main-grad
+buffer inside the graph. Outside it, eagerly: copying the batch into the static buffers, the DP
+gradient reduction, the grad norm, clipping and the optimizer step (a few fused kernels).
+Capture follows PyTorch's whole-network recipe: warm-up iterations on a side stream (their
+gradients are discarded), then capture. Reductions over one-rank groups (megatron's
+vocab-parallel loss at TP=1) are identities and are skipped so that only kernels are captured.
+A graph records tensor addresses: anything that replaces a tensor the forward reads (a ReMoRA
+type switch rebuilds MoRA's index maps, merging changes the path) must call `invalidate()`; the
+Trainer does after every restart.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+
+@contextlib.contextmanager
+def skip_single_rank_collectives():
+    """all_reduce over a one-rank group is the identity: skip it (nothing to capture)."""
+    all_reduce = dist.all_reduce
+
+    def all_reduce_or_skip(tensor, *args, **kwargs):
+        group = kwargs.get("group", args[1] if len(args) > 1 else None)
+        if dist.get_world_size(group) == 1:
+            return None
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = all_reduce_or_skip
+    try:
+        yield
+    finally:
+        dist.all_reduce = all_reduce
+
+
+class MicrobatchGraph:
+    """`loss = fwd_bwd(batch)` as a replayable graph; `fwd_bwd` must return the detached loss."""
+
+    def __init__(self, fwd_bwd, zero_grads, warmup: int = 2):
+        self.fwd_bwd, self.zero_grads, self.warmup = fwd_bwd, zero_grads, warmup
+        self.graph = None
+        self.static = None
+        self.loss = None
+
+    def invalidate(self) -> None:
+        self.graph = self.static = self.loss = None
+
+    def __call__(self, batch: dict, first_of_step: bool) -> torch.Tensor:
+        if self.graph is None:
+            if not first_of_step:  # capture needs gradients that are zero before it
+                return self.fwd_bwd(batch)
+            self._capture(batch)
+        for k, v in batch.items():
+            self.static[k].copy_(v, non_blocking=True)
+        self.graph.replay()
+        return self.loss.clone()
+
+    def _capture(self, batch: dict) -> None:
+        dev = torch.cuda.current_device()
+        self.static = {k: v.to(dev).clone() for k, v in batch.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), skip_single_rank_collectives():
+            for _ in range(self.warmup):
+                self.fwd_bwd(self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        self.zero_grads()  # warm-up gradients are not part of any step
+        graph = torch.cuda.CUDAGraph()
+        with skip_single_rank_collectives(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.loss = self.fwd_bwd(self.static)
+        self.graph = graph
