@@ -63,3 +63,49 @@ def test_teacher_forced_exact_equals_greedy():
         for _ in range(lab.shape[1]):
             g.append(int(table[g[-1]].argmax()))
         assert (em == 1.0) == (g[1:] == lab[0].tolist())
+
+
+def test_gpu_study_driver_runs_collects_and_packs(tmp_path):
+    """The study driver on the CPU with real (tiny) runs of both scripts: every job ends, the
+    collected table holds their real numbers, a job past its deadline stops itself cleanly and is
+    marked truncated, and the tarball holds every run's files."""
+    import json
+    import tarfile
+
+    import gpu_study as gs
+
+    jobs = gs.plan_tiny() + [gs.uuid_job("uuid", "lora", "1e-2", "--hidden 32 --layers 1 --heads 2 --ffn 64 "
+                                         "--batch 8 --n-pairs 16 --epochs 100000", "_long")]
+    root = tmp_path / "study"
+    done = gs.run_jobs(jobs, root, budget=50, parallel=8, stop_margin=25, progress_every=1000,
+                       repo=gs.HERE.parent.parent, min_run=5)
+    assert all(v.startswith("rc 0") for v in done.values()), done
+    rows = {r["run"]: r for r in gs.collect(root)}
+    assert set(rows) == {"uuid/lora_lr1e-2", "uuid/mora_sharing_lr1e-2", "uuid/lora_lr1e-2_long",
+                         "pretrain/mora_lr2e-3"}
+    lora, mora = rows["uuid/lora_lr1e-2"], rows["uuid/mora_sharing_lr1e-2"]
+    assert lora["method"] == "LoRA" and mora["method"] == "MoRA-sharing"
+    assert lora["epochs"] == lora["epochs_planned"] == 2 and not lora["truncated"]
+    assert 0.0 <= lora["exact_match"] <= 1.0 and 0.0 < lora["value_acc"] < 1.0
+    assert lora["trainable"] > 0 and abs(mora["trainable"] - lora["trainable"]) < 0.05 * lora["trainable"]
+    long = rows["uuid/lora_lr1e-2_long"]
+    assert long["truncated"] and 0 < long["epochs"] < long["epochs_planned"]
+    pt = rows["pretrain/mora_lr2e-3"]
+    assert pt["method"] == "ReMoRA" and pt["steps"] == 6 and pt["restarts"] == 1 and 1.0 < pt["ppl"] < 300
+    cmds = (root / "commands.txt").read_text().splitlines()
+    assert len(cmds) == 4 and all(" --deadline " in c and " --out " in c for c in cmds)
+    (root / "summary.json").write_text(json.dumps(list(rows.values())))
+    gs.pack(root, tmp_path / "s.tgz")
+    names = set(tarfile.open(tmp_path / "s.tgz").getnames())
+    for run in rows:
+        assert {f"study/{run}/metrics.jsonl", f"study/{run}/run.json", f"study/{run}.log"} <= names
+    assert {"study/commands.txt", "study/summary.json", "study/status.json"} <= names
+    assert "| uuid/lora_lr1e-2 | LoRA |" in gs.table(list(rows.values()))
+
+
+def test_vera_equal_budget_rank():
+    import common
+
+    dims = [(256, 256)] * 4 + [(256, 688)] * 2 + [(688, 256)]
+    r = common.vera_equal_budget_r(dims, 39_040)  # one layer's LoRA r=8 count (hidden 256, FFN 688)
+    assert r == 5198 and abs(r * len(dims) + sum(o for _, o in dims) - 39_040) <= len(dims) / 2

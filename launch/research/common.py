@@ -1,5 +1,6 @@
-"""Shared helpers for the research experiments (issue 8): single-process megatron setup, a tiny
-Llama, adapter/full-rank parameter selection, and ReLoRA/ReMoRA restarts for a plain loop."""
+"""Shared helpers for the research experiments (issue 8): single-process megatron setup on CPU or one
+CUDA GPU, a tiny Llama, adapter/full-rank parameter selection, and ReLoRA/ReMoRA restarts for a
+plain loop."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+PRECISIONS = ("fp32", "tf32")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -19,8 +22,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_single_process(threads: int = 1, seed: int = 0) -> None:
-    """One gloo rank, TP=PP=1 megatron parallel state."""
+def device() -> torch.device:
+    """The current CUDA device when there is one (init_distributed selects it), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def setup_single_process(threads: int = 1, seed: int = 0, precision: str = "tf32") -> torch.device:
+    """One rank (gloo on CPU, NCCL+gloo on a GPU), TP=PP=1 megatron parallel state. On a GPU,
+    precision 'tf32' lets fp32 matmuls/convolutions use TF32 tensor cores (parameters, optimizer
+    state and everything else stay fp32); 'fp32' keeps full fp32 matmuls. Returns the device."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     torch.set_num_threads(threads)
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(k, v)
@@ -28,16 +40,28 @@ def setup_single_process(threads: int = 1, seed: int = 0) -> None:
     from mora_dist.parallel.state import init_distributed
 
     init_distributed(tp=1, pp=1, seed=seed)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    return device()
 
 
 def tiny_model(vocab: int, hidden: int, layers: int, heads: int, ffn: int, max_pos: int, seed: int):
+    """A random-init Llama (megatron GPTModel via mora_dist.models.build_model) on `device()`.
+    The weights depend on `seed` alone (CPU and megatron's CUDA RNG tracker are re-seeded here), so
+    every method and run seed of an experiment starts from the same base."""
+    from megatron.core import tensor_parallel
+
     from mora_dist.models import LlamaSpec, build_model
 
     spec = LlamaSpec(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_attention_heads=heads,
                      num_query_groups=heads, ffn_hidden_size=ffn, max_position_embeddings=max_pos)
     torch.manual_seed(seed)
-    return build_model(spec, pre_process=True, post_process=True, params_dtype=torch.float32,
-                       attention="sdpa")
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    model = build_model(spec, pre_process=True, post_process=True, params_dtype=torch.float32,
+                        attention="sdpa")
+    return model.to(device())
 
 
 def attach(model, method: str, r: int, mora_type: str = "sharing", seed: int = 0, alpha: float | None = None):
@@ -54,9 +78,22 @@ def attach(model, method: str, r: int, mora_type: str = "sharing", seed: int = 0
     return apply_adapters(model, cfg).trainable
 
 
+def adamw(params, lr: float, betas, weight_decay: float):
+    """torch AdamW; the fused CUDA kernel on a GPU (one launch for all parameters)."""
+    cuda = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, **({"fused": True} if cuda else {}))
+
+
 @torch.no_grad()
 def restart_adapters(model, opt, n_restart: int, cycle_mora_types: bool, prune: float, seed: int = 0) -> None:
     """ReLoRA/ReMoRA restart for a plain loop (mora_dist/training/restarts.py)."""
     from mora_dist.training.restarts import restart_model
 
     restart_model(model, opt, n_restart, seed, cycle_mora_types, prune)
+
+
+def vera_equal_budget_r(layer_dims, budget: int) -> int:
+    """VeRA's shared rank r whose trainable count (r + d_out per adapted matrix) comes closest to
+    `budget`; layer_dims: (d_in, d_out) of every adapted matrix."""
+    n, outs = len(layer_dims), sum(o for _, o in layer_dims)
+    return max(1, round((budget - outs) / n))

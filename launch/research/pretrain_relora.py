@@ -3,13 +3,17 @@ restarts with grouping-type cycling 1->2->3->4), same data, same steps, same mod
 
     python launch/research/pretrain_relora.py --method mora --lr 2e-3 --out docs/results/runs/pretrain/remora
 
-Corpus: the docstrings of this Python's standard library (ast over sysconfig's stdlib *.py, sorted
-file order), byte-level tokens (256 bytes + EOD); files are split 95/5 into train/held-out by a
+Corpus (--corpus): 'docstrings' = the docstrings of this Python's standard library (ast over
+sysconfig's stdlib *.py, sorted file order; ~1.5 MB), 'source' = the stdlib *.py files themselves
+(~11 MB); byte-level tokens (256 bytes + EOD); files are split 95/5 into train/held-out by a
 hash of the path. Batches are random 128-token windows drawn from a generator seeded by the step,
 so every method sees the same tokens. ReLoRA/ReMoRA follow the MoRA authors' pretraining setup:
 adapters on all 7 projections, embeddings, output layer and norms trained in full, merge + reset
 every --restart-every steps, Adam state of the adapters dropped (prune 1.0) at restarts, jagged
 cosine LR (min ratio 0.1, re-warm-up over --restart-warmup steps). No full-rank warm start.
+Runs on the GPU when there is one (TF32 matmuls by default, fp32 parameters and optimizer state),
+else on the CPU in fp32. Train loss is logged as the mean over --log-every steps (one host sync per
+window). --deadline (unix time) stops the run cleanly (last record "truncated") once passed.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ def docstrings(path: str) -> list[str]:
     return out
 
 
-def build_corpus(max_bytes: int = 3_000_000):
+def build_corpus(max_bytes: int = 3_000_000, kind: str = "docstrings"):
     """(train tokens, held-out tokens) as int64 tensors; deterministic for a given Python."""
     lib = sysconfig.get_paths()["stdlib"]
     files = []
@@ -57,11 +61,12 @@ def build_corpus(max_bytes: int = 3_000_000):
     for f in files:
         rel = os.path.relpath(f, lib)
         dst = held if zlib.crc32(rel.encode()) % 20 == 0 else train
-        for d in docstrings(f):
+        texts = docstrings(f) if kind == "docstrings" else [open(f, "rb").read().decode("utf-8", "replace")]
+        for d in texts:
             b = list(d.encode("utf-8")) + [EOD]
             dst.extend(b)
             n += len(b)
-        if n >= max_bytes:
+        if n >= max_bytes and len(held) >= 20_000:  # a held-out set of some size, even when max_bytes is small
             break
     return torch.tensor(train, dtype=torch.long), torch.tensor(held, dtype=torch.long)
 
@@ -72,19 +77,21 @@ def windows(data: torch.Tensor, n: int, seq: int, gen: torch.Generator) -> torch
 
 
 @torch.no_grad()
-def eval_ppl(model, held: torch.Tensor, seq: int, n_batches: int = 8, bs: int = 16) -> float:
+def eval_ppl(model, held: torch.Tensor, seq: int, n_batches: int = 8, bs: int = 16, dev="cpu") -> float:
+    """Per-byte perplexity on n_batches fixed (seeded) batches of held-out windows."""
     model.eval()
     gen = torch.Generator().manual_seed(999)
-    tot = cnt = 0.0
+    tot = torch.zeros((), dtype=torch.float64, device=dev)
+    cnt = 0
     for _ in range(n_batches):
-        w = windows(held, bs, seq, gen)
+        w = windows(held, bs, seq, gen).to(dev)
         t, l = w[:, :-1], w[:, 1:]
-        pos = torch.arange(seq).expand_as(t)
+        pos = torch.arange(seq, device=dev).expand_as(t)
         loss = model(t, pos, None, labels=l)
-        tot += loss.sum().item()
+        tot += loss.double().sum()
         cnt += loss.numel()
     model.train()
-    return math.exp(tot / cnt)
+    return math.exp(tot.item() / cnt)
 
 
 def main(argv=None):
@@ -105,15 +112,21 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--ffn", type=int, default=352)
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--log-every", type=int, default=1, help="steps per train-loss record (mean over them)")
+    p.add_argument("--corpus", choices=["docstrings", "source"], default="docstrings")
+    p.add_argument("--max-bytes", type=int, default=3_000_000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", choices=common.PRECISIONS, default="tf32", help="GPU matmul precision")
+    p.add_argument("--deadline", type=float, default=0.0, help="unix time: stop once passed")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
 
-    common.setup_single_process(a.threads, 0)
+    dev = common.setup_single_process(a.threads, 0, a.precision)
     from mora_dist.metrics.logger import MetricsLogger
     from mora_dist.training.schedule import cosine_lr, jagged_cosine_lr
 
-    train, held = build_corpus()
+    train, held = build_corpus(a.max_bytes, a.corpus)
     model = common.tiny_model(VOCAB, a.hidden, a.layers, a.heads, a.ffn, 256, seed=1234)
     if a.method == "full":
         trainable = common.attach(model, "fft", a.r)
@@ -124,15 +137,19 @@ def main(argv=None):
                 q.requires_grad_(True)
         trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    opt = common.adamw(params, a.lr, (0.9, 0.95), 0.01)
     every = 0 if a.method == "full" else a.restart_every
     name = {"full": "full-rank", "lora": "ReLoRA", "mora": "ReMoRA"}[a.method] + f"_lr{a.lr:g}"
     print(f"{name}: trainable {trainable:,} / {sum(q.numel() for q in model.parameters()):,}; "
           f"train {train.numel():,} tokens, held-out {held.numel():,}", flush=True)
-    cfg = dict(vars(a), trainable=trainable, train_tokens=train.numel(), heldout_tokens=held.numel())
+    cfg = dict(vars(a), trainable=trainable, train_tokens=train.numel(), heldout_tokens=held.numel(),
+               device=str(dev))
     t0, restarts = time.time(), 0
+    pos = torch.arange(a.seq, device=dev)
+    acc, nacc = torch.zeros((), device=dev), 0
+    ev = dict(held=held, seq=a.seq, n_batches=a.eval_batches, bs=a.batch, dev=dev)
     with MetricsLogger(a.out, name, cfg, rank=0, num_gpus=1, stream=open(os.devnull, "w")) as log:
-        log.log(0, {"eval/ppl": eval_ppl(model, held, a.seq)})
+        log.log(0, {"eval/ppl": eval_ppl(model, **ev)})
         for step in range(a.steps):
             if every and step > 0 and step % every == 0:
                 restarts += 1
@@ -141,20 +158,35 @@ def main(argv=None):
                   else cosine_lr(step, a.lr, a.warmup, a.steps, 0.1))
             for g in opt.param_groups:
                 g["lr"] = lr
-            w = windows(train, a.batch, a.seq, torch.Generator().manual_seed(step))
+            w = windows(train, a.batch, a.seq, torch.Generator().manual_seed(step)).to(dev)
             t, l = w[:, :-1], w[:, 1:]
-            pos = torch.arange(a.seq).expand_as(t)
-            loss = model(t, pos, None, labels=l).mean()
+            loss = model(t, pos.expand_as(t), None, labels=l).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+            gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            rec = {"loss": loss.item(), "lr": lr, "grad_norm": gn, "restarts": restarts}
-            if (step + 1) % a.eval_every == 0:
-                rec["eval/ppl"] = eval_ppl(model, held, a.seq)
-                print(f"{name} step {step + 1} loss {loss.item():.3f} eval ppl {rec['eval/ppl']:.2f} "
-                      f"({time.time() - t0:.0f}s)", flush=True)
-            log.log(step + 1, rec)
+            acc += loss.detach()
+            nacc += 1
+            last = step + 1 == a.steps
+            truncated = bool(a.deadline) and time.time() > a.deadline and not last
+            evaluate = (step + 1) % a.eval_every == 0 or last or truncated
+            if (step + 1) % a.log_every == 0 or evaluate:
+                rec = {"loss": acc.item() / nacc, "lr": lr, "grad_norm": gn.item(), "restarts": restarts,
+                       "elapsed_s": time.time() - t0}
+                acc.zero_()
+                nacc = 0
+                if evaluate:
+                    rec["eval/ppl"] = eval_ppl(model, **ev)
+                    print(f"{name} step {step + 1} loss {rec['loss']:.3f} eval ppl {rec['eval/ppl']:.2f} "
+                          f"({time.time() - t0:.0f}s)", flush=True)
+                if truncated:
+                    rec["truncated"] = True
+                if (truncated or last) and dev.type == "cuda":
+                    rec["max_mem_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
+                log.log(step + 1, rec)
+            if truncated:
+                print(f"{name}: deadline passed, stopped after step {step + 1} of {a.steps}", flush=True)
+                break
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""UUID key->value memorisation (MoRA paper, Table 1 setting, scaled down to a CPU).
+"""UUID key->value memorisation (MoRA paper, Table 1 setting, scaled down to one GPU or a CPU).
 
     python launch/research/uuid_memorize.py --method mora --mora-type sharing --lr 1e-3 \
         --epochs 40 --out docs/results/runs/uuid/mora_sharing_lr1e-3
@@ -8,7 +8,11 @@ plus SEP/EOD/BOS (20 tokens). Loss only on the 36 value tokens. Exact match: eve
 the argmax under teacher forcing; that is the same as greedy decoding reproducing the value
 exactly (if every teacher-forced argmax is right, greedy decoding sees the same prefixes at every
 step, by induction; if one is wrong, greedy decoding emits that wrong token at the first such step).
-The base is a randomly initialised tiny Llama, frozen for adapters; FFT trains every parameter.
+The base is a randomly initialised tiny Llama (the same weights for every method and run seed),
+frozen for adapters; FFT trains every parameter. Runs on the GPU when there is one (TF32 matmuls by
+default, fp32 parameters and optimizer state), else on the CPU in fp32. --deadline (unix time)
+stops the run cleanly after the epoch that passes it; its last record then says "truncated".
+--vera-budget N picks VeRA's shared rank so that its trainable count is closest to N (--r ignored).
 """
 from __future__ import annotations
 
@@ -68,19 +72,32 @@ def exact_match(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
 
 
 @torch.no_grad()
-def evaluate(model, tokens, labels, mask, bs=256):
+def evaluate(model, tokens, labels, mask, bs=2048):
+    """(exact match, value-token accuracy) over all pairs, teacher forced, in batches of bs."""
     model.eval()
     em = tok = 0.0
     n = tokens.shape[0]
     for i in range(0, n, bs):
         t, l, m = tokens[i:i + bs], labels[i:i + bs], mask[i:i + bs]
-        pos = torch.arange(t.shape[1]).expand_as(t)
+        pos = torch.arange(t.shape[1], device=t.device).expand_as(t)
         logits = model(t, pos, None)[..., :VOCAB]
         e, a = exact_match(logits, l, m)
         em += e * t.shape[0]
         tok += a * t.shape[0]
     model.train()
     return em / n, tok / n
+
+
+def adapted_dims(model):
+    """(d_in, d_out) of every matrix an adapter would wrap (q, k, v, o, gate, up, down per layer)."""
+    dims = []
+    for layer in model.decoder.layers:
+        a, m = layer.self_attention, layer.mlp
+        d, q = a.linear_proj.output_size, a.linear_proj.input_size
+        kv = (a.linear_qkv.output_size - q) // 2
+        ffn = m.linear_fc2.input_size
+        dims += [(d, q), (d, kv), (d, kv), (q, d), (d, ffn), (d, ffn), (ffn, d)]
+    return dims
 
 
 def main(argv=None):
@@ -99,53 +116,70 @@ def main(argv=None):
     p.add_argument("--warmup-frac", type=float, default=0.03)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", choices=common.PRECISIONS, default="tf32", help="GPU matmul precision")
+    p.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
+    p.add_argument("--eval-batch", type=int, default=512, help="pairs per evaluation forward pass")
+    p.add_argument("--vera-budget", type=int, default=0, help="VeRA: choose r for this trainable count")
+    p.add_argument("--deadline", type=float, default=0.0, help="unix time: stop after the epoch past it")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
 
-    common.setup_single_process(a.threads, a.seed)
+    dev = common.setup_single_process(a.threads, a.seed, a.precision)
     from mora_dist.metrics.logger import MetricsLogger
     from mora_dist.training.schedule import cosine_lr
 
     model = common.tiny_model(VOCAB, a.hidden, a.layers, a.heads, a.ffn, 128, seed=1234)  # same base for all
+    if a.method == "vera" and a.vera_budget:
+        a.r = common.vera_equal_budget_r(adapted_dims(model), a.vera_budget)
     trainable = common.attach(model, a.method, a.r, a.mora_type, seed=a.seed)
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    tokens, labels, mask = batch_tensors(make_pairs(a.n_pairs, seed=42))
+    opt = common.adamw(params, a.lr, (0.9, 0.999), 0.0)
+    tokens, labels, mask = (x.to(dev) for x in batch_tensors(make_pairs(a.n_pairs, seed=42)))
     steps_per_epoch = math.ceil(a.n_pairs / a.batch)
     total = steps_per_epoch * a.epochs
     warmup = max(1, int(a.warmup_frac * total))
     name = f"{a.method}{'_' + a.mora_type if a.method == 'mora' else ''}_lr{a.lr:g}"
-    cfg = dict(vars(a), trainable=trainable, steps=total)
-    print(f"{name}: trainable {trainable:,}, {total} steps", flush=True)
+    cfg = dict(vars(a), trainable=trainable, steps=total, device=str(dev))
+    print(f"{name}: trainable {trainable:,}, {total} steps on {dev}", flush=True)
     g = torch.Generator().manual_seed(a.seed)
     step, t0 = 0, time.time()
+    pos = torch.arange(tokens.shape[1], device=dev)
     with MetricsLogger(a.out, name, cfg, rank=0, num_gpus=1, stream=open(os.devnull, "w")) as log:
-        em, acc = evaluate(model, tokens, labels, mask)
+        em, acc = evaluate(model, tokens, labels, mask, a.eval_batch)
         log.log(0, {"epoch": 0, "eval/exact_match": em, "eval/value_token_acc": acc})
         for epoch in range(1, a.epochs + 1):
-            perm = torch.randperm(a.n_pairs, generator=g)
-            tot = 0.0
+            perm = torch.randperm(a.n_pairs, generator=g).to(dev)
+            tot = torch.zeros((), device=dev)  # summed on the device: no host sync per step
             for i in range(0, a.n_pairs, a.batch):
                 idx = perm[i:i + a.batch]
                 t, l, m = tokens[idx], labels[idx], mask[idx]
                 lr = cosine_lr(step, a.lr, warmup, total, 0.1)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                pos = torch.arange(t.shape[1]).expand_as(t)
-                per_tok = model(t, pos, None, labels=l)
+                per_tok = model(t, pos.expand_as(t), None, labels=l)
                 loss = (per_tok * m).sum() / m.sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+                gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 step += 1
-                tot += loss.item()
-            em, acc = evaluate(model, tokens, labels, mask)
-            rec = {"epoch": epoch, "loss": tot / steps_per_epoch, "lr": lr, "grad_norm": gn,
-                   "eval/exact_match": em, "eval/value_token_acc": acc, "elapsed_s": time.time() - t0}
+                tot += loss.detach()
+            truncated = bool(a.deadline) and time.time() > a.deadline and epoch < a.epochs
+            rec = {"epoch": epoch, "loss": tot.item() / steps_per_epoch, "lr": lr, "grad_norm": gn.item(),
+                   "elapsed_s": time.time() - t0}
+            if epoch % a.eval_every == 0 or epoch == a.epochs or truncated:
+                em, acc = evaluate(model, tokens, labels, mask, a.eval_batch)
+                rec.update({"eval/exact_match": em, "eval/value_token_acc": acc})
+            if truncated:
+                rec["truncated"] = True
+            if (truncated or epoch == a.epochs) and dev.type == "cuda":
+                rec["max_mem_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
             log.log(step, rec)
             print(f"{name} epoch {epoch} loss {rec['loss']:.4f} EM {em:.3f} tokacc {acc:.3f} "
                   f"({time.time() - t0:.0f}s)", flush=True)
+            if truncated:
+                print(f"{name}: deadline passed, stopped after epoch {epoch} of {a.epochs}", flush=True)
+                break
 
 
 if __name__ == "__main__":
