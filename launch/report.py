@@ -196,7 +196,7 @@ def render(runs: list, summaries: list, scaling: list, plots: dict, warmup: int)
            "| skipped lines |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r, s in zip(runs, summaries):
-        md.append(f"| {r.name} | {r.num_gpus or NA} | {s['steps']} | {_f(s['final_loss'], '.4f')} "
+        md.append(f"| {r.name} | {r.num_gpus or NA} | {s['last_step']} | {_f(s['final_loss'], '.4f')} "
                   f"| {_f(s['tokens_per_s'], ',.0f')} | {_f(s['tokens_per_s_per_gpu'], ',.0f')} "
                   f"| {_f(s['tflops_per_gpu'], '.1f')} | {_pct(s['mfu'])} "
                   f"| {_f(s['peak_mem_gib'], '.2f')} | {len(r.skipped)} |")

@@ -3,7 +3,7 @@ GPU (or the CPU) under one wall-clock budget, then collect their results into on
 everything into one tarball.
 
     python launch/research/gpu_study.py --plan smoke --root /tmp/study --budget 150 --tar $OUT/smoke.tgz
-    python launch/research/gpu_study.py --plan full  --root /tmp/study --budget 500 --tar $OUT/full.tgz
+    python launch/research/gpu_study.py --plan sweep --root /tmp/study --budget 540 --tar $OUT/sweep.tgz
     python launch/research/gpu_study.py --collect DIR          # table of runs already on disk
 
 Tiny models are launch-bound (Python and kernel launches, not GPU arithmetic), so one process per
@@ -101,6 +101,24 @@ def plan_sweep():
     return jobs
 
 
+def plan_extra():
+    """Third device call, after the sweep: (a) finer/extended LR grids where the sweep's best was at an
+    edge or next to a collapse (MoRA-rotation's best 3e-3 was the top of its grid; LoRA's and
+    MoRA-sharing's best 1e-3 sat next to a collapse to the format floor at 3e-3 / 2e-3), (b) two more
+    seeds (adapter init and data order; same base and pairs) at each low-rank method's best sweep LR,
+    (c) 150-epoch runs at those LRs, (d) pretraining at 5e-4 (full-rank's and ReMoRA's best was the
+    lowest sweep LR)."""
+    e = "--n-pairs 1024 --epochs 100"
+    jobs = [uuid_job("uuid", m, lr, e) for m, lrs in [
+        ("lora", ["6e-4", "2e-3"]), ("mora_sharing", ["6e-4", "1.5e-3"]), ("mora_rotation", ["5e-3", "1e-2"])]
+        for lr in lrs]
+    best = {"lora": "1e-3", "mora_sharing": "1e-3", "mora_rotation": "3e-3"}
+    jobs += [uuid_job("uuid", m, lr, f"{e} --seed {sd}", f"_seed{sd}") for m, lr in best.items() for sd in (1, 2)]
+    jobs += [uuid_job("uuid", m, lr, "--n-pairs 1024 --epochs 150", "_ep150") for m, lr in best.items()]
+    jobs += [pt_job("pretrain", m, "5e-4", f"--r 32 {SWEEP_PT}") for m in ("full", "lora", "mora")]
+    return jobs
+
+
 def plan_tiny():
     """Seconds on a CPU: the driver's own check (tests/test_research.py), real runs of both scripts."""
     u = "--hidden 32 --layers 1 --heads 2 --ffn 64 --batch 8 --n-pairs 16 --epochs 2"
@@ -110,7 +128,7 @@ def plan_tiny():
             job("pretrain", "mora_lr2e-3", PRETRAIN, f"--method mora --r 4 --lr 2e-3 {p}")]
 
 
-PLANS = {"smoke": plan_smoke, "sweep": plan_sweep, "tiny": plan_tiny}
+PLANS = {"smoke": plan_smoke, "sweep": plan_sweep, "extra": plan_extra, "tiny": plan_tiny}
 
 
 # --- running ---------------------------------------------------------------------------------------

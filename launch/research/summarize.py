@@ -1,6 +1,16 @@
 """Tables (Markdown, printed) and plots (PNG) for docs/results/ from the runs' metrics.jsonl.
 
-    python launch/research/summarize.py docs/results/runs --out docs/results
+    python launch/research/summarize.py docs/results/runs --out docs/results             # CPU runs
+    python launch/research/summarize.py --study docs/results/gpu/sweep [--study DIR ...] \
+        --out docs/results/gpu                                                              # GPU study
+
+GPU study (launch/research/gpu_study.py layout, DIR/uuid/<run>/, DIR/pretrain/<run>/): the LR-sweep
+table of every method with the best LR marked (UUID: highest final exact match, then final
+value-token accuracy, then lowest final loss; pretraining: lowest final held-out perplexity) and a
+note where the best LR is at the edge of the method's grid; plots of exact match and value-token
+accuracy per epoch at each method's best LR (uuid_curves.png), final exact match / value accuracy
+against LR (uuid_lr_sweep.png), held-out perplexity against step at each best LR and final
+perplexity against LR (pretrain_gpu.png).
 """
 import argparse
 import json
@@ -89,9 +99,204 @@ def pretrain_tables(root, out):
     return lines
 
 
+# --- GPU study ------------------------------------------------------------------------------------
+def study_rows(studies):
+    """gpu_study.collect rows of every study dir, each with its run dir (`path`) and records."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_study
+
+    rows = []
+    for st in studies:
+        for r in gpu_study.collect(st):
+            r["path"] = Path(st) / r["run"]
+            r["study"] = Path(st).name
+            r["cfg"], r["recs"] = load(r["path"])
+            rows.append(r)
+    return rows
+
+
+def uuid_key(r):
+    return (r["exact_match"], r["value_acc"], -(r["loss"] if r["loss"] is not None else 9e9))
+
+
+def setting(r):
+    """Runs comparable in an LR sweep: same method, pairs, planned epochs and seed."""
+    c = r["cfg"]
+    return (r["method"], c.get("n_pairs"), c.get("epochs"), c.get("seed", 0)) if r["kind"] == "uuid" else \
+        (r["method"], c.get("steps"), c.get("r"))
+
+
+def best_by_setting(rows, kind):
+    """{setting: (best row, 'low edge'|'high edge'|'interior'|'single LR')}"""
+    groups = {}
+    for r in rows:
+        if r["kind"] == kind:
+            groups.setdefault(setting(r), []).append(r)
+    out = {}
+    for k, rs in groups.items():
+        best = max(rs, key=uuid_key) if kind == "uuid" else min(rs, key=lambda r: r["ppl"])
+        lrs = sorted({r["lr"] for r in rs})
+        edge = ("single LR" if len(lrs) == 1 else "low edge" if best["lr"] == lrs[0] else
+                "high edge" if best["lr"] == lrs[-1] else "interior")
+        out[k] = (best, edge)
+    return out
+
+
+def _fmt(x, f):
+    return "-" if x is None else format(x, f)
+
+
+def gpu_uuid(rows, out):
+    rows = [r for r in rows if r["kind"] == "uuid"]
+    if not rows:
+        return []
+    best = best_by_setting(rows, "uuid")
+    # the main setting: the (pairs, epochs) with most runs; its seed-0 runs are the LR sweep
+    main = max({(k[1], k[2]) for k in best}, key=lambda pe: sum(1 for r in rows if (r["n_pairs"], r["cfg"]["epochs"]) == pe))
+    best = {k: v for k, v in best.items() if (k[1], k[2]) == main and k[3] == 0}
+    bests = {id(b) for b, _ in best.values()}
+    sweep = [r for r in rows if (r["n_pairs"], r["cfg"]["epochs"]) == main and r["cfg"].get("seed", 0) == 0]
+    lines = ["\n### UUID memorisation: LR sweep (best LR per method in bold)\n",
+             "| method | trainable | pairs | seed | lr | epochs | final EM | best EM (epoch) | first epoch EM>=0.9 "
+             "| value-token acc | final loss |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(sweep, key=lambda r: (setting(r), r["lr"])):
+        b = "**" if id(r) in bests else ""
+        ep = f"{r['epochs']}/{r['epochs_planned']}" + (" cut" if r["truncated"] else "")
+        lines.append(f"| {b}{r['method']}{b} | {r['trainable']:,} | {r['n_pairs']} | {r['cfg'].get('seed', 0)} | {b}{r['lr']:g}{b} "
+                     f"| {ep} | {b}{r['exact_match']:.3f}{b} | {r['best_exact_match']:.3f} ({r['best_epoch']}) "
+                     f"| {_fmt(r['epoch_em90'], 'd')} | {r['value_acc']:.3f} | {_fmt(r['loss'], '.4f')} |")
+    lines += ["\nBest LR per setting (grid position):\n"]
+    lines += [f"- {k[0]} ({k[1]} pairs, {k[2]} epochs, seed {k[3]}): lr {b['lr']:g} ({edge}), final EM {b['exact_match']:.3f}"
+              for k, (b, edge) in sorted(best.items())]
+    # curves: the main setting at each method's best LR
+    colors = {}
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.6))
+    for k, (b, _) in sorted(best.items()):
+        if (k[1], k[2]) != main or k[3] != 0:
+            continue
+        ev = [x for x in b["recs"] if "eval/exact_match" in x]
+        lab = f"{k[0]} lr={b['lr']:g} ({b['trainable']:,} trainable)"
+        line, = ax[0].plot([x["epoch"] for x in ev], [x["eval/exact_match"] for x in ev], label=lab)
+        colors[k[0]] = line.get_color()
+        ax[1].plot([x["epoch"] for x in ev], [x["eval/value_token_acc"] for x in ev], label=lab, color=colors[k[0]])
+    ax[0].set(xlabel="epoch", ylabel=f"exact match (fraction of {main[0]} pairs)",
+              title=f"UUID memorisation, best LR per method ({main[1]} epochs, seed 0)")
+    ax[1].axhline(FORMAT_FLOOR, color="k", ls=":", lw=1, label="UUID-format floor")
+    ax[1].set(xlabel="epoch", ylabel="value-token accuracy (teacher forcing)")
+    ax[0].legend(fontsize=7)
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(out) / "uuid_curves.png", dpi=110)
+    plt.close(fig)
+    # seeds and longer runs: every run outside the main seed-0 sweep, with its seed-0 sweep twin
+    extra = [r for r in rows if (r["n_pairs"], r["cfg"]["epochs"]) != main or r["cfg"].get("seed", 0) != 0]
+    if extra:
+        fig, ax = plt.subplots(figsize=(8, 4.6))
+        for r in sorted(rows, key=lambda r: (r["method"], r["lr"], r["cfg"]["epochs"], r["cfg"].get("seed", 0))):
+            twin = (r["n_pairs"], r["cfg"]["epochs"]) == main and r["cfg"].get("seed", 0) == 0
+            if not (r in extra or (twin and any(x["method"] == r["method"] and x["lr"] == r["lr"] for x in extra))):
+                continue
+            ev = [x for x in r["recs"] if "eval/exact_match" in x]
+            sd, ep = r["cfg"].get("seed", 0), r["cfg"]["epochs"]
+            ls = "--" if ep != main[1] else ["-", ":", "-."][sd % 3]
+            lab = f"{r['method']} lr={r['lr']:g}, {ep} ep, seed {sd}"
+            ax.plot([x["epoch"] for x in ev], [x["eval/exact_match"] for x in ev], ls=ls, label=lab,
+                    color=colors.get(r["method"]))
+        ax.set(xlabel="epoch", ylabel="exact match", title="UUID: seeds (adapter init, data order) and 150-epoch runs")
+        ax.legend(fontsize=6.5)
+        fig.tight_layout()
+        fig.savefig(Path(out) / "uuid_seeds.png", dpi=110)
+        plt.close(fig)
+    # seed table: runs sharing method, lr, pairs and epochs
+    by = {}
+    for r in rows:
+        by.setdefault((r["method"], r["lr"], r["n_pairs"], r["cfg"]["epochs"]), []).append(r)
+    multi = {k: v for k, v in by.items() if len(v) > 1 or k[3] != main[1]}
+    if multi:
+        lines += ["\n### UUID: seeds and longer runs\n",
+                  "| method | lr | pairs | epochs | seeds | final EM per seed | mean EM | mean value-token acc |",
+                  "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: |"]
+        for k, v in sorted(multi.items()):
+            v = sorted(v, key=lambda r: r["cfg"].get("seed", 0))
+            ems = [r["exact_match"] for r in v]
+            lines.append(f"| {k[0]} | {k[1]:g} | {k[2]} | {k[3]} | {', '.join(str(r['cfg'].get('seed', 0)) for r in v)} "
+                         f"| {', '.join(f'{e:.3f}' for e in ems)} | {sum(ems) / len(ems):.3f} "
+                         f"| {sum(r['value_acc'] for r in v) / len(v):.3f} |")
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
+    groups = {}
+    for r in rows:
+        groups.setdefault(setting(r), []).append(r)
+    for k, rs in sorted(groups.items()):
+        if len(rs) < 2:
+            continue
+        rs = sorted(rs, key=lambda r: r["lr"])
+        lab = f"{k[0]} ({k[1]} pairs, {k[2]} ep" + (f", seed {k[3]})" if k[3] else ")")
+        ax[0].plot([r["lr"] for r in rs], [r["exact_match"] for r in rs], marker="o", label=lab)
+        ax[1].plot([r["lr"] for r in rs], [r["value_acc"] for r in rs], marker="o", label=lab)
+    ax[0].set(xscale="log", xlabel="peak learning rate", ylabel="final exact match", title="UUID LR sweep")
+    ax[1].axhline(FORMAT_FLOOR, color="k", ls=":", lw=1)
+    ax[1].set(xscale="log", xlabel="peak learning rate", ylabel="final value-token accuracy")
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(out) / "uuid_lr_sweep.png", dpi=110)
+    plt.close(fig)
+    return lines
+
+
+def gpu_pretrain(rows, out):
+    rows = [r for r in rows if r["kind"] == "pretrain"]
+    if not rows:
+        return []
+    best = best_by_setting(rows, "pretrain")
+    bests = {id(b) for b, _ in best.values()}
+    lines = ["\n### Pretraining from scratch: LR sweep (best LR per method in bold)\n",
+             "| method | r | trainable | lr | steps | restarts | final train loss | final held-out ppl | best held-out ppl |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: (setting(r), r["lr"])):
+        b = "**" if id(r) in bests else ""
+        st = f"{r['steps']}/{r['steps_planned']}" + (" cut" if r["truncated"] else "")
+        rr = "-" if r["method"] == "full-rank" else r["cfg"]["r"]
+        lines.append(f"| {b}{r['method']}{b} | {rr} | {r['trainable']:,} | {b}{r['lr']:g}{b} | {st} | {r['restarts']} "
+                     f"| {_fmt(r['loss'], '.4f')} | {b}{r['ppl']:.3f}{b} | {r['best_ppl']:.3f} |")
+    lines += ["\nBest LR per method (grid position):\n"]
+    lines += [f"- {k[0]} ({k[1]} steps): lr {b['lr']:g} ({edge}), held-out ppl {b['ppl']:.3f}"
+              for k, (b, edge) in sorted(best.items())]
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))
+    for k, (b, _) in sorted(best.items()):
+        tr = [x for x in b["recs"] if "loss" in x]
+        ev = [x for x in b["recs"] if "eval/ppl" in x]
+        ax[0].plot([x["step"] for x in tr], [x["loss"] for x in tr], lw=0.8, label=f"{k[0]} lr={b['lr']:g}")
+        ax[1].plot([x["step"] for x in ev], [x["eval/ppl"] for x in ev], marker="o", ms=3, label=f"{k[0]} lr={b['lr']:g}")
+    groups = {}
+    for r in rows:
+        groups.setdefault(setting(r), []).append(r)
+    for k, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["lr"])
+        ax[2].plot([r["lr"] for r in rs], [r["ppl"] for r in rs], marker="o", label=f"{k[0]} ({k[1]} steps)")
+    ax[0].set(xlabel="step", ylabel="train loss (nats/byte)", title="byte-level pretraining, best LR per method")
+    lo = min(x["loss"] for r in rows for x in r["recs"] if "loss" in x)
+    ax[0].set_ylim(lo * 0.95, lo * 2.2)
+    ax[1].set(xlabel="step", ylabel="held-out perplexity (per byte)", yscale="log")
+    ax[2].set(xscale="log", xlabel="peak learning rate", ylabel="final held-out perplexity", title="LR sweep")
+    for a in ax:
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(out) / "pretrain_gpu.png", dpi=110)
+    plt.close(fig)
+    return lines
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("root")
+    p.add_argument("root", nargs="?", help="CPU runs (docs/results/runs layout)")
+    p.add_argument("--study", action="append", default=[], help="a gpu_study.py root (repeatable)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    print("\n".join(uuid_tables(a.root, a.out) + pretrain_tables(a.root, a.out)))
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    if a.study:
+        rs = study_rows(a.study)
+        print("\n".join(gpu_uuid(rs, a.out) + gpu_pretrain(rs, a.out)))
+    if a.root:
+        print("\n".join(uuid_tables(a.root, a.out) + pretrain_tables(a.root, a.out)))
