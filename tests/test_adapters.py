@@ -119,28 +119,53 @@ def test_rotation_rejects_explicit_odd_rank():
         MoRA(AdapterConfig("mora", r=2, mora_type="rotation"), Shard(32, 32), rh=11)
 
 
-@pytest.mark.parametrize("d_in,d_out,rh,a", [(120, 204, 36, 16), (250, 74, 36, 8), (64, 64, 16, 0), (200, 90, 44, 24)])
-def test_blockdiag_in_place_rows_match_dense(d_in, d_out, rh, a):
-    """MoRA block types' strided batched GEMMs, accumulating in place into rows [a, a + d_out) of a
-    wider output (as AdaptedLinear does for contiguous rows), against a dense float64 dW built
-    independently: block_diag of the chunk matrices, output rows read mod L, input columns mod d_in."""
+@pytest.mark.parametrize("d_in,shapes", [
+    (120, [(204, 36, 2), (40, 16, 1)]),  # tiled rows over 2 groups + a cut adapter (like q and k)
+    (250, [(74, 36, 1)]),                # 3 of 7 chunks reach the output (like down)
+    (64, [(64, 16, 4), (64, 16, 1)]),    # aligned chunks, 4 groups
+    (200, [(90, 44, 3), (30, 20, 3)]),   # rh = 44: 2 chunks a superblock, pieces start mid-chunk
+])
+def test_blockdiag_layer_matches_dense(d_in, shapes):
+    """All MoRA block adapters of a layer in one BlockDiagAdd, each adapter's rows split into G
+    groups interleaved in a wider output (as q/k/v in megatron's fused qkv layer), accumulated in
+    place; against a dense float64 dW built independently: block_diag of the chunk matrices,
+    adapter rows read mod L, input columns mod d_in, placed at the group columns."""
     from mora_dist.adapters import blockdiag
 
-    geo = blockdiag.geometry(rh, d_in, d_out)
-    gen = torch.Generator().manual_seed(d_in + d_out + rh)
-    Wc = (torch.randn(geo.n_used, rh, rh, generator=gen, dtype=D) * 0.3).requires_grad_(True)
-    x = torch.randn(6, d_in, generator=gen, dtype=D, requires_grad=True)
-    base = torch.randn(6, a + d_out + 8, generator=gen, dtype=D, requires_grad=True)
-    g = torch.randn(6, a + d_out + 8, generator=gen, dtype=D)
-    out = blockdiag.BlockDiagAdd.apply(base * 1.0, x, Wc, geo, lambda t: t[:, a:a + d_out])
-    (out * g).sum().backward()
+    gen = torch.Generator().manual_seed(d_in)
+    T = 6
+    widths = [d_out // G for d_out, _, G in shapes]
+    stride = sum(widths) + 4  # a per-group gap no adapter writes
+    G = shapes[0][2]
+    assert all(sh[2] in (1, G) for sh in shapes)
+    n_out = 8 + G * stride
+    plans, Wcs, cols = [], [], []
+    off = 8
+    for (d_out, rh, g), w in zip(shapes, widths):
+        geo = blockdiag.geometry(rh, d_in, d_out)
+        if g == 1:
+            segs = ((0, d_out, off),)
+        else:
+            segs = tuple((k * w, (k + 1) * w, off + k * stride) for k in range(g))
+        plans.append((geo, segs))
+        Wcs.append((torch.randn(geo.n_used, rh, rh, generator=gen, dtype=D) * 0.3).requires_grad_(True))
+        cols.append(torch.cat([torch.arange(d0, d0 + f1 - f0) for f0, f1, d0 in segs]))
+        off += w
+    x = torch.randn(T, d_in, generator=gen, dtype=D, requires_grad=True)
+    base = torch.randn(T, n_out, generator=gen, dtype=D, requires_grad=True)
+    gout = torch.randn(T, n_out, generator=gen, dtype=D)
+    out = blockdiag.BlockDiagAdd.apply(base * 1.0, x, plans, *Wcs)
+    (out * gout).sum().backward()
 
-    Wr, xr, br = (t.detach().clone().requires_grad_(True) for t in (Wc, x, base))
-    L = geo.n_used * rh
-    Bd = torch.block_diag(*Wr)[torch.arange(d_out) % L]  # [d_out, L]
-    dw = torch.zeros(d_out, d_in, dtype=D).index_add(1, torch.arange(L) % d_in, Bd)
-    ref = torch.cat((br[:, :a], br[:, a:a + d_out] + xr @ dw.t(), br[:, a + d_out:]), 1)
-    (ref * g).sum().backward()
+    Wr = [w.detach().clone().requires_grad_(True) for w in Wcs]
+    xr, br = (t.detach().clone().requires_grad_(True) for t in (x, base))
+    ref = br * 1.0
+    for (geo, _), W, c in zip(plans, Wr, cols):
+        L = geo.L
+        Bd = torch.block_diag(*W)[torch.arange(geo.d_out) % L]  # [d_out, L]
+        dw = torch.zeros(geo.d_out, d_in, dtype=D).index_add(1, torch.arange(L) % d_in, Bd)
+        ref = ref.index_add(1, c, xr @ dw.t())
+    (ref * gout).sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    for got, want in ((x.grad, xr.grad), (Wc.grad, Wr.grad), (base.grad, br.grad)):
+    for got, want in [(x.grad, xr.grad), (base.grad, br.grad)] + list(zip([w.grad for w in Wcs], [w.grad for w in Wr])):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

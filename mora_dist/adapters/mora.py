@@ -196,7 +196,8 @@ class MoRA(Adapter):
     def _blocks_unsharded(self, x):
         geo, Wc = self.block_operator(x.dtype)
         x2 = x.reshape(-1, self.shard.d_in)
-        delta = blockdiag.BlockDiagAdd.apply(x2.new_zeros(x2.shape[0], self.shard.d_out), x2, Wc, geo, None)
+        out = x2.new_zeros(x2.shape[0], self.shard.d_out)
+        delta = blockdiag.BlockDiagAdd.apply(out, x2, [(geo, ((0, geo.d_out, 0),))], Wc)
         return delta.reshape(*x.shape[:-1], self.shard.d_out)
 
     def forward(self, x):

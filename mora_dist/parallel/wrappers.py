@@ -67,6 +67,16 @@ def _dst(o2, rows):
     return None
 
 
+def _segments(rows):
+    """An adapter's output rows as ((first row, end, output column), ...) for blockdiag, or None."""
+    if rows[0] == "range":
+        return ((0, rows[2] - rows[1], rows[1]),)
+    if rows[0] == "blk":
+        _, G, stride, off, w, _ = rows
+        return tuple((g * w, (g + 1) * w, g * stride + off) for g in range(G))
+    return None
+
+
 class _AddLowRank(torch.autograd.Function):
     """out += every term, in place on the base layer's fresh output, with no autograd views (an
     in-place op on a slice view records CopySlices, whose backward clones the whole output
@@ -213,9 +223,8 @@ class AdaptedLinear(nn.Module):
            rows are contiguous (gate/up, o, down), else by one addmm_ with a block-sparse Q over
            the whole output (q/k/v rows interleave per query group).
         ALLoRA adapters add three terms (values cancel) that route the scaled gradient to the
-        parameters and the plain one to x. MoRA block types (rotation, decouple) accumulate
-        through strided batched GEMMs (`blockdiag.BlockDiagAdd`): in place for contiguous rows,
-        through a temporary for q/k/v."""
+        parameters and the plain one to x. MoRA block types (rotation, decouple) of the layer
+        accumulate in place through strided batched GEMMs, all in one `blockdiag.BlockDiagAdd`."""
         x2 = x.reshape(-1, x.shape[-1])
         if not out.is_contiguous():
             out = out.contiguous()
@@ -230,19 +239,14 @@ class AdaptedLinear(nn.Module):
             zq.extend((Z, Q))
 
         shared = []  # fused adapters: (name, fac)
+        blocks = []  # MoRA block types: ((geometry, segments), chunk matrices)
         for name, adapter in self.adapters.items():
             fac = adapter.factors(dt)
             eta = adapter.cfg.allora_eta
             block = adapter.block_operator(dt) if fac is None and eta is None else None
-            if block is not None:  # MoRA rotation/decouple: strided batched GEMMs (blockdiag.py)
-                geo, Wc = block
-                rows = self._rows[name]
-                if rows[0] == "range":
-                    a, b = rows[1], rows[2]
-                    out = BlockDiagAdd.apply(out, x2, Wc, geo, lambda t, a=a, b=b: t.view(-1, t.shape[-1])[:, a:b])
-                else:
-                    delta = BlockDiagAdd.apply(x2.new_zeros(x2.shape[0], geo.d_out), x2, Wc, geo, None)
-                    term("add", name, delta, None)
+            segments = _segments(self._rows[name]) if block is not None else None
+            if segments is not None:  # MoRA rotation/decouple: strided batched GEMMs (blockdiag.py)
+                blocks.append(((block[0], segments), block[1]))
             elif fac is None:
                 delta = (adapter(x) if eta is None else allora_forward(adapter, x, eta)).to(dt)
                 term("add", name, delta.reshape(-1, delta.shape[-1]), None)
@@ -286,6 +290,8 @@ class AdaptedLinear(nn.Module):
             for (name, fac), k2 in zip(shared, ks):
                 term("mm", name, Z if k2 == Z.shape[1] else Z[:, r:r + k2], fac.Q)
                 r += k2
+        if blocks:
+            out = BlockDiagAdd.apply(out, x2, [p for p, _ in blocks], *[w for _, w in blocks])
         return _AddLowRank.apply(out, plan, *zq)
 
     def _cat_frozen(self, Ps):
