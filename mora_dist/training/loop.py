@@ -161,7 +161,7 @@ class Trainer:
         tp_rank0 = ps.get_tensor_model_parallel_rank() == 0
         grads = [p.grad for layer in adapted_layers(self.model) for a in layer.adapters.values()
                  for n, p in a.named_parameters() if p.grad is not None and (tp_rank0 or a.is_sharded(n))]
-        dev = grads[0].device if grads else "cpu"
+        dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # same backend on every rank
         total = torch.zeros(1, dtype=torch.float64, device=dev)
         if grads:  # one multi-tensor kernel for the per-tensor norms, squares summed in float64
             total += torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
