@@ -119,6 +119,20 @@ def plan_extra():
     return jobs
 
 
+def plan_edge():
+    """Fourth device call, after `extra`: (a) pretraining below 5e-4, where full-rank's and ReMoRA's best
+    still sat at the grid's low edge, (b) seeds 1 and 2 at the final best LRs of LoRA (2e-3) and
+    MoRA-sharing (6e-4), which `extra` found after its seed runs had started at 1e-3, (c) one point
+    on each side of the cliff-side optima: LoRA 2.5e-3, MoRA-rotation 2e-3 and 4e-3."""
+    e = "--n-pairs 1024 --epochs 100"
+    jobs = [pt_job("pretrain", m, lr, f"--r 32 {SWEEP_PT}") for m in ("full", "mora") for lr in ("2.5e-4", "1.25e-4")]
+    jobs += [uuid_job("uuid", m, lr, f"{e} --seed {sd}", f"_seed{sd}")
+             for m, lr in (("lora", "2e-3"), ("mora_sharing", "6e-4")) for sd in (1, 2)]
+    jobs += [uuid_job("uuid", m, lr, e) for m, lr in (("lora", "2.5e-3"), ("mora_rotation", "2e-3"),
+                                                       ("mora_rotation", "4e-3"))]
+    return jobs
+
+
 def plan_tiny():
     """Seconds on a CPU: the driver's own check (tests/test_research.py), real runs of both scripts."""
     u = "--hidden 32 --layers 1 --heads 2 --ffn 64 --batch 8 --n-pairs 16 --epochs 2"
@@ -128,7 +142,7 @@ def plan_tiny():
             job("pretrain", "mora_lr2e-3", PRETRAIN, f"--method mora --r 4 --lr 2e-3 {p}")]
 
 
-PLANS = {"smoke": plan_smoke, "sweep": plan_sweep, "extra": plan_extra, "tiny": plan_tiny}
+PLANS = {"smoke": plan_smoke, "sweep": plan_sweep, "extra": plan_extra, "edge": plan_edge, "tiny": plan_tiny}
 
 
 # --- running ---------------------------------------------------------------------------------------

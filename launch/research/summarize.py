@@ -235,14 +235,29 @@ def gpu_uuid(rows, out):
         lab = f"{k[0]} ({k[1]} pairs, {k[2]} ep" + (f", seed {k[3]})" if k[3] else ")")
         ax[0].plot([r["lr"] for r in rs], [r["exact_match"] for r in rs], marker="o", label=lab)
         ax[1].plot([r["lr"] for r in rs], [r["value_acc"] for r in rs], marker="o", label=lab)
-    ax[0].set(xscale="log", xlabel="peak learning rate", ylabel="final exact match", title="UUID LR sweep")
+    for a in ax:
+        _lr_axis(a, [r["lr"] for r in rows])
+    ax[0].set(xlabel="peak learning rate", ylabel="final exact match", title="UUID LR sweep")
     ax[1].axhline(FORMAT_FLOOR, color="k", ls=":", lw=1)
-    ax[1].set(xscale="log", xlabel="peak learning rate", ylabel="final value-token accuracy")
+    ax[1].set(xlabel="peak learning rate", ylabel="final value-token accuracy")
     ax[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(Path(out) / "uuid_lr_sweep.png", dpi=110)
     plt.close(fig)
     return lines
+
+
+def _lr_axis(ax, lrs) -> None:
+    """Log-scale LR axis labelled at the grid's points (matplotlib's minor labels overlap)."""
+    from matplotlib.ticker import NullFormatter
+
+    ticks = []
+    for t in sorted(set(lrs)):  # grid points at least 1.45x apart get a label
+        if not ticks or t >= 1.45 * ticks[-1]:
+            ticks.append(t)
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks], rotation=45, fontsize=7)
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def gpu_pretrain(rows, out):
@@ -279,7 +294,8 @@ def gpu_pretrain(rows, out):
     lo = min(x["loss"] for r in rows for x in r["recs"] if "loss" in x)
     ax[0].set_ylim(lo * 0.95, lo * 2.2)
     ax[1].set(xlabel="step", ylabel="held-out perplexity (per byte)", yscale="log")
-    ax[2].set(xscale="log", xlabel="peak learning rate", ylabel="final held-out perplexity", title="LR sweep")
+    _lr_axis(ax[2], [r["lr"] for r in rows])
+    ax[2].set(xlabel="peak learning rate", ylabel="final held-out perplexity", title="LR sweep")
     for a in ax:
         a.legend(fontsize=8)
     fig.tight_layout()
