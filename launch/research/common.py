@@ -4,7 +4,6 @@ plain loop."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import torch
@@ -14,12 +13,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 PRECISIONS = ("fp32", "tf32")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def device() -> torch.device:
@@ -36,7 +29,9 @@ def setup_single_process(threads: int = 1, seed: int = 0, precision: str = "tf32
     torch.set_num_threads(threads)
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # Port 0: the one rank's store binds a port the OS picks at bind time. (Asking for a free
+    # port first and binding it later races with the other runs the study starts at once.)
+    os.environ.setdefault("MASTER_PORT", "0")
     from mora_dist.parallel.state import init_distributed
 
     init_distributed(tp=1, pp=1, seed=seed)
