@@ -165,7 +165,11 @@ def main() -> int:
     print("\n| held-out | base ppl | after CPT (merged export) ppl |\n| --- | --- | --- |")
     for name, b, a in rows:
         print(f"| {name} | {b:,.1f} | {a:,.1f} |")
-    print(f"\nartifacts: {out} (metrics: {run}/metrics.jsonl; HF export: {merged}/hf; Megatron: {merged}/megatron)")
+
+    print("== 6. run report (launch/report.py: loss, eval perplexity, throughput, memory)", flush=True)
+    sh(PY, "launch/report.py", run, "--out", run / "report", env=env)
+    print(f"\nartifacts: {out} (report: {run}/report/report.md; metrics: {run}/metrics.jsonl; "
+          f"HF export: {merged}/hf; Megatron: {merged}/megatron)")
     return 0
 
 
