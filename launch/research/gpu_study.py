@@ -56,8 +56,8 @@ def uuid_job(group, label, lr, extra="", suffix=""):
     return job(group, f"{label}_lr{lr}{suffix}", UUID, f"{UUID_METHODS[label]} --lr {lr} {UUID_MODEL} {extra}")
 
 
-def pt_job(group, method, lr, extra=""):
-    return job(group, f"{method}_lr{lr}", PRETRAIN, f"--method {method} --lr {lr} {PT_MODEL} {extra}")
+def pt_job(group, method, lr, extra="", suffix=""):
+    return job(group, f"{method}_lr{lr}{suffix}", PRETRAIN, f"--method {method} --lr {lr} {PT_MODEL} {extra}")
 
 
 def plan_smoke():
@@ -133,6 +133,14 @@ def plan_edge():
     return jobs
 
 
+def plan_ptseeds():
+    """Fifth device call: pretraining seeds 1 and 2 (base init and batch order) for full-rank, ReLoRA and
+    ReMoRA at their best LRs, to tell whether ReLoRA's and ReMoRA's 0.3% gap is more than seed noise."""
+    best = {"full": "5e-4", "lora": "2e-3", "mora": "5e-4"}
+    return [pt_job("pretrain", m, lr, f"--r 32 {SWEEP_PT} --seed {sd}", f"_seed{sd}")
+            for m, lr in best.items() for sd in (1, 2)]
+
+
 def plan_tiny():
     """Seconds on a CPU: the driver's own check (tests/test_research.py), real runs of both scripts."""
     u = "--hidden 32 --layers 1 --heads 2 --ffn 64 --batch 8 --n-pairs 16 --epochs 2"
@@ -142,7 +150,8 @@ def plan_tiny():
             job("pretrain", "mora_lr2e-3", PRETRAIN, f"--method mora --r 4 --lr 2e-3 {p}")]
 
 
-PLANS = {"smoke": plan_smoke, "sweep": plan_sweep, "extra": plan_extra, "edge": plan_edge, "tiny": plan_tiny}
+PLANS = {"smoke": plan_smoke, "sweep": plan_sweep, "extra": plan_extra, "edge": plan_edge,
+         "ptseeds": plan_ptseeds, "tiny": plan_tiny}
 
 
 # --- running ---------------------------------------------------------------------------------------

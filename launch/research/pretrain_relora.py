@@ -6,8 +6,8 @@ restarts with grouping-type cycling 1->2->3->4), same data, same steps, same mod
 Corpus (--corpus): 'docstrings' = the docstrings of this Python's standard library (ast over
 sysconfig's stdlib *.py, sorted file order; ~1.5 MB), 'source' = the stdlib *.py files themselves
 (~11 MB); byte-level tokens (256 bytes + EOD); files are split 95/5 into train/held-out by a
-hash of the path. Batches are random 128-token windows drawn from a generator seeded by the step,
-so every method sees the same tokens. ReLoRA/ReMoRA follow the MoRA authors' pretraining setup:
+hash of the path. Batches are random 128-token windows drawn from a generator seeded by the step
+(and --seed, which also changes the random base), so every method sees the same tokens. ReLoRA/ReMoRA follow the MoRA authors' pretraining setup:
 adapters on all 7 projections, embeddings, output layer and norms trained in full, merge + reset
 every --restart-every steps, Adam state of the adapters dropped (prune 1.0) at restarts, jagged
 cosine LR (min ratio 0.1, re-warm-up over --restart-warmup steps). No full-rank warm start.
@@ -117,6 +117,7 @@ def main(argv=None):
     p.add_argument("--corpus", choices=["docstrings", "source"], default="docstrings")
     p.add_argument("--max-bytes", type=int, default=3_000_000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="base init and batch order; 0 = the study's sweep")
     p.add_argument("--precision", choices=common.PRECISIONS, default="tf32", help="GPU matmul precision")
     p.add_argument("--deadline", type=float, default=0.0, help="unix time: stop once passed")
     p.add_argument("--out", required=True)
@@ -127,7 +128,7 @@ def main(argv=None):
     from mora_dist.training.schedule import cosine_lr, jagged_cosine_lr
 
     train, held = build_corpus(a.max_bytes, a.corpus)
-    model = common.tiny_model(VOCAB, a.hidden, a.layers, a.heads, a.ffn, 256, seed=1234)
+    model = common.tiny_model(VOCAB, a.hidden, a.layers, a.heads, a.ffn, 256, seed=1234 + a.seed)
     if a.method == "full":
         trainable = common.attach(model, "fft", a.r)
     else:
@@ -158,7 +159,7 @@ def main(argv=None):
                   else cosine_lr(step, a.lr, a.warmup, a.steps, 0.1))
             for g in opt.param_groups:
                 g["lr"] = lr
-            w = windows(train, a.batch, a.seq, torch.Generator().manual_seed(step)).to(dev)
+            w = windows(train, a.batch, a.seq, torch.Generator().manual_seed(step + 1_000_003 * a.seed)).to(dev)
             t, l = w[:, :-1], w[:, 1:]
             loss = model(t, pos.expand_as(t), None, labels=l).mean()
             opt.zero_grad(set_to_none=True)

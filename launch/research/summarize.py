@@ -260,10 +260,31 @@ def _lr_axis(ax, lrs) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def pretrain_seed_table(rows) -> list:
+    """Held-out perplexity per seed for every (method, lr) that has runs at seeds other than 0."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["lr"], r["cfg"].get("steps"), r["cfg"].get("r")), []).append(r)
+    groups = {k: sorted(v, key=lambda r: r["cfg"].get("seed", 0)) for k, v in groups.items()
+              if any(r["cfg"].get("seed", 0) for r in v)}
+    if not groups:
+        return []
+    lines = ["\n### Pretraining: seeds (base init and batch order) at each method's best LR\n",
+             "| method | lr | steps | seeds | held-out ppl per seed | mean | spread (max - min) |",
+             "| --- | ---: | ---: | --- | --- | ---: | ---: |"]
+    for (m, lr, steps, _), v in sorted(groups.items()):
+        p = [r["ppl"] for r in v]
+        lines.append(f"| {m} | {lr:g} | {steps} | {', '.join(str(r['cfg'].get('seed', 0)) for r in v)} "
+                     f"| {', '.join(f'{x:.3f}' for x in p)} | {sum(p) / len(p):.3f} | {max(p) - min(p):.3f} |")
+    return lines
+
+
 def gpu_pretrain(rows, out):
     rows = [r for r in rows if r["kind"] == "pretrain"]
     if not rows:
         return []
+    seed_lines = pretrain_seed_table(rows)
+    rows = [r for r in rows if not r["cfg"].get("seed", 0)]  # the LR sweep is seed 0
     best = best_by_setting(rows, "pretrain")
     bests = {id(b) for b, _ in best.values()}
     lines = ["\n### Pretraining from scratch: LR sweep (best LR per method in bold)\n",
@@ -301,7 +322,7 @@ def gpu_pretrain(rows, out):
     fig.tight_layout()
     fig.savefig(Path(out) / "pretrain_gpu.png", dpi=110)
     plt.close(fig)
-    return lines
+    return lines + seed_lines
 
 
 if __name__ == "__main__":
