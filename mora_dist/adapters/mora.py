@@ -172,18 +172,15 @@ class MoRA(Adapter):
         mid = torch.nn.functional.pad(self.M, (0, p, 0, p)) if p else self.M
         return Factors(P=C, mid=mid.to(dtype), Q=D, p_key=key)
 
-    def _chunk_mats(self, n: int, pad: int = 0) -> torch.Tensor:
-        """M R_c for chunks c < n, [n, rh, rh] (rotation folded into M, in M's precision), zero-padded
-        by `pad` rows and columns."""
+    def _chunk_mats(self, n: int) -> torch.Tensor:
+        """M R_c for chunks c < n, [n, rh, rh] (rotation folded into M, in M's precision)."""
         M = self.M
         if self.type != 6:
-            Mc = M.expand(n, -1, -1)
-        else:
-            h = self.rh // 2
-            cos, sin = (t[:n, None, :].to(M.dtype) for t in (self.cos, self.sin))
-            S = M * sin  # R_c = diag(cos) + diag(sin) rotate_half: (M diag(sin) rot)[:, r] = S[:, r+h] | -S[:, r-h]
-            Mc = M * cos + torch.cat((S[..., h:], -S[..., :h]), dim=-1)
-        return torch.nn.functional.pad(Mc, (0, pad, 0, pad)) if pad else Mc
+            return M.expand(n, -1, -1)
+        h = self.rh // 2
+        cos, sin = (t[:n, None, :].to(M.dtype) for t in (self.cos, self.sin))
+        S = M * sin  # R_c = diag(cos) + diag(sin) rotate_half: (M diag(sin) rot)[:, r] = S[:, r+h] | -S[:, r-h]
+        return M * cos + torch.cat((S[..., h:], -S[..., :h]), dim=-1)
 
     def block_operator(self, dtype):
         """Block types on an unsharded layer: (geometry, W_c = M R_c for the used chunks in `dtype`)

@@ -16,8 +16,6 @@ import torch
 CUDA_FUSIONS = dict(bias_activation_fusion=True, bias_dropout_fusion=True, cross_entropy_loss_fusion=True,
                     cross_entropy_fusion_impl="native")
 
-_state = {"enabled": False}
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm arithmetic: normalise in fp32, cast back, then scale."""
@@ -37,9 +35,9 @@ def compiled_rms_norm():
 def enable_compiled() -> None:
     """Compile RMSNorm and megatron's RoPE application once per process (CUDA only)."""
     global _rms_norm_compiled
-    if _state["enabled"] or not torch.cuda.is_available() or os.environ.get("MORA_DIST_COMPILE", "1") == "0":
+    off = os.environ.get("MORA_DIST_COMPILE", "1") == "0"
+    if _rms_norm_compiled is not None or off or not torch.cuda.is_available():
         return
-    _state["enabled"] = True
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     _rms_norm_compiled = torch.compile(rms_norm, dynamic=False)
     from megatron.core.models.common.embeddings import rope_utils
