@@ -7,10 +7,11 @@ Corpus (--corpus): 'docstrings' = the docstrings of this Python's standard libra
 sysconfig's stdlib *.py, sorted file order; ~1.5 MB), 'source' = the stdlib *.py files themselves
 (~11 MB); byte-level tokens (256 bytes + EOD); files are split 95/5 into train/held-out by a
 hash of the path. Batches are random 128-token windows drawn from a generator seeded by the step
-(and --seed, which also changes the random base), so every method sees the same tokens. ReLoRA/ReMoRA follow the MoRA authors' pretraining setup:
-adapters on all 7 projections, embeddings, output layer and norms trained in full, merge + reset
-every --restart-every steps, Adam state of the adapters dropped (prune 1.0) at restarts, jagged
-cosine LR (min ratio 0.1, re-warm-up over --restart-warmup steps). No full-rank warm start.
+(and --seed, which also changes the random base), so every method sees the same tokens.
+ReLoRA/ReMoRA follow the MoRA authors' pretraining setup: adapters on all 7 projections,
+embeddings, output layer and norms trained in full, merge + reset every --restart-every steps,
+Adam state of the adapters dropped (prune 1.0) at restarts, jagged cosine LR (min ratio 0.1,
+re-warm-up over --restart-warmup steps). No full-rank warm start.
 Runs on the GPU when there is one (TF32 matmuls by default, fp32 parameters and optimizer state),
 else on the CPU in fp32. Train loss is logged as the mean over --log-every steps (one host sync per
 window). --deadline (unix time) stops the run cleanly (last record "truncated") once passed.

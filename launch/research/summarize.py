@@ -117,6 +117,18 @@ def study_rows(studies):
     return rows
 
 
+def group_by(rows, key) -> dict:
+    """{key(row): [rows with that key]} in row order."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
+def run_seed(r) -> int:
+    return r["cfg"].get("seed", 0)
+
+
 def uuid_key(r):
     return (r["exact_match"], r["value_acc"], -(r["loss"] if r["loss"] is not None else 9e9))
 
@@ -124,16 +136,13 @@ def uuid_key(r):
 def setting(r):
     """Runs comparable in an LR sweep: same method, pairs, planned epochs and seed."""
     c = r["cfg"]
-    return (r["method"], c.get("n_pairs"), c.get("epochs"), c.get("seed", 0)) if r["kind"] == "uuid" else \
+    return (r["method"], c.get("n_pairs"), c.get("epochs"), run_seed(r)) if r["kind"] == "uuid" else \
         (r["method"], c.get("steps"), c.get("r"))
 
 
 def best_by_setting(rows, kind):
     """{setting: (best row, 'low edge'|'high edge'|'interior'|'single LR')}"""
-    groups = {}
-    for r in rows:
-        if r["kind"] == kind:
-            groups.setdefault(setting(r), []).append(r)
+    groups = group_by([r for r in rows if r["kind"] == kind], setting)
     out = {}
     for k, rs in groups.items():
         best = max(rs, key=uuid_key) if kind == "uuid" else min(rs, key=lambda r: r["ppl"])
@@ -157,14 +166,14 @@ def gpu_uuid(rows, out):
     main = max({(k[1], k[2]) for k in best}, key=lambda pe: sum(1 for r in rows if (r["n_pairs"], r["cfg"]["epochs"]) == pe))
     best = {k: v for k, v in best.items() if (k[1], k[2]) == main and k[3] == 0}
     bests = {id(b) for b, _ in best.values()}
-    sweep = [r for r in rows if (r["n_pairs"], r["cfg"]["epochs"]) == main and r["cfg"].get("seed", 0) == 0]
+    sweep = [r for r in rows if (r["n_pairs"], r["cfg"]["epochs"]) == main and run_seed(r) == 0]
     lines = ["\n### UUID memorisation: LR sweep (best LR per method in bold)\n",
              "| method | trainable | pairs | seed | lr | epochs | final EM | best EM (epoch) | first epoch EM>=0.9 "
              "| value-token acc | final loss |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(sweep, key=lambda r: (setting(r), r["lr"])):
         b = "**" if id(r) in bests else ""
         ep = f"{r['epochs']}/{r['epochs_planned']}" + (" cut" if r["truncated"] else "")
-        lines.append(f"| {b}{r['method']}{b} | {r['trainable']:,} | {r['n_pairs']} | {r['cfg'].get('seed', 0)} | {b}{r['lr']:g}{b} "
+        lines.append(f"| {b}{r['method']}{b} | {r['trainable']:,} | {r['n_pairs']} | {run_seed(r)} | {b}{r['lr']:g}{b} "
                      f"| {ep} | {b}{r['exact_match']:.3f}{b} | {r['best_exact_match']:.3f} ({r['best_epoch']}) "
                      f"| {_fmt(r['epoch_em90'], 'd')} | {r['value_acc']:.3f} | {_fmt(r['loss'], '.4f')} |")
     lines += ["\nBest LR per setting (grid position):\n"]
@@ -191,15 +200,15 @@ def gpu_uuid(rows, out):
     fig.savefig(Path(out) / "uuid_curves.png", dpi=110)
     plt.close(fig)
     # seeds and longer runs: every run outside the main seed-0 sweep, with its seed-0 sweep twin
-    extra = [r for r in rows if (r["n_pairs"], r["cfg"]["epochs"]) != main or r["cfg"].get("seed", 0) != 0]
+    extra = [r for r in rows if (r["n_pairs"], r["cfg"]["epochs"]) != main or run_seed(r) != 0]
     if extra:
         fig, ax = plt.subplots(figsize=(8, 4.6))
-        for r in sorted(rows, key=lambda r: (r["method"], r["lr"], r["cfg"]["epochs"], r["cfg"].get("seed", 0))):
-            twin = (r["n_pairs"], r["cfg"]["epochs"]) == main and r["cfg"].get("seed", 0) == 0
+        for r in sorted(rows, key=lambda r: (r["method"], r["lr"], r["cfg"]["epochs"], run_seed(r))):
+            twin = (r["n_pairs"], r["cfg"]["epochs"]) == main and run_seed(r) == 0
             if not (r in extra or (twin and any(x["method"] == r["method"] and x["lr"] == r["lr"] for x in extra))):
                 continue
             ev = [x for x in r["recs"] if "eval/exact_match" in x]
-            sd, ep = r["cfg"].get("seed", 0), r["cfg"]["epochs"]
+            sd, ep = run_seed(r), r["cfg"]["epochs"]
             ls = "--" if ep != main[1] else ["-", ":", "-."][sd % 3]
             lab = f"{r['method']} lr={r['lr']:g}, {ep} ep, seed {sd}"
             ax.plot([x["epoch"] for x in ev], [x["eval/exact_match"] for x in ev], ls=ls, label=lab,
@@ -210,24 +219,20 @@ def gpu_uuid(rows, out):
         fig.savefig(Path(out) / "uuid_seeds.png", dpi=110)
         plt.close(fig)
     # seed table: runs sharing method, lr, pairs and epochs
-    by = {}
-    for r in rows:
-        by.setdefault((r["method"], r["lr"], r["n_pairs"], r["cfg"]["epochs"]), []).append(r)
+    by = group_by(rows, lambda r: (r["method"], r["lr"], r["n_pairs"], r["cfg"]["epochs"]))
     multi = {k: v for k, v in by.items() if len(v) > 1 or k[3] != main[1]}
     if multi:
         lines += ["\n### UUID: seeds and longer runs\n",
                   "| method | lr | pairs | epochs | seeds | final EM per seed | mean EM | mean value-token acc |",
                   "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: |"]
         for k, v in sorted(multi.items()):
-            v = sorted(v, key=lambda r: r["cfg"].get("seed", 0))
+            v = sorted(v, key=run_seed)
             ems = [r["exact_match"] for r in v]
-            lines.append(f"| {k[0]} | {k[1]:g} | {k[2]} | {k[3]} | {', '.join(str(r['cfg'].get('seed', 0)) for r in v)} "
+            lines.append(f"| {k[0]} | {k[1]:g} | {k[2]} | {k[3]} | {', '.join(str(run_seed(r)) for r in v)} "
                          f"| {', '.join(f'{e:.3f}' for e in ems)} | {sum(ems) / len(ems):.3f} "
                          f"| {sum(r['value_acc'] for r in v) / len(v):.3f} |")
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
-    groups = {}
-    for r in rows:
-        groups.setdefault(setting(r), []).append(r)
+    groups = group_by(rows, setting)
     for k, rs in sorted(groups.items()):
         if len(rs) < 2:
             continue
@@ -262,11 +267,8 @@ def _lr_axis(ax, lrs) -> None:
 
 def pretrain_seed_table(rows) -> list:
     """Held-out perplexity per seed for every (method, lr) that has runs at seeds other than 0."""
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["lr"], r["cfg"].get("steps"), r["cfg"].get("r")), []).append(r)
-    groups = {k: sorted(v, key=lambda r: r["cfg"].get("seed", 0)) for k, v in groups.items()
-              if any(r["cfg"].get("seed", 0) for r in v)}
+    groups = group_by(rows, lambda r: (r["method"], r["lr"], r["cfg"].get("steps"), r["cfg"].get("r")))
+    groups = {k: sorted(v, key=run_seed) for k, v in groups.items() if any(run_seed(r) for r in v)}
     if not groups:
         return []
     lines = ["\n### Pretraining: seeds (base init and batch order) at each method's best LR\n",
@@ -274,7 +276,7 @@ def pretrain_seed_table(rows) -> list:
              "| --- | ---: | ---: | --- | --- | ---: | ---: |"]
     for (m, lr, steps, _), v in sorted(groups.items()):
         p = [r["ppl"] for r in v]
-        lines.append(f"| {m} | {lr:g} | {steps} | {', '.join(str(r['cfg'].get('seed', 0)) for r in v)} "
+        lines.append(f"| {m} | {lr:g} | {steps} | {', '.join(str(run_seed(r)) for r in v)} "
                      f"| {', '.join(f'{x:.3f}' for x in p)} | {sum(p) / len(p):.3f} | {max(p) - min(p):.3f} |")
     return lines
 
@@ -284,7 +286,7 @@ def gpu_pretrain(rows, out):
     if not rows:
         return []
     seed_lines = pretrain_seed_table(rows)
-    rows = [r for r in rows if not r["cfg"].get("seed", 0)]  # the LR sweep is seed 0
+    rows = [r for r in rows if not run_seed(r)]  # the LR sweep is seed 0
     best = best_by_setting(rows, "pretrain")
     bests = {id(b) for b, _ in best.values()}
     lines = ["\n### Pretraining from scratch: LR sweep (best LR per method in bold)\n",
@@ -305,9 +307,7 @@ def gpu_pretrain(rows, out):
         ev = [x for x in b["recs"] if "eval/ppl" in x]
         ax[0].plot([x["step"] for x in tr], [x["loss"] for x in tr], lw=0.8, label=f"{k[0]} lr={b['lr']:g}")
         ax[1].plot([x["step"] for x in ev], [x["eval/ppl"] for x in ev], marker="o", ms=3, label=f"{k[0]} lr={b['lr']:g}")
-    groups = {}
-    for r in rows:
-        groups.setdefault(setting(r), []).append(r)
+    groups = group_by(rows, setting)
     for k, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["lr"])
         ax[2].plot([r["lr"] for r in rs], [r["ppl"] for r in rs], marker="o", label=f"{k[0]} ({k[1]} steps)")
