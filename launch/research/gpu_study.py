@@ -182,7 +182,7 @@ def last_line(path: Path) -> str:
             f.seek(0, 2)
             f.seek(max(0, f.tell() - 4096))
             lines = [x for x in f.read().decode("utf-8", "replace").splitlines() if x.strip()
-                     and "arn" not in x]  # skip library warnings
+                     and "warn" not in x.lower()]  # skip library warnings
         return lines[-1].strip()[:150] if lines else ""
     except OSError:
         return ""
