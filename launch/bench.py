@@ -9,13 +9,13 @@ runs in its own process (peak memory per configuration). It then runs the peer s
 ratios to PEFT LoRA. FLOPs and MFU use the peer's formula (frozen base: 2x forward, full FT: 3x).
 
     python3 launch/bench.py                       # the table (GPU): every row eager and as one CUDA graph
-    python3 launch/bench.py --check               # fused adapter path vs per-adapter path vs dense
+    python3 launch/bench.py --check               # merged-weight adapter path vs per-adapter path vs dense
     python3 launch/bench.py --sweep               # before/after variants (docs/performance.md)
     python3 launch/bench.py --attn                # SDPA kernels on the model's attention shape
 
 Options: --rows, --modes eager,graph, --mbs, --steps, --no-compile, --no-fuse, --peer PATH (default: ../shared/bench/peer_peft.py, then
 shared/bench/peer_peft.py, then .bench/peer_peft.py), --no-peer, --json OUT.
-Library knobs it measures: MORA_DIST_ADAPTER_FAST (fused adapter path, default on),
+Library knobs it measures: MORA_DIST_ADAPTER_FAST (merged-weight adapter path at TP=1, default on),
 megatron config fusions and torch.compile of RMSNorm / RoPE (mora_dist/models/kernels.py, on by
 default on a GPU) and the whole step as one CUDA graph. Results: docs/performance.md.
 """
@@ -350,9 +350,9 @@ def run_peer(path, mbs: int, seq: int, timeout: int = 420):
 
 # ----------------------------------------------------------------------------- checks
 def check(size_name: str = "1b", layers: int = 2) -> list:
-    """On the current device, for each method: the fused path (MORA_DIST_ADAPTER_FAST) against the
-    per-adapter path (output, input grad, parameter grads of a short model) and one fused layer
-    (linear_qkv) against a dense float64 reference x (W0 + dW)^T."""
+    """On the current device, for each method: the merged-weight path (MORA_DIST_ADAPTER_FAST)
+    against the per-adapter path (output, input grad, parameter grads of a short model) and one
+    layer (linear_qkv) against a dense float64 reference x (W0 + dW)^T."""
     import torch
 
     from mora_dist.adapters import AdapterConfig
@@ -393,9 +393,9 @@ def check(size_name: str = "1b", layers: int = 2) -> list:
             loss.backward()
             return loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-        res["fused"], res["per_adapter"] = grads(True), grads(False)
+        res["merged"], res["per_adapter"] = grads(True), grads(False)
         adapters_base.FAST_PATH = True
-        # one fused layer against float64 dense (bf16 model)
+        # one layer against float64 dense (bf16 model)
         layer = model.decoder.layers[0].self_attention.linear_qkv
         x = torch.randn(64, 2, spec.hidden_size, generator=g, device=dev, dtype=torch.bfloat16)
         with torch.no_grad():
@@ -407,9 +407,9 @@ def check(size_name: str = "1b", layers: int = 2) -> list:
             base = x.double() @ layer.base.weight.double().t()
         model.float()  # fp32 reference of the same model: every adapter gradient, both bf16 paths
         res["fp32"] = grads(True)
-        row = dict(check=name, loss_fused=round(float(res["fused"][0]), 5), loss_per_adapter=round(float(res["per_adapter"][0]), 5),
+        row = dict(check=name, loss_merged=round(float(res["merged"][0]), 5), loss_per_adapter=round(float(res["per_adapter"][0]), 5),
                    loss_fp32=round(float(res["fp32"][0]), 5))
-        for k in ("fused", "per_adapter"):
+        for k in ("merged", "per_adapter"):
             row[f"grad_rel_{k}_vs_fp32"] = round(max(rel(res[k][1][n], res["fp32"][1][n]) for n in res["fp32"][1]), 5)
         row.update(qkv_out_rel_vs_fp64=round(rel(y, ref), 5),
                    adapter_share_of_qkv=round(float((ref - base).norm() / ref.norm()), 4))
@@ -613,10 +613,10 @@ def sweep_configs(base: dict) -> list:
     ]
     for n in ("lora", "mora-sharing", "vera", "mora-rotation", "allora"):
         out.append(dict(base, name=f"{n}:per-adapter", env=slow, **ROWS[n]))
-        out.append(dict(base, name=f"{n}:fused", **ROWS[n]))
-        out.append(dict(base, name=f"{n}:fused+graph", graph=True, **ROWS[n]))
+        out.append(dict(base, name=f"{n}:fast", **ROWS[n]))
+        out.append(dict(base, name=f"{n}:fast+graph", graph=True, **ROWS[n]))
     out += [
-        dict(base, name="lora-mbs8:fused", **dict(ROWS["lora"], mbs=8)),
+        dict(base, name="lora-mbs8:fast", **dict(ROWS["lora"], mbs=8)),
         dict(base, name="full", **ROWS["full"]),
     ]
     return out

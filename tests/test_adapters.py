@@ -125,47 +125,60 @@ def test_rotation_rejects_explicit_odd_rank():
     (64, [(64, 16, 4), (64, 16, 1)]),    # aligned chunks, 4 groups
     (200, [(90, 44, 3), (30, 20, 3)]),   # rh = 44: 2 chunks a superblock, pieces start mid-chunk
 ])
-def test_blockdiag_layer_matches_dense(d_in, shapes):
-    """All MoRA block adapters of a layer in one BlockDiagAdd, each adapter's rows split into G
-    groups interleaved in a wider output (as q/k/v in megatron's fused qkv layer), accumulated in
-    place; against a dense float64 dW built independently: block_diag of the chunk matrices,
-    adapter rows read mod L, input columns mod d_in, placed at the group columns."""
+def test_merged_layer_matches_dense(d_in, shapes):
+    """The merged-weight path (mora_dist/parallel/merged.py) of a layer holding MoRA block adapters,
+    each adapter's rows split into G groups interleaved in a wider output (as q/k/v in megatron's
+    fused qkv layer), plus a factor adapter (matrix mid) in a per-group gap; the first block adapter
+    and the factor adapter with ALLoRA row coefficients c. Against float64 dense references built
+    independently: y = x (W0 + sum dW)^T, block dW = block_diag of the chunk matrices with adapter
+    rows read mod L and input columns mod d_in; parameter gradients from the output gradient
+    scaled by c on each adapter's rows, the input gradient from the plain one."""
     from mora_dist.adapters import blockdiag
+    from mora_dist.parallel import merged
 
     gen = torch.Generator().manual_seed(d_in)
-    T = 6
+    T, gap, k = 6, 4, 3
     widths = [d_out // G for d_out, _, G in shapes]
-    stride = sum(widths) + 4  # a per-group gap no adapter writes
+    stride = sum(widths) + gap  # the factor adapter's rows close each group
     G = shapes[0][2]
     assert all(sh[2] in (1, G) for sh in shapes)
-    n_out = 8 + G * stride
-    plans, Wcs, cols = [], [], []
-    off = 8
-    for (d_out, rh, g), w in zip(shapes, widths):
+    n_out = G * stride
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=D) * 0.3  # noqa: E731
+    blocks, Wcs, cols = [], [], []
+    off = 0
+    for i, ((d_out, rh, g), w) in enumerate(zip(shapes, widths)):
         geo = blockdiag.geometry(rh, d_in, d_out)
-        if g == 1:
-            segs = ((0, d_out, off),)
-        else:
-            segs = tuple((k * w, (k + 1) * w, off + k * stride) for k in range(g))
-        plans.append((geo, segs))
-        Wcs.append((torch.randn(geo.n_used, rh, rh, generator=gen, dtype=D) * 0.3).requires_grad_(True))
+        segs = ((0, d_out, off),) if g == 1 else tuple((j * w, (j + 1) * w, off + j * stride) for j in range(g))
+        c = torch.rand(d_out, generator=gen, dtype=D) + 0.5 if i == 0 else None
+        blocks.append(merged.Block((geo, segs), c))
+        Wcs.append(rnd(geo.n_used, rh, rh).requires_grad_(True))
         cols.append(torch.cat([torch.arange(d0, d0 + f1 - f0) for f0, f1, d0 in segs]))
         off += w
-    x = torch.randn(T, d_in, generator=gen, dtype=D, requires_grad=True)
-    base = torch.randn(T, n_out, generator=gen, dtype=D, requires_grad=True)
+    pos = (off + stride * torch.arange(G)[:, None] + torch.arange(gap)[None, :]).reshape(-1)
+    P, mid, Q = (rnd(*sh).requires_grad_(True) for sh in ((k, d_in), (k, k), (G * gap, k)))
+    c_f = torch.rand(G * gap, generator=gen, dtype=D) + 0.5
+    term = merged.Term(("blk", G, stride, off, gap, pos), 0, c_f)
+    W0 = rnd(n_out, d_in)
+    x = rnd(T, d_in).requires_grad_(True)
     gout = torch.randn(T, n_out, generator=gen, dtype=D)
-    out = blockdiag.BlockDiagAdd.apply(base * 1.0, x, plans, *Wcs)
+    plan = merged.Plan(1, (term,), tuple(blocks))
+    out = merged.MergedLinear.apply(x, W0, plan, P, mid, Q, *Wcs)
     (out * gout).sum().backward()
 
-    Wr = [w.detach().clone().requires_grad_(True) for w in Wcs]
-    xr, br = (t.detach().clone().requires_grad_(True) for t in (x, base))
-    ref = br * 1.0
-    for (geo, _), W, c in zip(plans, Wr, cols):
-        L = geo.L
-        Bd = torch.block_diag(*W)[torch.arange(geo.d_out) % L]  # [d_out, L]
-        dw = torch.zeros(geo.d_out, d_in, dtype=D).index_add(1, torch.arange(L) % d_in, Bd)
-        ref = ref.index_add(1, c, xr @ dw.t())
-    (ref * gout).sum().backward()
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    for got, want in [(x.grad, xr.grad), (base.grad, br.grad)] + list(zip([w.grad for w in Wcs], [w.grad for w in Wr])):
+    params = [P, mid, Q, *Wcs]
+    refs = [t.detach().clone().requires_grad_(True) for t in params]
+    xr = x.detach().clone().requires_grad_(True)
+    parts = [(Q_ @ M_ @ P_, pos, c_f) for P_, M_, Q_ in [refs[:3]]]  # (dW rows, layer rows, c)
+    for blk, W, c in zip(blocks, refs[3:], cols):
+        geo = blk.plan[0]
+        Bd = torch.block_diag(*W)[torch.arange(geo.d_out) % geo.L]  # [d_out, L]
+        parts.append((torch.zeros(geo.d_out, d_in, dtype=D).index_add(1, torch.arange(geo.L) % d_in, Bd), c, blk.c))
+    Weff = W0.clone()
+    for dw, rows, _ in parts:
+        Weff = Weff.index_add(0, rows, dw)
+    yr = xr @ Weff.t()
+    xr.grad, = torch.autograd.grad((yr * gout).sum(), xr)
+    sum(((x.detach() @ dw.t()) * gout[:, rows] * (1 if c is None else c)).sum() for dw, rows, c in parts).backward()
+    torch.testing.assert_close(out, yr, rtol=1e-10, atol=1e-10)
+    for got, want in [(x.grad, xr.grad)] + [(t.grad, r.grad) for t, r in zip(params, refs)]:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -116,7 +116,7 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT):
 
 
 ALLORA = [("lora", {"allora_eta": 2.0}), ("mora", {"mora_type": "sharing", "allora_eta": 1.0}),
-          ("vera", {"allora_eta": 1.5})]
+          ("vera", {"allora_eta": 1.5}), ("mora", {"mora_type": "rotation", "allora_eta": 1.0})]
 
 
 def _all_cases(rank, sps):

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 METHODS = ("lora", "mora", "vera")
-# Unsharded fast paths (`Adapter.factors`, MoRA's GEMM forms, `AdaptedLinear._fused_out`).
+# Unsharded fast paths (`Adapter.factors`, `block_operator`, the merged-weight path of `AdaptedLinear`).
 # MORA_DIST_ADAPTER_FAST=0 (or setting this to False) restores the original per-adapter index-map
 # path everywhere: kept for before/after measurements (docs/performance.md) and as a reference.
 FAST_PATH = os.environ.get("MORA_DIST_ADAPTER_FAST", "1") != "0"
@@ -164,16 +164,15 @@ def kaiming_uniform(shape, generator: torch.Generator, a: float = 0.0) -> torch.
 
 @dataclass
 class Factors:
-    """An unsharded adapter's update as three factors, for the fused GPU path of `AdaptedLinear`:
+    """An unsharded adapter's update as three factors, for the merged-weight path of
+    `AdaptedLinear` (mora_dist/parallel/merged.py):
 
-        delta(x) = mid(x @ P^T) @ Q^T,   mid(h) = h (None) | h * mid (vector) | h @ mid^T (matrix)
+        delta(x) = mid(x @ P^T) @ Q^T,   dW = Q mid P,   mid(h) = h (None) | h * mid (vector) | h @ mid^T (matrix)
 
     P [k, d_in], mid, Q [d_out, k'] are already in the activation dtype and carry gradients to
-    the trainables (fp32 master weights are cast here, once per forward). Frozen 0/1 or random
-    factors (MoRA's compress/decompress, VeRA's shared projections) make every adapter a pair of
-    skinny GEMMs, so the adapters of one fused layer run as one GEMM over x and one GEMM that
-    accumulates straight into the base output. `p_key`: adapters with equal keys share an identical
-    frozen P (VeRA's A), so x @ P^T is computed once for them.
+    the trainables (fp32 master weights are cast here, once per forward). The layer adds Q (mid P)
+    to its weight for the forward; the backward needs x @ P^T and g @ Q, skinny GEMMs. `p_key`:
+    adapters with equal keys share an identical frozen P (VeRA's A), so x @ P^T is computed once.
     """
 
     P: torch.Tensor
@@ -234,7 +233,7 @@ class Adapter(nn.Module):
         """`Factors` of this adapter on an unsharded layer (TP=1), or None (use `forward`)."""
         return None
 
-    def block_operator(self, dtype):
+    def block_operator(self):
         """MoRA block types only (mora.py); None: not a block-diagonal operator."""
         return None
 

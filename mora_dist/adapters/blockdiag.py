@@ -1,22 +1,20 @@
-"""MoRA's block types (rotation, decouple) on an unsharded layer as strided batched GEMMs.
+"""MoRA's block types (rotation, decouple) on an unsharded layer, for the merged-weight path
+(`mora_dist/parallel/merged.py`).
 
 A block type's update is block-diagonal: chunk c of the padded input x' (x'[p] = x[p mod d_in],
 chunks of rh) maps to rows [c rh, (c+1) rh) of a flat output by W_c = M R_c, and adapter output
-row j reads flat[j mod L] (L = n_used rh; truncated, or tiled when L < d_out). The naive code
-copies x into a [chunks, T, rh] batch, runs bmm, copies back to row order, tiles and adds: 4-6
-passes over the activations per adapter and direction, which made MoRA rotation 66% slower than
-LoRA on the 1.1B model (docs/performance.md). Here the activations are not copied:
+row j reads flat[j mod L] (L = n_used rh; truncated, or tiled when L < d_out). An adapter's rows
+may also be split over the layer's output (q/k/v: one piece per query group in the fused qkv
+layer). Two operations serve the merged path, both driven by the same list of `operations`:
 
-- `superblocks` of S = g rh (g chunks, g = 8 / gcd(rh, 8)) make every batch start 16-byte aligned
-  in bf16, so cuBLAS keeps its fast kernels (rh = 180 gives S = 360; the g x g block-diagonal
-  S x S matrix costs g times the minimal FLOPs, which are small next to the base GEMM);
-- the input is read through a strided view x[:, a:a + n S].view(T, n, S).transpose(0, 1), and the
-  result is accumulated in place (`baddbmm_`) through the same kind of view of the layer's output
-  columns: a batch stride of S and a row stride of the layer width need no copy;
-- an adapter's rows may be split over the output (q/k/v: one block per query group in the fused
-  qkv layer) and tiled: every contiguous piece is its own set of GEMMs, superblocks inside it
-  batched, the partial chunks at its ends as small dense GEMMs (only these read a wrapped copy);
-- all block adapters of a layer run in one autograd Function, so the backward builds one dx.
+- `add_blocks_`: W[rows] += the update, in place on the layer's effective weight (the chunk
+  matrices land on strided diagonal-block views of W; partial chunks at a piece's ends as small
+  dense adds, wrapped input columns folded back by index);
+- `block_grads`: d loss / d W_c, the block-diagonal part of g^T x' (never the dense g^T x):
+  strided batched GEMMs over `superblocks` of S = g rh (g chunks, g = 8 / gcd(rh, 8)), so every
+  batch of x and g starts 16-byte aligned in bf16 and cuBLAS keeps its fast kernels (rh = 180
+  gives S = 360: the S x S product costs g times the minimal FLOPs, small next to the base GEMMs),
+  read through views (no copies of x or g); the partial chunks as small dense GEMMs.
 """
 from __future__ import annotations
 
@@ -51,9 +49,9 @@ def geometry(rh: int, d_in: int, d_out: int) -> Geometry:
 
 @lru_cache(maxsize=None)
 def operations(geo: Geometry, segments: tuple) -> tuple:
-    """The GEMMs that write adapter rows [f0, f1) to output columns [d0, ...) for each segment
-    (f0, f1, d0): ("sb", i0, i1, col) = superblocks [i0, i1) into columns [col, col + (i1-i0) S);
-    ("small", h0, h1, col) = flat rows [h0, h1) (partial chunks) into [col, col + h1 - h0)."""
+    """The pieces placing adapter rows [f0, f1) at layer output rows [d0, ...) for each segment
+    (f0, f1, d0): ("sb", i0, i1, row) = superblocks [i0, i1) at rows [row, row + (i1-i0) S);
+    ("small", h0, h1, row) = flat rows [h0, h1) (partial chunks) at rows [row, row + h1 - h0)."""
     S, L, rh = geo.S, geo.L, geo.rh
     ops = []
     for f0, f1, d0 in segments:
@@ -61,29 +59,18 @@ def operations(geo: Geometry, segments: tuple) -> tuple:
         while j < f1:  # pieces that stay inside one tile of L rows
             k = j // L
             end = min(f1, (k + 1) * L)
-            p0, p1, col = j - k * L, end - k * L, d0 + j - f0
+            p0, p1, row = j - k * L, end - k * L, d0 + j - f0
             i0, i1 = -(-p0 // S), min(p1 // S, geo.d_in // S)
             if i1 > i0:
                 if p0 < i0 * S:
-                    ops.append(("small", p0, i0 * S, col))
-                ops.append(("sb", i0, i1, col + i0 * S - p0))
+                    ops.append(("small", p0, i0 * S, row))
+                ops.append(("sb", i0, i1, row + i0 * S - p0))
                 if i1 * S < p1:
-                    ops.append(("small", i1 * S, p1, col + i1 * S - p0))
+                    ops.append(("small", i1 * S, p1, row + i1 * S - p0))
             else:
-                ops.append(("small", p0, p1, col))
+                ops.append(("small", p0, p1, row))
             j = end
     return tuple(ops)
-
-
-def _superblocks(Wc: torch.Tensor, geo: Geometry, n: int) -> torch.Tensor:
-    """[n, S, S] block-diagonal matrices of chunks [i g, (i+1) g)."""
-    rh, g = geo.rh, geo.g
-    if g == 1:
-        return Wc[:n]
-    W = Wc.new_zeros(n, geo.S, geo.S)
-    for j in range(g):
-        W[:, j * rh:(j + 1) * rh, j * rh:(j + 1) * rh] = Wc[j:n * g:g]
-    return W
 
 
 def _small_weight(Wc: torch.Tensor, rh: int, h0: int, h1: int):
@@ -111,80 +98,66 @@ def _n_sb(ops) -> int:
     return max((op[2] for op in ops if op[0] == "sb"), default=0)
 
 
-class BlockDiagAdd(torch.autograd.Function):
-    """out2 = out.view(-1, n): out2[:, cols] += blockdiag(W_c) x' for every adapter, in place.
+def _diag_blocks(W: torch.Tensor, row0: int, col0: int, n: int, rh: int) -> torch.Tensor:
+    """The n diagonal rh x rh blocks of a contiguous 2-D W from (row0, col0) on, as a [n, rh, rh]
+    strided view (block c at rows row0 + c rh, columns col0 + c rh)."""
+    d = W.shape[1]
+    return W.as_strided((n, rh, rh), (rh * d + rh, d, 1), W.storage_offset() + row0 * d + col0)
 
-    `plans`: one (geometry, segments) per adapter, segments = ((f0, f1, d0), ...) placing adapter
-    rows [f0, f1) at output columns d0...; `Wcs`: each adapter's [n_used, rh, rh] chunk matrices."""
 
-    @staticmethod
-    def forward(ctx, out, x2, plans, *Wcs):
-        o2 = out.view(-1, out.shape[-1])
-        cache = {}
-        for (geo, segs), Wc in zip(plans, Wcs):
-            ops = operations(geo, segs)
-            n = _n_sb(ops)
-            Wsb = _superblocks(Wc, geo, n) if n else None
-            for op in ops:
-                if op[0] == "sb":
-                    _, i0, i1, col = op
-                    _sb_view(o2, col, i1 - i0, geo.S).baddbmm_(_sb_view(x2, i0 * geo.S, i1 - i0, geo.S),
-                                                             Wsb[i0:i1].transpose(1, 2))
-                else:
-                    _, h0, h1, col = op
-                    W, c0, c1 = _small_weight(Wc, geo.rh, h0, h1)
-                    o2[:, col:col + h1 - h0].addmm_(_window(x2, c0 * geo.rh, c1 * geo.rh, geo.d_in, cache), W.t())
-        ctx.mark_dirty(out)
-        ctx.plans = plans
-        ctx.save_for_backward(x2, *Wcs)
-        return out
+@torch.no_grad()
+def add_blocks_(W: torch.Tensor, plans, Wcs) -> None:
+    """W[:, ...] += every adapter's block-diagonal update, in place, each rounded once to W's dtype.
 
-    @staticmethod
-    def backward(ctx, g):
-        x2, *Wcs = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        need_x = ctx.needs_input_grad[1]
-        d_in = x2.shape[1]
-        dx = x2.new_zeros(x2.shape[0], d_in) if need_x else None  # one contiguous dx for the layer
-        dWcs = []
-        cache = {}
-        for i, ((geo, segs), Wc) in enumerate(zip(ctx.plans, Wcs)):
-            need_w = ctx.needs_input_grad[3 + i]
-            ops = operations(geo, segs)
-            n, S, rh = _n_sb(ops), geo.S, geo.rh
-            Wsb = _superblocks(Wc, geo, n) if n else None
-            dWsb = Wc.new_zeros(n, S, S) if (need_w and n) else None
-            dWc = torch.zeros_like(Wc) if need_w else None
-            for op in ops:
-                if op[0] == "sb":
-                    _, i0, i1, col = op
-                    gsb = _sb_view(g2, col, i1 - i0, S)
-                    if need_x:
-                        _sb_view(dx, i0 * S, i1 - i0, S).baddbmm_(gsb, Wsb[i0:i1])
-                    if need_w:
-                        dWsb[i0:i1].baddbmm_(gsb.transpose(1, 2), _sb_view(x2, i0 * S, i1 - i0, S))
-                    continue
-                _, h0, h1, col = op
-                W, c0, c1 = _small_weight(Wc, rh, h0, h1)
-                a, b = c0 * rh, c1 * rh
-                gt = g2[:, col:col + h1 - h0]
-                if need_x:
-                    if b <= d_in:
-                        dx[:, a:b].addmm_(gt, W)
-                    else:  # wrapped input columns fold back onto x
-                        dxt = gt @ W
-                        p = a
-                        while p < b:
-                            q = min(b, (p // d_in + 1) * d_in)
-                            dx[:, p % d_in:p % d_in + q - p] += dxt[:, p - a:q - a]
-                            p = q
-                if need_w:
-                    dW = gt.t() @ _window(x2, a, b, d_in, cache)  # [h1 - h0, b - a]
-                    for k in range(c0, c1):
-                        r0, r1 = max(h0, k * rh), min(h1, (k + 1) * rh)
-                        dWc[k, r0 - k * rh:r1 - k * rh] += dW[r0 - h0:r1 - h0, (k - c0) * rh:(k - c0 + 1) * rh]
-            if dWsb is not None:
-                for j in range(geo.g):
-                    dWc[j:n * geo.g:geo.g] += dWsb[:, j * rh:(j + 1) * rh, j * rh:(j + 1) * rh]
-            dWcs.append(dWc)
-        return (g, dx, None, *dWcs)
+    W: the layer's [n_out, d_in] weight (contiguous); `plans`: one (geometry, segments) per adapter,
+    segments = ((f0, f1, d0), ...) placing adapter rows [f0, f1) at layer rows d0...; `Wcs`: each
+    adapter's [n_used, rh, rh] chunk matrices (fp32 master precision)."""
+    d_in = W.shape[1]
+    for (geo, segs), Wc in zip(plans, Wcs):
+        rh, g = geo.rh, geo.g
+        for op in operations(geo, segs):
+            if op[0] == "sb":
+                _, i0, i1, row = op
+                _diag_blocks(W, row, i0 * geo.S, (i1 - i0) * g, rh).add_(Wc[i0 * g:i1 * g])
+                continue
+            _, h0, h1, row = op
+            Ws, c0, c1 = _small_weight(Wc, rh, h0, h1)
+            a, b = c0 * rh, c1 * rh
+            if b <= d_in:
+                W[row:row + h1 - h0, a:b].add_(Ws)
+            else:  # wrapped input columns fold back onto x's (x'[p] = x[p mod d_in])
+                cols = torch.arange(a, b, device=W.device) % d_in
+                W[row:row + h1 - h0].add_(Ws.new_zeros(h1 - h0, d_in).index_add_(1, cols, Ws))
+
+
+def block_grads(g2: torch.Tensor, x2: torch.Tensor, plans, Wcs, needs) -> list:
+    """d loss / d W_c for every adapter whose `needs` is true (else None), in W_c's dtype, from the
+    layer's output gradient g2 [T, n_out] and input x2 [T, d_in]: for each piece of an adapter's
+    rows, g[:, piece]^T x'[:, chunk columns], summed over the tiles that read the same chunk."""
+    d_in = x2.shape[1]
+    out, cache = [], {}
+    for (geo, segs), Wc, need in zip(plans, Wcs, needs):
+        if not need:
+            out.append(None)
+            continue
+        ops = operations(geo, segs)
+        n, S, rh = _n_sb(ops), geo.S, geo.rh
+        dWsb = Wc.new_zeros(n, S, S) if n else None
+        dWc = torch.zeros_like(Wc)
+        for op in ops:
+            if op[0] == "sb":
+                _, i0, i1, row = op
+                dWsb[i0:i1] += torch.bmm(_sb_view(g2, row, i1 - i0, S).transpose(1, 2),
+                                         _sb_view(x2, i0 * S, i1 - i0, S))
+                continue
+            _, h0, h1, row = op
+            c0, c1 = h0 // rh, -(-h1 // rh)
+            dW = g2[:, row:row + h1 - h0].t() @ _window(x2, c0 * rh, c1 * rh, d_in, cache)  # [h1 - h0, (c1-c0) rh]
+            for k in range(c0, c1):
+                r0, r1 = max(h0, k * rh), min(h1, (k + 1) * rh)
+                dWc[k, r0 - k * rh:r1 - k * rh] += dW[r0 - h0:r1 - h0, (k - c0) * rh:(k - c0 + 1) * rh]
+        if dWsb is not None:
+            for j in range(geo.g):
+                dWc[j:n * geo.g:geo.g] += dWsb[:, j * rh:(j + 1) * rh, j * rh:(j + 1) * rh]
+        out.append(dWc)
+    return out

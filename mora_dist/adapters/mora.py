@@ -182,27 +182,19 @@ class MoRA(Adapter):
         S = M * sin  # R_c = diag(cos) + diag(sin) rotate_half: (M diag(sin) rot)[:, r] = S[:, r+h] | -S[:, r-h]
         return M * cos + torch.cat((S[..., h:], -S[..., :h]), dim=-1)
 
-    def block_operator(self, dtype):
-        """Block types on an unsharded layer: (geometry, W_c = M R_c for the used chunks in `dtype`)
-        for `blockdiag.BlockDiagAdd`; None for the other types or a sharded layer."""
+    def block_operator(self):
+        """Block types on an unsharded layer: (geometry, W_c = M R_c for the used chunks, in M's
+        precision) for the merged-weight path (`blockdiag`); None for the other types or a sharded layer."""
         if not self.unsharded or self.type in GROUP_TYPES or self.type == "truncation":
             return None
         geo = blockdiag.geometry(self.rh, self.shard.d_in, self.shard.d_out)
-        return geo, self._chunk_mats(geo.n_used).to(dtype)
-
-    def _blocks_unsharded(self, x):
-        geo, Wc = self.block_operator(x.dtype)
-        x2 = x.reshape(-1, self.shard.d_in)
-        out = x2.new_zeros(x2.shape[0], self.shard.d_out)
-        delta = blockdiag.BlockDiagAdd.apply(out, x2, [(geo, ((0, geo.d_out, 0),))], Wc)
-        return delta.reshape(*x.shape[:-1], self.shard.d_out)
+        return geo, self._chunk_mats(geo.n_used)
 
     def forward(self, x):
         if self.unsharded:
             fac = self.factors(x.dtype)
-            if fac is None:
-                return self._blocks_unsharded(x)
-            return ((x @ fac.P.t()) @ fac.mid.t()) @ fac.Q.t()
+            if fac is not None:
+                return ((x @ fac.P.t()) @ fac.mid.t()) @ fac.Q.t()
         if self.type in GROUP_TYPES or self.type == "truncation":
             M = self.param("M", x, after_comm=False)
             y = to_rows(self._scatter(x, self.rh) @ M.t(), self.shard)
