@@ -1,5 +1,8 @@
 """Adapters on an unsharded layer against dense float64 references (tests/reference.py)."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,8 +131,9 @@ def test_rotation_rejects_explicit_odd_rank():
 def test_merged_layer_matches_dense(d_in, shapes):
     """The merged-weight path (mora_dist/parallel/merged.py) of a layer holding MoRA block adapters,
     each adapter's rows split into G groups interleaved in a wider output (as q/k/v in megatron's
-    fused qkv layer), plus a factor adapter (matrix mid) in a per-group gap; the first block adapter
-    and the factor adapter with ALLoRA row coefficients c. Against float64 dense references built
+    fused qkv layer), plus two factor adapters in a per-group gap (a trainable P with a matrix mid and
+    ALLoRA row coefficients c; a frozen P with a vector mid); the first block adapter with ALLoRA c
+    too. Against float64 dense references built
     independently: y = x (W0 + sum dW)^T, block dW = block_diag of the chunk matrices with adapter
     rows read mod L and input columns mod d_in; parameter gradients from the output gradient
     scaled by c on each adapter's rows, the input gradient from the plain one."""
@@ -154,22 +158,28 @@ def test_merged_layer_matches_dense(d_in, shapes):
         Wcs.append(rnd(geo.n_used, rh, rh).requires_grad_(True))
         cols.append(torch.cat([torch.arange(d0, d0 + f1 - f0) for f0, f1, d0 in segs]))
         off += w
-    pos = (off + stride * torch.arange(G)[:, None] + torch.arange(gap)[None, :]).reshape(-1)
-    P, mid, Q = (rnd(*sh).requires_grad_(True) for sh in ((k, d_in), (k, k), (G * gap, k)))
-    c_f = torch.rand(G * gap, generator=gen, dtype=D) + 0.5
-    term = merged.Term(("blk", G, stride, off, gap, pos), 0, c_f)
+    w2 = gap // 2
+    pos = [(off + o + stride * torch.arange(G)[:, None] + torch.arange(w2)[None, :]).reshape(-1) for o in (0, w2)]
+    P, mid, Q = (rnd(*sh).requires_grad_(True) for sh in ((k, d_in), (k, k), (G * w2, k)))
+    P2, mid2, Q2 = rnd(k + 1, d_in), rnd(k + 1).requires_grad_(True), rnd(G * w2, k + 1).requires_grad_(True)
+    c_f = torch.rand(G * w2, generator=gen, dtype=D) + 0.5
+    terms = (merged.Term(("blk", G, stride, off, w2, pos[0]), 0, c_f),
+             merged.Term(("blk", G, stride, off + w2, w2, pos[1]), 1, None))
     W0 = rnd(n_out, d_in)
     x = rnd(T, d_in).requires_grad_(True)
     gout = torch.randn(T, n_out, generator=gen, dtype=D)
-    plan = merged.Plan(1, (term,), tuple(blocks))
-    out = merged.MergedLinear.apply(x, W0, plan, P, mid, Q, *Wcs)
+    plan = merged.Plan(2, terms, tuple(blocks))
+    if os.environ.get("TRITON_INTERPRET") == "1":  # test_merged_layer_triton_kernels: the kernels must serve
+        assert all(blockdiag._kernels(x, b.plan[0]) is not None for b in blocks)
+    out = merged.MergedLinear.apply(x, W0, plan, P, P2, mid, Q, mid2, Q2, *Wcs)
     (out * gout).sum().backward()
 
-    params = [P, mid, Q, *Wcs]
+    params = [P, mid, Q, mid2, Q2, *Wcs]
     refs = [t.detach().clone().requires_grad_(True) for t in params]
     xr = x.detach().clone().requires_grad_(True)
-    parts = [(Q_ @ M_ @ P_, pos, c_f) for P_, M_, Q_ in [refs[:3]]]  # (dW rows, layer rows, c)
-    for blk, W, c in zip(blocks, refs[3:], cols):
+    Pr, Mr, Qr, M2r, Q2r = refs[:5]
+    parts = [(Qr @ Mr @ Pr, pos[0], c_f), (Q2r @ (M2r[:, None] * P2), pos[1], None)]  # (dW rows, layer rows, c)
+    for blk, W, c in zip(blocks, refs[5:], cols):
         geo = blk.plan[0]
         Bd = torch.block_diag(*W)[torch.arange(geo.d_out) % geo.L]  # [d_out, L]
         parts.append((torch.zeros(geo.d_out, d_in, dtype=D).index_add(1, torch.arange(geo.L) % d_in, Bd), c, blk.c))
@@ -182,3 +192,13 @@ def test_merged_layer_matches_dense(d_in, shapes):
     torch.testing.assert_close(out, yr, rtol=1e-10, atol=1e-10)
     for got, want in [(x.grad, xr.grad)] + [(t.grad, r.grad) for t, r in zip(params, refs)]:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_merged_layer_triton_kernels():
+    """test_merged_layer_matches_dense with the MoRA blocks through the Triton kernels
+    (mora_dist/adapters/blockdiag_kernels.py, what a GPU runs), executed by Triton's interpreter on
+    the CPU in float64 (TRITON_INTERPRET=1 must be set before triton is imported: a subprocess)."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"{__file__}::test_merged_layer_matches_dense"], env=dict(os.environ, TRITON_INTERPRET="1"),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "4 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

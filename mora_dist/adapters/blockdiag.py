@@ -19,6 +19,7 @@ layer). Two operations serve the merged path, both driven by the same list of `o
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -73,6 +74,37 @@ def operations(geo: Geometry, segments: tuple) -> tuple:
     return tuple(ops)
 
 
+@lru_cache(maxsize=None)
+def items(geo: Geometry, segments: tuple) -> tuple:
+    """Work items of the Triton kernels: (layer row of chunk row 0, chunk c, first valid chunk
+    row, end) for every (piece of a segment inside one tile of L rows, chunk) pair."""
+    rh, L = geo.rh, geo.L
+    out = []
+    for f0, f1, d0 in segments:
+        j = f0
+        while j < f1:
+            k = j // L
+            end = min(f1, (k + 1) * L)
+            p0, p1 = j - k * L, end - k * L
+            base = d0 + j - f0 - p0  # layer row of flat row 0 of this tile
+            for c in range(p0 // rh, -(-p1 // rh)):
+                out.append((base + c * rh, c, max(p0, c * rh) - c * rh, min(p1, (c + 1) * rh) - c * rh))
+            j = end
+    return tuple(out)
+
+
+def _kernels(t: torch.Tensor, geo: Geometry):
+    """The Triton module when it serves this call (a CUDA tensor, or TRITON_INTERPRET=1 for CPU
+    checks; rh <= d_in), else None (the torch forms below)."""
+    if geo.rh > geo.d_in or not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    try:
+        from mora_dist.adapters import blockdiag_kernels
+    except ImportError:
+        return None
+    return blockdiag_kernels
+
+
 def _small_weight(Wc: torch.Tensor, rh: int, h0: int, h1: int):
     """Rows [h0, h1) of blockdiag(W_c) over the chunks they touch: (matrix, first chunk, last + 1)."""
     c0, c1 = h0 // rh, -(-h1 // rh)
@@ -114,6 +146,10 @@ def add_blocks_(W: torch.Tensor, plans, Wcs) -> None:
     adapter's [n_used, rh, rh] chunk matrices (fp32 master precision)."""
     d_in = W.shape[1]
     for (geo, segs), Wc in zip(plans, Wcs):
+        kern = _kernels(W, geo)
+        if kern is not None:
+            kern.add_blocks_(W, Wc, items(geo, segs), geo.rh)
+            continue
         rh, g = geo.rh, geo.g
         for op in operations(geo, segs):
             if op[0] == "sb":
@@ -139,6 +175,10 @@ def block_grads(g2: torch.Tensor, x2: torch.Tensor, plans, Wcs, needs) -> list:
     for (geo, segs), Wc, need in zip(plans, Wcs, needs):
         if not need:
             out.append(None)
+            continue
+        kern = _kernels(g2, geo)
+        if kern is not None:
+            out.append(kern.block_grad(g2.contiguous(), x2.contiguous(), items(geo, segs), geo.n_used, geo.rh, Wc.dtype))
             continue
         ops = operations(geo, segs)
         n, S, rh = _n_sb(ops), geo.S, geo.rh

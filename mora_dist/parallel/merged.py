@@ -8,10 +8,10 @@ a step: linear_fc1's weight holds 23M values, its output 92M), so the layer buil
 weight once a step, W = W0 + dW, and the forward and the input gradient cost exactly what the
 frozen base costs. The parameter gradients come from (g, x) without the dense g^T x:
 
-- factor adapters (`Factors`, delta = mid(x P^T) Q^T): H = x P^T for the layer's distinct P (one
-  GEMM), then autograd of the surrogate sum_i <g_i Q_i, mid_i(H_i)>, whose gradients with respect
-  to P, mid and Q are the layer's; ALLoRA scales Q's rows by c in the surrogate only, so the
-  parameters see the row-scaled output gradient and x the plain one;
+- factor adapters (`Factors`, delta = mid(x P^T) Q^T, dW = Q mid P): H = x P^T for the layer's
+  distinct P (one GEMM), E = g^T H for Q's and mid's gradients, g Q only where P trains (LoRA),
+  formulas in `_factor_grads`; ALLoRA scales the output gradient's rows by c for the parameters
+  only (x gets the plain one);
 - MoRA block types (rotation, decouple): `blockdiag.block_grads`, the block-diagonal part of g^T x'.
 
 Precision: W0 + dW is rounded once to W0's dtype (addmm/add accumulate in fp32), as the bf16
@@ -70,15 +70,27 @@ def factor_row_coefficients(fac: Factors, eta: float) -> torch.Tensor:
     return torch.rsqrt(sq.sqrt() + 1.0 / eta**2)
 
 
-def _add_rows_(W: torch.Tensor, rows: tuple, Q: torch.Tensor, R: torch.Tensor) -> None:
-    """W[rows] += Q @ R in place, rounded once."""
-    if rows[0] == "range":
-        W[rows[1]:rows[2]].addmm_(Q, R)
-    elif rows[0] == "blk":
-        _, G, stride, off, w, _ = rows
-        W.view(G, stride, W.shape[1])[:, off:off + w].baddbmm_(Q.view(G, w, -1), R.expand(G, -1, -1))
-    else:
-        W.index_add_(0, rows[1], Q @ R)
+def _rows_of(t: torch.Tensor, rows: tuple) -> torch.Tensor:
+    """Rows `rows` (a Term's) of a 2-D tensor over the layer's output rows (a copy unless a range)."""
+    return t[rows[1]:rows[2]] if rows[0] == "range" else t.index_select(0, rows[-1])
+
+
+def _build(W0: torch.Tensor, plan: Plan, Ps, pairs) -> torch.Tensor:
+    """W0 + Q mid P of every factor term as one addmm over all rows with a block-sparse
+    [n_out, sum k] Q (one pass over the weight, one rounding), or a copy of W0 without terms."""
+    if not plan.terms:
+        return W0.detach().clone()
+    Rs = [Ps[t.slot] if mid is None else (mid[:, None] * Ps[t.slot] if mid.dim() == 1 else mid @ Ps[t.slot])
+          for t, (mid, _) in zip(plan.terms, pairs)]
+    Qf = W0.new_zeros(W0.shape[0], sum(r.shape[0] for r in Rs))
+    o = 0
+    for t, (_, Q), R in zip(plan.terms, pairs, Rs):
+        if t.rows[0] == "range":
+            Qf[t.rows[1]:t.rows[2], o:o + R.shape[0]] = Q
+        else:
+            Qf[t.rows[-1], o:o + R.shape[0]] = Q
+        o += R.shape[0]
+    return torch.addmm(W0.detach(), Qf, torch.cat(Rs) if len(Rs) > 1 else Rs[0])
 
 
 def _split(plan: Plan, ts):
@@ -86,28 +98,61 @@ def _split(plan: Plan, ts):
     return ts[:plan.n_p], [ts[plan.n_p + 2 * i:plan.n_p + 2 * i + 2] for i in range(len(plan.terms))], ts[nf:]
 
 
-def _factor_grads(g2, x2, plan: Plan, ts, need) -> list:
-    """Gradients of the factor tensors (P..., mid, Q, ...) through the surrogate of the module
-    docstring: only skinny GEMMs over x (x P^T) and g (g Q and g^T Z)."""
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(ts, need)]
-        Ps, pairs, _ = _split(plan, leaves)
-        H = x2 @ (Ps[0] if len(Ps) == 1 else torch.cat(Ps)).t()
-        Hs = H.split([p.shape[0] for p in Ps], 1)
-        total, scat_z, scat_q = [], [], []
-        for t, (mid, Q) in zip(plan.terms, pairs):
-            Z = apply_mid(Hs[t.slot], mid)
-            if t.c is not None:
-                Q = Q * t.c[:, None]
-            if t.rows[0] == "range":
-                total.append(((g2[:, t.rows[1]:t.rows[2]] @ Q) * Z).sum())
-            else:  # interleaved rows (q/k/v): one GEMM over g with a block-sparse Q for all of them
-                scat_z.append(Z)
-                scat_q.append(Q.new_zeros(g2.shape[1], Q.shape[1]).index_copy(0, t.rows[-1], Q))
-        if scat_z:
-            total.append(((g2 @ torch.cat(scat_q, 1)) * torch.cat(scat_z, 1)).sum())
-        got = iter(torch.autograd.grad(sum(total), [t for t, n in zip(leaves, need) if n]))
-    return [next(got) if n else None for n in need]
+def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
+    """Gradients of the factor tensors (P..., (mid, Q)...) from the layer's output gradient g and
+    input x2, with mid(h) = h mid^T | h * mid | h, Z = mid(H), H = x P^T, g_i = g's rows of term i
+    (ALLoRA: g_i diag(c), i.e. Q_e = c Q below):
+        E_i = g_i^T H;  dQ = diag(c) E_i mid^T | diag(c) E_i * mid | diag(c) E_i;
+        dmid = Q_e^T E_i | sum_rows(Q_e * E_i);  dH = (g_i Q_e) mid | (g_i Q_e) * mid | g_i Q_e;  dP = dH^T x.
+    Only skinny GEMMs with K = tokens; terms in interleaved rows (q/k/v) share one GEMM over g."""
+    Ps, pairs, _ = _split(plan, ts)
+    n_p, terms = plan.n_p, plan.terms
+    need_p = need[:n_p]
+    k_p = [p.shape[0] for p in Ps]
+    H = x2 @ (Ps[0] if n_p == 1 else torch.cat(Ps)).t()
+    Hs = H.split(k_p, 1)
+    Qe = [Q if t.c is None else Q * t.c[:, None] for t, (_, Q) in zip(terms, pairs)]
+    need_e = [need[n_p + 2 * i] or need[n_p + 2 * i + 1] for i in range(len(terms))]
+    scat = [i for i, t in enumerate(terms) if t.rows[0] != "range"]
+    E_scat, dZ_scat = {}, {}
+    slots = sorted({terms[i].slot for i in scat if need_e[i]})
+    if slots:  # E for every interleaved term: g^T [H of their slots], then each term's rows
+        E_all = g.t() @ torch.cat([Hs[s] for s in slots], 1) if len(slots) > 1 else g.t() @ Hs[slots[0]]
+        cols = dict(zip(slots, torch.tensor([0] + [k_p[s] for s in slots]).cumsum(0).tolist()))
+        for i in scat:
+            if need_e[i]:
+                c0 = cols[terms[i].slot]
+                E_scat[i] = _rows_of(E_all, terms[i].rows)[:, c0:c0 + k_p[terms[i].slot]]
+    zs = [i for i in scat if need_p[terms[i].slot]]
+    if zs:  # g Q_e for every interleaved term whose P trains: one GEMM with a block-sparse Q
+        Qf = g.new_zeros(g.shape[1], sum(Qe[i].shape[1] for i in zs))
+        o = 0
+        for i in zs:
+            Qf[terms[i].rows[-1], o:o + Qe[i].shape[1]] = Qe[i]
+            o += Qe[i].shape[1]
+        dZ_scat = dict(zip(zs, (g @ Qf).split([Qe[i].shape[1] for i in zs], 1)))
+    grads = [None] * len(ts)
+    dH = [None] * n_p
+    for i, (t, (mid, Q)) in enumerate(zip(terms, pairs)):
+        rng = t.rows[0] == "range"
+        gi = g[:, t.rows[1]:t.rows[2]] if rng else None
+        if need_e[i]:
+            E = gi.t() @ Hs[t.slot] if rng else E_scat[i]
+            if need[n_p + 2 * i + 1]:
+                dQ = E if mid is None else (E * mid if mid.dim() == 1 else E @ mid.t())
+                grads[n_p + 2 * i + 1] = dQ if t.c is None else dQ * t.c[:, None]
+            if need[n_p + 2 * i]:
+                grads[n_p + 2 * i] = (Qe[i] * E).sum(0) if mid.dim() == 1 else Qe[i].t() @ E
+        if need_p[t.slot]:
+            dZ = gi @ Qe[i] if rng else dZ_scat[i]
+            d = dZ if mid is None else (dZ * mid if mid.dim() == 1 else dZ @ mid)
+            dH[t.slot] = d if dH[t.slot] is None else dH[t.slot] + d
+    train = [s for s in range(n_p) if need_p[s]]
+    if train:  # dP for every trained P: one GEMM over x
+        dP = (torch.cat([dH[s] for s in train], 1) if len(train) > 1 else dH[train[0]]).t() @ x2
+        for s, d in zip(train, dP.split([k_p[s] for s in train], 0)):
+            grads[s] = d
+    return grads
 
 
 def _block_output_grad(g2: torch.Tensor, blocks) -> torch.Tensor:
@@ -127,11 +172,8 @@ class MergedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, W0, plan: Plan, *ts):
-        W = W0.detach().clone()
         Ps, pairs, Wcs = _split(plan, ts)
-        for t, (mid, Q) in zip(plan.terms, pairs):
-            P = Ps[t.slot]
-            _add_rows_(W, t.rows, Q, P if mid is None else (mid[:, None] * P if mid.dim() == 1 else mid @ P))
+        W = _build(W0, plan, Ps, pairs)
         blockdiag.add_blocks_(W, [b.plan for b in plan.blocks], Wcs)
         ctx.plan = plan
         ctx.save_for_backward(x2, W, *ts)
