@@ -195,7 +195,7 @@ def test_merged_layer_matches_dense(d_in, shapes):
 
 
 def test_merged_layer_triton_kernels():
-    """test_merged_layer_matches_dense with the MoRA blocks through the Triton kernels
+    """test_merged_layer_matches_dense with the MoRA blocks added to the weight by the Triton kernel
     (mora_dist/adapters/blockdiag_kernels.py, what a GPU runs), executed by Triton's interpreter on
     the CPU in float64 (TRITON_INTERPRET=1 must be set before triton is imported: a subprocess)."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -7,9 +7,10 @@ row j reads flat[j mod L] (L = n_used rh; truncated, or tiled when L < d_out). A
 may also be split over the layer's output (q/k/v: one piece per query group in the fused qkv
 layer). Two operations serve the merged path, both driven by the same list of `operations`:
 
-- `add_blocks_`: W[rows] += the update, in place on the layer's effective weight (the chunk
-  matrices land on strided diagonal-block views of W; partial chunks at a piece's ends as small
-  dense adds, wrapped input columns folded back by index);
+- `add_blocks_`: W[rows] += the update, in place on the layer's effective weight (on the GPU one
+  Triton launch per adapter, `blockdiag_kernels`; the torch form puts the chunk matrices on
+  strided diagonal-block views of W, partial chunks at a piece's ends as small dense adds,
+  wrapped input columns folded back by index);
 - `block_grads`: d loss / d W_c, the block-diagonal part of g^T x' (never the dense g^T x):
   strided batched GEMMs over `superblocks` of S = g rh (g chunks, g = 8 / gcd(rh, 8)), so every
   batch of x and g starts 16-byte aligned in bf16 and cuBLAS keeps its fast kernels (rh = 180
@@ -76,9 +77,11 @@ def operations(geo: Geometry, segments: tuple) -> tuple:
 
 @lru_cache(maxsize=None)
 def items(geo: Geometry, segments: tuple) -> tuple:
-    """Work items of the Triton kernels: (layer row of chunk row 0, chunk c, first valid chunk
-    row, end) for every (piece of a segment inside one tile of L rows, chunk) pair."""
-    rh, L = geo.rh, geo.L
+    """Work items of the Triton weight add: (layer row of chunk row 0, chunk c, valid chunk rows
+    [i0, i1), chunk columns [k0, k1), x column of chunk column 0) for every (piece of a segment
+    inside one tile of L rows, chunk) pair; a chunk that wraps past d_in is two items (columns
+    before and after the wrap), so every item reads x at contiguous columns."""
+    rh, L, d_in = geo.rh, geo.L, geo.d_in
     out = []
     for f0, f1, d0 in segments:
         j = f0
@@ -88,13 +91,19 @@ def items(geo: Geometry, segments: tuple) -> tuple:
             p0, p1 = j - k * L, end - k * L
             base = d0 + j - f0 - p0  # layer row of flat row 0 of this tile
             for c in range(p0 // rh, -(-p1 // rh)):
-                out.append((base + c * rh, c, max(p0, c * rh) - c * rh, min(p1, (c + 1) * rh) - c * rh))
+                rows = (base + c * rh, c, max(p0, c * rh) - c * rh, min(p1, (c + 1) * rh) - c * rh)
+                k = 0
+                while k < rh:  # column pieces between wraps of x' (x'[p] = x[p mod d_in])
+                    p = c * rh + k
+                    k1 = min(rh, k + d_in - p % d_in)
+                    out.append(rows + (k, k1, c * rh - (p // d_in) * d_in))
+                    k = k1
             j = end
     return tuple(out)
 
 
 def _kernels(t: torch.Tensor, geo: Geometry):
-    """The Triton module when it serves this call (a CUDA tensor, or TRITON_INTERPRET=1 for CPU
+    """The Triton weight add when it serves this call (a CUDA tensor, or TRITON_INTERPRET=1 for CPU
     checks; rh <= d_in), else None (the torch forms below)."""
     if geo.rh > geo.d_in or not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
@@ -175,10 +184,6 @@ def block_grads(g2: torch.Tensor, x2: torch.Tensor, plans, Wcs, needs) -> list:
     for (geo, segs), Wc, need in zip(plans, Wcs, needs):
         if not need:
             out.append(None)
-            continue
-        kern = _kernels(g2, geo)
-        if kern is not None:
-            out.append(kern.block_grad(g2.contiguous(), x2.contiguous(), items(geo, segs), geo.n_used, geo.rh, Wc.dtype))
             continue
         ops = operations(geo, segs)
         n, S, rh = _n_sb(ops), geo.S, geo.rh
