@@ -20,6 +20,7 @@ W is kept for the backward: one extra copy of the adapted weights at peak memory
 """
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple, Optional
 
 import torch
@@ -118,7 +119,7 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
     slots = sorted({terms[i].slot for i in scat if need_e[i]})
     if slots:  # E for every interleaved term: g^T [H of their slots], then each term's rows
         E_all = g.t() @ torch.cat([Hs[s] for s in slots], 1) if len(slots) > 1 else g.t() @ Hs[slots[0]]
-        cols = dict(zip(slots, torch.tensor([0] + [k_p[s] for s in slots]).cumsum(0).tolist()))
+        cols = dict(zip(slots, itertools.accumulate([0] + [k_p[s] for s in slots])))
         for i in scat:
             if need_e[i]:
                 c0 = cols[terms[i].slot]
