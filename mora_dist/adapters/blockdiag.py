@@ -187,13 +187,14 @@ def block_grads(g2: torch.Tensor, x2: torch.Tensor, plans, Wcs, needs) -> list:
             continue
         ops = operations(geo, segs)
         n, S, rh = _n_sb(ops), geo.S, geo.rh
-        dWsb = Wc.new_zeros(n, S, S) if n else None
+        # superblock products accumulate in the activations' dtype inside the GEMM (a tile that
+        # reads a chunk twice adds once more, rounded once); W_c's fp32 gradient sums the rest
+        dWsb = g2.new_zeros(n, S, S) if n else None
         dWc = torch.zeros_like(Wc)
         for op in ops:
             if op[0] == "sb":
                 _, i0, i1, row = op
-                dWsb[i0:i1] += torch.bmm(_sb_view(g2, row, i1 - i0, S).transpose(1, 2),
-                                         _sb_view(x2, i0 * S, i1 - i0, S))
+                dWsb[i0:i1].baddbmm_(_sb_view(g2, row, i1 - i0, S).transpose(1, 2), _sb_view(x2, i0 * S, i1 - i0, S))
                 continue
             _, h0, h1, row = op
             c0, c1 = h0 // rh, -(-h1 // rh)
