@@ -52,12 +52,6 @@ class Plan(NamedTuple):
     blocks: tuple
 
 
-def apply_mid(h: torch.Tensor, mid: Optional[torch.Tensor]) -> torch.Tensor:
-    if mid is None:
-        return h
-    return h * mid if mid.dim() == 1 else h @ mid.t()
-
-
 @torch.no_grad()
 def factor_row_coefficients(fac: Factors, eta: float) -> torch.Tensor:
     """ALLoRA's c_i = 1/sqrt(||dW_i|| + 1/eta^2) from the factors, dW = Q mid P, through the small
@@ -76,6 +70,18 @@ def _rows_of(t: torch.Tensor, rows: tuple) -> torch.Tensor:
     return t[rows[1]:rows[2]] if rows[0] == "range" else t.index_select(0, rows[-1])
 
 
+def _stacked_q(n: int, parts, like: torch.Tensor) -> torch.Tensor:
+    """[n, sum k] with each (rows, Q [rows, k]) of `parts` at its layer rows and its own columns:
+    several factor terms as one GEMM over all n rows of the layer."""
+    Qf = like.new_zeros(n, sum(Q.shape[1] for _, Q in parts))
+    o = 0
+    for rows, Q in parts:
+        at = slice(rows[1], rows[2]) if rows[0] == "range" else rows[-1]
+        Qf[at, o:o + Q.shape[1]] = Q
+        o += Q.shape[1]
+    return Qf
+
+
 def _build(W0: torch.Tensor, plan: Plan, Ps, pairs) -> torch.Tensor:
     """W0 + Q mid P of every factor term as one addmm over all rows with a block-sparse
     [n_out, sum k] Q (one pass over the weight, one rounding), or a copy of W0 without terms."""
@@ -83,14 +89,7 @@ def _build(W0: torch.Tensor, plan: Plan, Ps, pairs) -> torch.Tensor:
         return W0.detach().clone()
     Rs = [Ps[t.slot] if mid is None else (mid[:, None] * Ps[t.slot] if mid.dim() == 1 else mid @ Ps[t.slot])
           for t, (mid, _) in zip(plan.terms, pairs)]
-    Qf = W0.new_zeros(W0.shape[0], sum(r.shape[0] for r in Rs))
-    o = 0
-    for t, (_, Q), R in zip(plan.terms, pairs, Rs):
-        if t.rows[0] == "range":
-            Qf[t.rows[1]:t.rows[2], o:o + R.shape[0]] = Q
-        else:
-            Qf[t.rows[-1], o:o + R.shape[0]] = Q
-        o += R.shape[0]
+    Qf = _stacked_q(W0.shape[0], [(t.rows, Q) for t, (_, Q) in zip(plan.terms, pairs)], W0)
     return torch.addmm(W0.detach(), Qf, torch.cat(Rs) if len(Rs) > 1 else Rs[0])
 
 
@@ -126,11 +125,7 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
                 E_scat[i] = _rows_of(E_all, terms[i].rows)[:, c0:c0 + k_p[terms[i].slot]]
     zs = [i for i in scat if need_p[terms[i].slot]]
     if zs:  # g Q_e for every interleaved term whose P trains: one GEMM with a block-sparse Q
-        Qf = g.new_zeros(g.shape[1], sum(Qe[i].shape[1] for i in zs))
-        o = 0
-        for i in zs:
-            Qf[terms[i].rows[-1], o:o + Qe[i].shape[1]] = Qe[i]
-            o += Qe[i].shape[1]
+        Qf = _stacked_q(g.shape[1], [(terms[i].rows, Qe[i]) for i in zs], g)
         dZ_scat = dict(zip(zs, (g @ Qf).split([Qe[i].shape[1] for i in zs], 1)))
     grads = [None] * len(ts)
     dH = [None] * n_p
