@@ -49,29 +49,35 @@ def geometry(rh: int, d_in: int, d_out: int) -> Geometry:
     return Geometry(rh, 8 // math.gcd(rh, 8), d_in, d_out, n_used)
 
 
+def _tile_pieces(geo: Geometry, segments: tuple):
+    """(p0, p1, row) for every piece of the segments that stays inside one tile of L adapter rows:
+    flat rows [p0, p1) of the tile, placed from layer row `row` on."""
+    L = geo.L
+    for f0, f1, d0 in segments:
+        j = f0
+        while j < f1:
+            end = min(f1, (j // L + 1) * L)
+            yield j % L, j % L + end - j, d0 + j - f0
+            j = end
+
+
 @lru_cache(maxsize=None)
 def operations(geo: Geometry, segments: tuple) -> tuple:
     """The pieces placing adapter rows [f0, f1) at layer output rows [d0, ...) for each segment
     (f0, f1, d0): ("sb", i0, i1, row) = superblocks [i0, i1) at rows [row, row + (i1-i0) S);
     ("small", h0, h1, row) = flat rows [h0, h1) (partial chunks) at rows [row, row + h1 - h0)."""
-    S, L, rh = geo.S, geo.L, geo.rh
+    S = geo.S
     ops = []
-    for f0, f1, d0 in segments:
-        j = f0
-        while j < f1:  # pieces that stay inside one tile of L rows
-            k = j // L
-            end = min(f1, (k + 1) * L)
-            p0, p1, row = j - k * L, end - k * L, d0 + j - f0
-            i0, i1 = -(-p0 // S), min(p1 // S, geo.d_in // S)
-            if i1 > i0:
-                if p0 < i0 * S:
-                    ops.append(("small", p0, i0 * S, row))
-                ops.append(("sb", i0, i1, row + i0 * S - p0))
-                if i1 * S < p1:
-                    ops.append(("small", i1 * S, p1, row + i1 * S - p0))
-            else:
-                ops.append(("small", p0, p1, row))
-            j = end
+    for p0, p1, row in _tile_pieces(geo, segments):
+        i0, i1 = -(-p0 // S), min(p1 // S, geo.d_in // S)
+        if i1 > i0:
+            if p0 < i0 * S:
+                ops.append(("small", p0, i0 * S, row))
+            ops.append(("sb", i0, i1, row + i0 * S - p0))
+            if i1 * S < p1:
+                ops.append(("small", i1 * S, p1, row + i1 * S - p0))
+        else:
+            ops.append(("small", p0, p1, row))
     return tuple(ops)
 
 
@@ -81,24 +87,18 @@ def items(geo: Geometry, segments: tuple) -> tuple:
     [i0, i1), chunk columns [k0, k1), x column of chunk column 0) for every (piece of a segment
     inside one tile of L rows, chunk) pair; a chunk that wraps past d_in is two items (columns
     before and after the wrap), so every item reads x at contiguous columns."""
-    rh, L, d_in = geo.rh, geo.L, geo.d_in
+    rh, d_in = geo.rh, geo.d_in
     out = []
-    for f0, f1, d0 in segments:
-        j = f0
-        while j < f1:
-            k = j // L
-            end = min(f1, (k + 1) * L)
-            p0, p1 = j - k * L, end - k * L
-            base = d0 + j - f0 - p0  # layer row of flat row 0 of this tile
-            for c in range(p0 // rh, -(-p1 // rh)):
-                rows = (base + c * rh, c, max(p0, c * rh) - c * rh, min(p1, (c + 1) * rh) - c * rh)
-                k = 0
-                while k < rh:  # column pieces between wraps of x' (x'[p] = x[p mod d_in])
-                    p = c * rh + k
-                    k1 = min(rh, k + d_in - p % d_in)
-                    out.append(rows + (k, k1, c * rh - (p // d_in) * d_in))
-                    k = k1
-            j = end
+    for p0, p1, row in _tile_pieces(geo, segments):
+        base = row - p0  # layer row of flat row 0 of this tile
+        for c in range(p0 // rh, -(-p1 // rh)):
+            rows = (base + c * rh, c, max(p0, c * rh) - c * rh, min(p1, (c + 1) * rh) - c * rh)
+            k = 0
+            while k < rh:  # column pieces between wraps of x' (x'[p] = x[p mod d_in])
+                p = c * rh + k
+                k1 = min(rh, k + d_in - p % d_in)
+                out.append(rows + (k, k1, c * rh - (p // d_in) * d_in))
+                k = k1
     return tuple(out)
 
 
