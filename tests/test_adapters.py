@@ -122,6 +122,54 @@ def test_rotation_rejects_explicit_odd_rank():
         MoRA(AdapterConfig("mora", r=2, mora_type="rotation"), Shard(32, 32), rh=11)
 
 
+def _dense_block_update(geo, M, rot):
+    """A MoRA block adapter's [d_out, d_in] update, built densely: blockdiag(M R_c) with R_c as a
+    matrix ((R v)[j] = cos[j] v[j] + sin[j] rotate_half(v)[j], rotate_half(v) = [-v[h:], v[:h]];
+    identity without rot), output rows read mod L, input columns folded mod d_in."""
+    h = geo.rh // 2
+    Rs = []
+    for ch in range(geo.n_used):
+        cs, sn = (torch.ones(geo.rh, dtype=D), torch.zeros(geo.rh, dtype=D)) if rot is None else (rot[0][ch], rot[1][ch])
+        half = torch.zeros(geo.rh, geo.rh, dtype=D)
+        half[torch.arange(h), torch.arange(h) + h] = -1.0
+        half[torch.arange(h) + h, torch.arange(h)] = 1.0
+        Rs.append(torch.diag(cs) + torch.diag(sn) @ half)
+    Bd = torch.block_diag(*[M @ R for R in Rs])[torch.arange(geo.d_out) % geo.L]  # [d_out, L]
+    return torch.zeros(geo.d_out, geo.d_in, dtype=D).index_add(1, torch.arange(geo.L) % geo.d_in, Bd)
+
+
+@pytest.mark.parametrize("d_in,d_out,rh,segs,n_out", [
+    (120, 204, 36, ((0, 102, 0), (102, 204, 120)), 240),  # tiled rows in two groups
+    (250, 74, 36, ((0, 74, 3),), 80),                       # 3 of 7 chunks reach the output, wrapped input
+    (200, 90, 44, ((0, 30, 0), (30, 60, 40), (60, 90, 80)), 120),  # pieces start mid-chunk
+])
+def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
+    """d loss / d M of MoRA block adapters (`blockdiag.block_grads`, rotation and decouple) over 300
+    tokens against float64 autograd through the dense update. Under TRITON_INTERPRET=1
+    (test_merged_layer_triton_kernels) the Triton kernel runs, once with its own tiling and once with
+    tiles small enough that the tokens split into several units per program and several programs
+    per tile (partials summed after)."""
+    from mora_dist.adapters import blockdiag
+
+    gen = torch.Generator().manual_seed(rh + d_in)
+    geo = blockdiag.geometry(rh, d_in, d_out)
+    T = 300
+    g, x = torch.randn(T, n_out, generator=gen, dtype=D), torch.randn(T, d_in, generator=gen, dtype=D)
+    rows = torch.cat([torch.arange(d0, d0 + f1 - f0) for f0, f1, d0 in segs])
+    kern = blockdiag._kernels(x, geo)
+    assert (kern is not None) == (os.environ.get("TRITON_INTERPRET") == "1")
+    for rot in (tuple(torch.randn(geo.n_used, rh // 2, generator=gen, dtype=D).repeat(1, 2) for _ in "cs"), None):
+        M = torch.randn(rh, rh, generator=gen, dtype=D, requires_grad=True)
+        ((x @ _dense_block_update(geo, M, rot).t()) * g[:, rows]).sum().backward()
+        got = blockdiag.block_grads(g, x, [(geo, segs)], [M.detach()], [rot], [True])
+        assert got[0].dtype == D
+        torch.testing.assert_close(got[0], M.grad, rtol=1e-10, atol=1e-10)
+        if kern is not None:
+            small = dict(BI=16, BK=32, BT=16, TB=32, UPP=3, num_warps=4, num_stages=2)
+            got = kern.block_grad(g, x, rot, blockdiag.items(geo, segs), rh, D, small)
+            torch.testing.assert_close(got, M.grad, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("d_in,shapes", [
     (120, [(204, 36, 2), (40, 16, 1)]),  # tiled rows over 2 groups + a cut adapter (like q and k)
     (250, [(74, 36, 1)]),                # 3 of 7 chunks reach the output (like down)
@@ -133,10 +181,11 @@ def test_merged_layer_matches_dense(d_in, shapes):
     each adapter's rows split into G groups interleaved in a wider output (as q/k/v in megatron's
     fused qkv layer), plus two factor adapters in a per-group gap (a trainable P with a matrix mid and
     ALLoRA row coefficients c; a frozen P with a vector mid); the first block adapter with ALLoRA c
-    too. Against float64 dense references built
-    independently: y = x (W0 + sum dW)^T, block dW = block_diag of the chunk matrices with adapter
-    rows read mod L and input columns mod d_in; parameter gradients from the output gradient
-    scaled by c on each adapter's rows, the input gradient from the plain one."""
+    too. Block adapters rotate (random cos/sin tables of period rh/2, as RoPE's), the second one is
+    decouple (R_c = I) where there are two. Against float64 dense references built independently: y = x (W0 + sum dW)^T,
+    block dW = block_diag of W_c = M R_c (R_c as a dense matrix) with adapter rows read mod L and
+    input columns mod d_in; parameter gradients from the output gradient scaled by c on each
+    adapter's rows, the input gradient from the plain one."""
     from mora_dist.adapters import blockdiag
     from mora_dist.parallel import merged
 
@@ -148,14 +197,15 @@ def test_merged_layer_matches_dense(d_in, shapes):
     assert all(sh[2] in (1, G) for sh in shapes)
     n_out = G * stride
     rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=D) * 0.3  # noqa: E731
-    blocks, Wcs, cols = [], [], []
+    blocks, Ms, cols = [], [], []
     off = 0
     for i, ((d_out, rh, g), w) in enumerate(zip(shapes, widths)):
         geo = blockdiag.geometry(rh, d_in, d_out)
         segs = ((0, d_out, off),) if g == 1 else tuple((j * w, (j + 1) * w, off + j * stride) for j in range(g))
         c = torch.rand(d_out, generator=gen, dtype=D) + 0.5 if i == 0 else None
-        blocks.append(merged.Block((geo, segs), c))
-        Wcs.append(rnd(geo.n_used, rh, rh).requires_grad_(True))
+        rot = None if i == 1 else tuple(rnd(geo.n_used, rh // 2).repeat(1, 2) for _ in "cs")
+        blocks.append(merged.Block((geo, segs), c, rot))
+        Ms.append(rnd(rh, rh).requires_grad_(True))
         cols.append(torch.cat([torch.arange(d0, d0 + f1 - f0) for f0, f1, d0 in segs]))
         off += w
     w2 = gap // 2
@@ -171,18 +221,16 @@ def test_merged_layer_matches_dense(d_in, shapes):
     plan = merged.Plan(2, terms, tuple(blocks))
     if os.environ.get("TRITON_INTERPRET") == "1":  # test_merged_layer_triton_kernels: the kernels must serve
         assert all(blockdiag._kernels(x, b.plan[0]) is not None for b in blocks)
-    out = merged.MergedLinear.apply(x, W0, plan, P, P2, mid, Q, mid2, Q2, *Wcs)
+    out = merged.MergedLinear.apply(x, W0, plan, P, P2, mid, Q, mid2, Q2, *Ms)
     (out * gout).sum().backward()
 
-    params = [P, mid, Q, mid2, Q2, *Wcs]
+    params = [P, mid, Q, mid2, Q2, *Ms]
     refs = [t.detach().clone().requires_grad_(True) for t in params]
     xr = x.detach().clone().requires_grad_(True)
     Pr, Mr, Qr, M2r, Q2r = refs[:5]
     parts = [(Qr @ Mr @ Pr, pos[0], c_f), (Q2r @ (M2r[:, None] * P2), pos[1], None)]  # (dW rows, layer rows, c)
-    for blk, W, c in zip(blocks, refs[5:], cols):
-        geo = blk.plan[0]
-        Bd = torch.block_diag(*W)[torch.arange(geo.d_out) % geo.L]  # [d_out, L]
-        parts.append((torch.zeros(geo.d_out, d_in, dtype=D).index_add(1, torch.arange(geo.L) % d_in, Bd), c, blk.c))
+    for blk, M, c in zip(blocks, refs[5:], cols):
+        parts.append((_dense_block_update(blk.plan[0], M, blk.rot), c, blk.c))
     Weff = W0.clone()
     for dw, rows, _ in parts:
         Weff = Weff.index_add(0, rows, dw)
@@ -195,10 +243,11 @@ def test_merged_layer_matches_dense(d_in, shapes):
 
 
 def test_merged_layer_triton_kernels():
-    """test_merged_layer_matches_dense with the MoRA blocks added to the weight by the Triton kernel
-    (mora_dist/adapters/blockdiag_kernels.py, what a GPU runs), executed by Triton's interpreter on
-    the CPU in float64 (TRITON_INTERPRET=1 must be set before triton is imported: a subprocess)."""
+    """test_merged_layer_matches_dense and test_block_grads_many_tokens with the MoRA blocks' weight
+    add and M gradient done by the Triton kernels (mora_dist/adapters/blockdiag_kernels.py, what a
+    GPU runs), executed by Triton's interpreter on the CPU in float64 (TRITON_INTERPRET=1 must be
+    set before triton is imported: a subprocess)."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        f"{__file__}::test_merged_layer_matches_dense"], env=dict(os.environ, TRITON_INTERPRET="1"),
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "4 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+                        f"{__file__}::test_merged_layer_matches_dense", f"{__file__}::test_block_grads_many_tokens"],
+                       env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "7 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

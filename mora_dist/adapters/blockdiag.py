@@ -2,20 +2,22 @@
 (`mora_dist/parallel/merged.py`).
 
 A block type's update is block-diagonal: chunk c of the padded input x' (x'[p] = x[p mod d_in],
-chunks of rh) maps to rows [c rh, (c+1) rh) of a flat output by W_c = M R_c, and adapter output
-row j reads flat[j mod L] (L = n_used rh; truncated, or tiled when L < d_out). An adapter's rows
-may also be split over the layer's output (q/k/v: one piece per query group in the fused qkv
-layer). Two operations serve the merged path, both driven by the same list of `operations`:
+chunks of rh) maps to rows [c rh, (c+1) rh) of a flat output by W_c = M R_c (R_c: RoPE-like
+rotation at position c, `chunk_mats`; identity for decouple), and adapter output row j reads
+flat[j mod L] (L = n_used rh; truncated, or tiled when L < d_out). An adapter's rows may also be
+split over the layer's output (q/k/v: one piece per query group in the fused qkv layer). Two
+operations serve the merged path, taking M and the rotation tables (cos, sin):
 
-- `add_blocks_`: W[rows] += the update, in place on the layer's effective weight (on the GPU one
-  Triton launch per adapter, `blockdiag_kernels`; the torch form puts the chunk matrices on
-  strided diagonal-block views of W, partial chunks at a piece's ends as small dense adds,
-  wrapped input columns folded back by index);
-- `block_grads`: d loss / d W_c, the block-diagonal part of g^T x' (never the dense g^T x):
-  strided batched GEMMs over `superblocks` of S = g rh (g chunks, g = 8 / gcd(rh, 8)), so every
-  batch of x and g starts 16-byte aligned in bf16 and cuBLAS keeps its fast kernels (rh = 180
-  gives S = 360: the S x S product costs g times the minimal FLOPs, small next to the base GEMMs),
-  read through views (no copies of x or g); the partial chunks as small dense GEMMs.
+- `add_blocks_`: W[rows] += the update, in place on the layer's effective weight;
+- `block_grads`: d loss / d M = sum_c dW_c R_c^T, with dW_c the block-diagonal part of g^T x'
+  (never the dense g^T x).
+
+On the GPU each is one Triton launch per adapter (`blockdiag_kernels`, driven by `items`). The
+torch forms (CPU, and rh > d_in) follow `operations`: the add puts the chunk matrices on strided
+diagonal-block views of W, partial chunks at a piece's ends as small dense adds, wrapped input
+columns folded back by index; the gradient runs strided batched GEMMs over `superblocks` of
+S = g rh (g chunks, g = 8 / gcd(rh, 8): every batch starts 16-byte aligned in bf16) read through
+views, the partial chunks as small dense GEMMs, then `chunk_mats_grad`.
 """
 from __future__ import annotations
 
@@ -102,6 +104,30 @@ def items(geo: Geometry, segments: tuple) -> tuple:
     return tuple(out)
 
 
+def chunk_mats(M: torch.Tensor, n: int, rot) -> torch.Tensor:
+    """W_c = M R_c for chunks c < n, [n, rh, rh]; rot = (cos, sin) [n, rh] or None (R_c = I).
+    (R_c v)[k] = v[k] cos_c[k] + rotate_half(v)[k] sin_c[k], rotate_half(v) = [-v[h:], v[:h]], so
+    W_c[:, k] = M[:, k] cos_c[k] + s(k) M[:, k^h] sin_c[k] with k^h = k +- h and s = +1 below h, -1 above
+    (cos and sin repeat with period h)."""
+    if rot is None:
+        return M.expand(n, -1, -1)
+    cos, sin = (t[:, None, :] for t in rot)
+    h = M.shape[1] // 2
+    S = M * sin
+    return M * cos + torch.cat((S[..., h:], -S[..., :h]), dim=-1)
+
+
+def chunk_mats_grad(dWc: torch.Tensor, rot) -> torch.Tensor:
+    """d loss / d M from the chunk matrices' gradients (the adjoint of `chunk_mats`):
+    dM[:, j] = sum_c dW_c[:, j] cos_c[j] + s'(j) dW_c[:, j^h] sin_c[j], s' = -1 below h, +1 above."""
+    if rot is None:
+        return dWc.sum(0)
+    cos, sin = (t[:, None, :] for t in rot)
+    h = dWc.shape[-1] // 2
+    B = (dWc * sin).sum(0)
+    return (dWc * cos).sum(0) + torch.cat((-B[:, h:], B[:, :h]), dim=-1)
+
+
 def _kernels(t: torch.Tensor, geo: Geometry):
     """The Triton weight add when it serves this call (a CUDA tensor, or TRITON_INTERPRET=1 for CPU
     checks; rh <= d_in), else None (the torch forms below)."""
@@ -147,18 +173,20 @@ def _diag_blocks(W: torch.Tensor, row0: int, col0: int, n: int, rh: int) -> torc
 
 
 @torch.no_grad()
-def add_blocks_(W: torch.Tensor, plans, Wcs) -> None:
+def add_blocks_(W: torch.Tensor, plans, Ms, rots) -> None:
     """W[:, ...] += every adapter's block-diagonal update, in place, each rounded once to W's dtype.
 
     W: the layer's [n_out, d_in] weight (contiguous); `plans`: one (geometry, segments) per adapter,
-    segments = ((f0, f1, d0), ...) placing adapter rows [f0, f1) at layer rows d0...; `Wcs`: each
-    adapter's [n_used, rh, rh] chunk matrices (fp32 master precision)."""
+    segments = ((f0, f1, d0), ...) placing adapter rows [f0, f1) at layer rows d0...; `Ms`: each
+    adapter's M (fp32 master precision); `rots`: each adapter's (cos, sin) [n_used, rh] in M's
+    dtype, or None (decouple)."""
     d_in = W.shape[1]
-    for (geo, segs), Wc in zip(plans, Wcs):
+    for (geo, segs), M, rot in zip(plans, Ms, rots):
         kern = _kernels(W, geo)
         if kern is not None:
-            kern.add_blocks_(W, Wc, items(geo, segs), geo.rh)
+            kern.add_blocks_(W, M, rot, items(geo, segs), geo.rh)
             continue
+        Wc = chunk_mats(M, geo.n_used, rot)
         rh, g = geo.rh, geo.g
         for op in operations(geo, segs):
             if op[0] == "sb":
@@ -175,22 +203,27 @@ def add_blocks_(W: torch.Tensor, plans, Wcs) -> None:
                 W[row:row + h1 - h0].add_(Ws.new_zeros(h1 - h0, d_in).index_add_(1, cols, Ws))
 
 
-def block_grads(g2: torch.Tensor, x2: torch.Tensor, plans, Wcs, needs) -> list:
-    """d loss / d W_c for every adapter whose `needs` is true (else None), in W_c's dtype, from the
-    layer's output gradient g2 [T, n_out] and input x2 [T, d_in]: for each piece of an adapter's
-    rows, g[:, piece]^T x'[:, chunk columns], summed over the tiles that read the same chunk."""
+def block_grads(g2: torch.Tensor, x2: torch.Tensor, plans, Ms, rots, needs) -> list:
+    """d loss / d M for every adapter whose `needs` is true (else None), in M's dtype, from the
+    layer's output gradient g2 [T, n_out] and input x2 [T, d_in]: dW_c = for each piece of an
+    adapter's rows, g[:, piece]^T x'[:, chunk columns], summed over the tiles that read the same
+    chunk; dM = `chunk_mats_grad`(dW_c)."""
     d_in = x2.shape[1]
     out, cache = [], {}
-    for (geo, segs), Wc, need in zip(plans, Wcs, needs):
+    for (geo, segs), M, rot, need in zip(plans, Ms, rots, needs):
         if not need:
             out.append(None)
+            continue
+        kern = _kernels(g2, geo)
+        if kern is not None:
+            out.append(kern.block_grad(g2, x2, rot, items(geo, segs), geo.rh, M.dtype))
             continue
         ops = operations(geo, segs)
         n, S, rh = _n_sb(ops), geo.S, geo.rh
         # superblock products accumulate in the activations' dtype inside the GEMM (a tile that
         # reads a chunk twice adds once more, rounded once); W_c's fp32 gradient sums the rest
         dWsb = g2.new_zeros(n, S, S) if n else None
-        dWc = torch.zeros_like(Wc)
+        dWc = M.new_zeros(geo.n_used, rh, rh)
         for op in ops:
             if op[0] == "sb":
                 _, i0, i1, row = op
@@ -205,5 +238,5 @@ def block_grads(g2: torch.Tensor, x2: torch.Tensor, plans, Wcs, needs) -> list:
         if dWsb is not None:
             for j in range(geo.g):
                 dWc[j:n * geo.g:geo.g] += dWsb[:, j * rh:(j + 1) * rh, j * rh:(j + 1) * rh]
-        out.append(dWc)
+        out.append(chunk_mats_grad(dWc, rot))
     return out

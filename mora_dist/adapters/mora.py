@@ -172,23 +172,19 @@ class MoRA(Adapter):
         mid = torch.nn.functional.pad(self.M, (0, p, 0, p)) if p else self.M
         return Factors(P=C, mid=mid.to(dtype), Q=D, p_key=key)
 
-    def _chunk_mats(self, n: int) -> torch.Tensor:
-        """M R_c for chunks c < n, [n, rh, rh] (rotation folded into M, in M's precision)."""
-        M = self.M
-        if self.type != 6:
-            return M.expand(n, -1, -1)
-        h = self.rh // 2
-        cos, sin = (t[:n, None, :].to(M.dtype) for t in (self.cos, self.sin))
-        S = M * sin  # R_c = diag(cos) + diag(sin) rotate_half: (M diag(sin) rot)[:, r] = S[:, r+h] | -S[:, r-h]
-        return M * cos + torch.cat((S[..., h:], -S[..., :h]), dim=-1)
-
     def block_operator(self):
-        """Block types on an unsharded layer: (geometry, W_c = M R_c for the used chunks, in M's
-        precision) for the merged-weight path (`blockdiag`); None for the other types or a sharded layer."""
+        """Block types on an unsharded layer: (geometry, M, rotation tables (cos, sin) [n_used, rh] in
+        M's dtype, or None for decouple) for the merged-weight path (`blockdiag`: W_c = M R_c); None
+        for the other types or a sharded layer."""
         if not self.unsharded or self.type in GROUP_TYPES or self.type == "truncation":
             return None
         geo = blockdiag.geometry(self.rh, self.shard.d_in, self.shard.d_out)
-        return geo, self._chunk_mats(geo.n_used)
+        if self.type != 6:
+            return geo, self.M, None
+        key = (self.M.dtype, self.M.device, geo.n_used)
+        if key not in self._maps_cache:  # made once (outside CUDA graph capture: the warm-up does it)
+            self._maps_cache[key] = tuple(t[:geo.n_used].to(self.M.dtype).contiguous() for t in (self.cos, self.sin))
+        return geo, self.M, self._maps_cache[key]
 
     def forward(self, x):
         if self.unsharded:

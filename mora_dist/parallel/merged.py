@@ -12,7 +12,8 @@ frozen base costs. The parameter gradients come from (g, x) without the dense g^
   distinct P (one GEMM), E = g^T H for Q's and mid's gradients, g Q only where P trains (LoRA),
   formulas in `_factor_grads`; ALLoRA scales the output gradient's rows by c for the parameters
   only (x gets the plain one);
-- MoRA block types (rotation, decouple): `blockdiag.block_grads`, the block-diagonal part of g^T x'.
+- MoRA block types (rotation, decouple): `blockdiag.block_grads`, M's gradient from the
+  block-diagonal part of g^T x' (one Triton pass over g and x per adapter on the GPU).
 
 Precision: W0 + dW is rounded once to W0's dtype (addmm/add accumulate in fp32), as the bf16
 weights of mixed-precision full fine-tuning are; dW's gradients and the fp32 masters are exact.
@@ -39,14 +40,16 @@ class Term(NamedTuple):
 
 
 class Block(NamedTuple):
-    """A MoRA block adapter: (geometry, segments) for `blockdiag`, ALLoRA's c (None without)."""
+    """A MoRA block adapter: (geometry, segments) for `blockdiag`, ALLoRA's c (None without), the
+    rotation tables (cos, sin) [n_used, rh] in M's dtype (None: decouple)."""
     plan: tuple
     c: Optional[torch.Tensor]
+    rot: Optional[tuple] = None
 
 
 class Plan(NamedTuple):
     """The layer's adapters. The Function's tensors are the n_p distinct P, then (mid, Q) per term,
-    then W_c per block."""
+    then M per block."""
     n_p: int
     terms: tuple
     blocks: tuple
@@ -168,9 +171,9 @@ class MergedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, W0, plan: Plan, *ts):
-        Ps, pairs, Wcs = _split(plan, ts)
+        Ps, pairs, Ms = _split(plan, ts)
         W = _build(W0, plan, Ps, pairs)
-        blockdiag.add_blocks_(W, [b.plan for b in plan.blocks], Wcs)
+        blockdiag.add_blocks_(W, [b.plan for b in plan.blocks], Ms, [b.rot for b in plan.blocks])
         ctx.plan = plan
         ctx.save_for_backward(x2, W, *ts)
         return x2 @ W.t()
@@ -185,7 +188,7 @@ class MergedLinear(torch.autograd.Function):
         if any(need[:nf]):
             grads[:nf] = _factor_grads(g, x2, plan, ts[:nf], need[:nf])
         if plan.blocks and any(need[nf:]):
-            grads[nf:] = blockdiag.block_grads(_block_output_grad(g, plan.blocks), x2,
-                                               [b.plan for b in plan.blocks], ts[nf:], need[nf:])
+            grads[nf:] = blockdiag.block_grads(_block_output_grad(g, plan.blocks), x2, [b.plan for b in plan.blocks],
+                                               ts[nf:], [b.rot for b in plan.blocks], need[nf:])
         dx = g @ W if ctx.needs_input_grad[0] else None
         return (dx, None, None, *grads)

@@ -110,7 +110,7 @@ class AdaptedLinear(nn.Module):
         (`merged.MergedLinear`). Adapters with neither `Factors` nor a block operator (none of
         ours) are added by their own forward."""
         dt = self.base.weight.dtype
-        keys, Ps, pairs, terms, Wcs, blocks, extra = {}, [], [], [], [], [], []
+        keys, Ps, pairs, terms, Ms, blocks, extra = {}, [], [], [], [], [], []
         for name, adapter in self.adapters.items():
             rows = self._rows[name]
             if rows[0] != "range":  # the index buffer as it is now (follows .to(device))
@@ -132,10 +132,11 @@ class AdaptedLinear(nn.Module):
                 extra.append(name)
                 continue
             c = None if eta is None else row_coefficients(adapter, eta)
-            blocks.append(merged.Block((block[0], segments), c))
-            Wcs.append(block[1])
+            geo, M, rot = block
+            blocks.append(merged.Block((geo, segments), c, rot))
+            Ms.append(M)
         plan = merged.Plan(len(Ps), tuple(terms), tuple(blocks))
-        out = merged.MergedLinear.apply(x.reshape(-1, x.shape[-1]), self.base.weight, plan, *Ps, *pairs, *Wcs)
+        out = merged.MergedLinear.apply(x.reshape(-1, x.shape[-1]), self.base.weight, plan, *Ps, *pairs, *Ms)
         out = out.view(*x.shape[:-1], out.shape[-1])
         for name in extra:
             out = self._add_delta(out, x, name)
