@@ -122,20 +122,17 @@ def test_rotation_rejects_explicit_odd_rank():
         MoRA(AdapterConfig("mora", r=2, mora_type="rotation"), Shard(32, 32), rh=11)
 
 
+def _rotation_tables(geo):
+    """MoRA rotation's (cos, sin) tables for this geometry, float64, as the adapter hands them to
+    the merged path (`MoRA.block_operator`)."""
+    adapter = build_adapter(AdapterConfig("mora", r=1, mora_type="rotation"), Shard(geo.d_in, geo.d_out), rh=geo.rh)
+    return adapter.double().block_operator()[2]
+
+
 def _dense_block_update(geo, M, rot):
-    """A MoRA block adapter's [d_out, d_in] update, built densely: blockdiag(M R_c) with R_c as a
-    matrix ((R v)[j] = cos[j] v[j] + sin[j] rotate_half(v)[j], rotate_half(v) = [-v[h:], v[:h]];
-    identity without rot), output rows read mod L, input columns folded mod d_in."""
-    h = geo.rh // 2
-    Rs = []
-    for ch in range(geo.n_used):
-        cs, sn = (torch.ones(geo.rh, dtype=D), torch.zeros(geo.rh, dtype=D)) if rot is None else (rot[0][ch], rot[1][ch])
-        half = torch.zeros(geo.rh, geo.rh, dtype=D)
-        half[torch.arange(h), torch.arange(h) + h] = -1.0
-        half[torch.arange(h) + h, torch.arange(h)] = 1.0
-        Rs.append(torch.diag(cs) + torch.diag(sn) @ half)
-    Bd = torch.block_diag(*[M @ R for R in Rs])[torch.arange(geo.d_out) % geo.L]  # [d_out, L]
-    return torch.zeros(geo.d_out, geo.d_in, dtype=D).index_add(1, torch.arange(geo.L) % geo.d_in, Bd)
+    """The block adapter's [d_out, d_in] update from the independent reference (tests/reference.py):
+    rotation when the tables are given, else decouple."""
+    return ref.mora_dw(M, geo.d_in, geo.d_out, 6 if rot is not None else "decouple")
 
 
 @pytest.mark.parametrize("d_in,d_out,rh,segs,n_out", [
@@ -158,7 +155,7 @@ def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
     rows = torch.cat([torch.arange(d0, d0 + f1 - f0) for f0, f1, d0 in segs])
     kern = blockdiag._kernels(x, geo)
     assert (kern is not None) == (os.environ.get("TRITON_INTERPRET") == "1")
-    for rot in (tuple(torch.randn(geo.n_used, rh // 2, generator=gen, dtype=D).repeat(1, 2) for _ in "cs"), None):
+    for rot in (_rotation_tables(geo), None):
         M = torch.randn(rh, rh, generator=gen, dtype=D, requires_grad=True)
         ((x @ _dense_block_update(geo, M, rot).t()) * g[:, rows]).sum().backward()
         got = blockdiag.block_grads(g, x, [(geo, segs)], [M.detach()], [rot], [True])
@@ -181,10 +178,10 @@ def test_merged_layer_matches_dense(d_in, shapes):
     each adapter's rows split into G groups interleaved in a wider output (as q/k/v in megatron's
     fused qkv layer), plus two factor adapters in a per-group gap (a trainable P with a matrix mid and
     ALLoRA row coefficients c; a frozen P with a vector mid); the first block adapter with ALLoRA c
-    too. Block adapters rotate (random cos/sin tables of period rh/2, as RoPE's), the second one is
-    decouple (R_c = I) where there are two. Against float64 dense references built independently: y = x (W0 + sum dW)^T,
-    block dW = block_diag of W_c = M R_c (R_c as a dense matrix) with adapter rows read mod L and
-    input columns mod d_in; parameter gradients from the output gradient scaled by c on each
+    too. Block adapters rotate (the adapter's RoPE tables), the second one is decouple (R_c = I)
+    where there are two. Against float64 dense references built independently: y = x (W0 + sum dW)^T,
+    block dW from tests/reference.py (block_diag of M R_c, rows read mod L, input columns mod
+    d_in); parameter gradients from the output gradient scaled by c on each
     adapter's rows, the input gradient from the plain one."""
     from mora_dist.adapters import blockdiag
     from mora_dist.parallel import merged
@@ -203,7 +200,7 @@ def test_merged_layer_matches_dense(d_in, shapes):
         geo = blockdiag.geometry(rh, d_in, d_out)
         segs = ((0, d_out, off),) if g == 1 else tuple((j * w, (j + 1) * w, off + j * stride) for j in range(g))
         c = torch.rand(d_out, generator=gen, dtype=D) + 0.5 if i == 0 else None
-        rot = None if i == 1 else tuple(rnd(geo.n_used, rh // 2).repeat(1, 2) for _ in "cs")
+        rot = None if i == 1 else _rotation_tables(geo)
         blocks.append(merged.Block((geo, segs), c, rot))
         Ms.append(rnd(rh, rh).requires_grad_(True))
         cols.append(torch.cat([torch.arange(d0, d0 + f1 - f0) for f0, f1, d0 in segs]))
