@@ -85,7 +85,7 @@ def operations(geo: Geometry, segments: tuple) -> tuple:
 
 @lru_cache(maxsize=None)
 def items(geo: Geometry, segments: tuple) -> tuple:
-    """Work items of the Triton weight add: (layer row of chunk row 0, chunk c, valid chunk rows
+    """Work items of the Triton kernels: (layer row of chunk row 0, chunk c, valid chunk rows
     [i0, i1), chunk columns [k0, k1), x column of chunk column 0) for every (piece of a segment
     inside one tile of L rows, chunk) pair; a chunk that wraps past d_in is two items (columns
     before and after the wrap), so every item reads x at contiguous columns."""
@@ -129,8 +129,8 @@ def chunk_mats_grad(dWc: torch.Tensor, rot) -> torch.Tensor:
 
 
 def _kernels(t: torch.Tensor, geo: Geometry):
-    """The Triton weight add when it serves this call (a CUDA tensor, or TRITON_INTERPRET=1 for CPU
-    checks; rh <= d_in), else None (the torch forms below)."""
+    """The Triton kernels (weight add, M gradient) when they serve this call (a CUDA tensor, or
+    TRITON_INTERPRET=1 for CPU checks; rh <= d_in), else None (the torch forms below)."""
     if geo.rh > geo.d_in or not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
     try:
