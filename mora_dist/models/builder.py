@@ -16,8 +16,40 @@ import torch.nn.functional as F
 
 from mora_dist.models import kernels
 from mora_dist.models.config import LlamaSpec, rope_inv_freq
+from mora_dist.models.loss import linear_cross_entropy
 from mora_dist.models.spec import llama_block_spec
 from mora_dist.parallel import mcore_cpu
+
+
+def _gpt_model_class():
+    """megatron's GPTModel with the output layer + loss as one chunked vocab-parallel operation
+    (`loss.linear_cross_entropy`) whenever labels are given, and [s, b, h] activations with
+    canonical strides at micro-batch 1 (see `_canonical_strides`)."""
+    from megatron.core.models.gpt import GPTModel
+
+    class LlamaGPTModel(GPTModel):
+        def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+            plain = (labels is None or not self.post_process or self.mtp_process
+                     or self.config.mtp_num_layers is not None or kwargs.get("inference_context") is not None)
+            if plain:
+                return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+            weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
+                      else self.output_layer.weight)
+            return linear_cross_entropy(hidden_states, weight, labels, tp_group=self.pg_collection.tp,
+                                        sequence_parallel=self.output_layer.sequence_parallel)
+
+    return LlamaGPTModel
+
+
+def _canonical_strides(module, inputs, out):
+    """Embedding output [s, 1, h] made with canonical strides. megatron transposes [b, s, h] to
+    [s, b, h] and calls .contiguous(), a no-op at b = 1 (size-1 dims are ignored), so the tensor
+    keeps stride s*h on its batch dim; `torch.matmul` then refuses to fold [s, 1, h] into a
+    matrix and runs a batched GEMV over s (docs/performance.md, 8B section)."""
+    s, b, h = out.shape
+    if out.stride() != (b * h, h, 1):
+        return out.reshape(s * b, h).view(s, b, h)
+    return out
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 1) -> int:
@@ -102,7 +134,6 @@ def build_model(
     The returned model carries `llama_spec` (for export) and `vocab_size_padded`.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
 
     if not isinstance(spec, LlamaSpec):
         spec = LlamaSpec.from_hf(spec)
@@ -112,7 +143,7 @@ def build_model(
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     vocab = padded_vocab_size(spec.vocab_size, config.tensor_model_parallel_size, make_vocab_size_divisible_by)
-    model = GPTModel(
+    model = _gpt_model_class()(
         config=config,
         transformer_layer_spec=llama_block_spec(config, attention, vp_stage),
         vocab_size=vocab,
@@ -125,6 +156,8 @@ def build_model(
         rotary_base=spec.rope_theta,
         vp_stage=vp_stage,
     )
+    if pre_process:
+        model.embedding.register_forward_hook(_canonical_strides)
     rope = model.rotary_pos_emb
     rope.inv_freq = rope_inv_freq(spec).to(rope.inv_freq.device)
     if hasattr(type(rope).forward, "cache_clear"):  # forward() is lru_cached on (self, seq_len)

@@ -3,7 +3,8 @@
 Measured on the 1.1B model of DESIGN.md section 5 (H100, docs/performance.md): megatron's config
 fusions (compiled SwiGLU, fused residual add, native fused vocab-parallel cross entropy) took the
 frozen step from 142 to 129 ms; compiling our fp32 RMSNorm (7 elementwise kernels -> 1) and
-megatron's unfused RoPE (cos/sin/rotate/cat -> 1) took it to 86 ms. On the CPU none of this is
+megatron's unfused RoPE (cos/sin/rotate/cat -> 1) took it to 86 ms. The output layer + loss is
+`loss.linear_cross_entropy`; its per-chunk softmax passes are compiled here too. On the CPU none of this is
 used (tests compare against float64/HF references with the plain eager arithmetic).
 `MORA_DIST_COMPILE=0` turns the compiled RMSNorm/RoPE off.
 """
@@ -43,3 +44,7 @@ def enable_compiled() -> None:
     from megatron.core.models.common.embeddings import rope_utils
 
     rope_utils._apply_rotary_pos_emb_bshd = torch.compile(rope_utils._apply_rotary_pos_emb_bshd, dynamic=False)
+    from mora_dist.models import loss  # the loss chunk's softmax passes: one kernel each over bf16 logits
+
+    loss._compiled.update(stats=torch.compile(loss._stats, dynamic=False),
+                          grad=torch.compile(loss._probs_minus_onehot, dynamic=False))
