@@ -36,6 +36,9 @@ if ROOT not in sys.path:
 SIZES = {
     "1b": dict(vocab_size=32000, hidden_size=2048, num_layers=22, num_attention_heads=32, num_query_groups=4,
                ffn_hidden_size=5632),
+    # Llama-3-8B shape: what continual-pretraining users adapt (docs/performance.md, 8B section)
+    "8b": dict(vocab_size=128256, hidden_size=4096, num_layers=32, num_attention_heads=32, num_query_groups=8,
+               ffn_hidden_size=14336),
     "tiny": dict(vocab_size=512, hidden_size=256, num_layers=2, num_attention_heads=8, num_query_groups=2,
                  ffn_hidden_size=704),
 }
@@ -173,7 +176,8 @@ def run_one(cfg: dict) -> dict:
     if cuda and cfg.get("profile"):
         extra = profile_steps(step, cfg["profile"], f"{cfg.get('name')}: mean step {dt * 1e3:.1f} ms",
                               cpu=bool(cfg.get("profile_cpu")))
-    return dict(**extra, graph=graph,name=cfg.get("name"), method=cfg["method"], mbs=mbs, seq=seq, trainable=ntrain,
+    return dict(**extra, graph=graph, name=cfg.get("name"), method=cfg["method"], size=cfg.get("size", "1b"), mbs=mbs,
+                seq=seq, trainable=ntrain,
                 step_ms=round(dt * 1e3, 2), step_ms_median=round(per[len(per) // 2], 2),
                 step_ms_min=round(per[0], 2), tokens_per_s=round(tok_s), model_tflops=round(tok_s * fpt / 1e12, 1),
                 mfu=round(tok_s * fpt / 1e12 / PEAK_BF16_TFLOPS, 3), peak_gib=round(peak, 2),
@@ -253,7 +257,8 @@ def spawn(cfg: dict, timeout: int = 300) -> dict:
 TRAIN_ROWS = ("lora", "mora-sharing", "mora-rotation", "vera", "allora")
 
 
-def train_rows(names, steps: int, mbs: int, seq: int, workdir: str, timeout: int = 300) -> list:
+def train_rows(names, steps: int, mbs: int, seq: int, workdir: str, timeout: int = 300, size: str = "1b",
+               modes=(False, True)) -> list:
     """What `launch/train.py` itself achieves (megatron DDP, schedules, grad norm/clip, AdamW,
     metrics) on the 1.1B model, eager and with `train.cuda_graph=true`: random tokens (a megatron
     indexed dataset written here), global batch 2 micro-batches, one process per run. Returns
@@ -265,19 +270,19 @@ def train_rows(names, steps: int, mbs: int, seq: int, workdir: str, timeout: int
     os.makedirs(workdir, exist_ok=True)
     prefix = os.path.join(workdir, "random_tokens")
     rng = np.random.default_rng(0)
-    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    sz = SIZES[size]
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16 if sz["vocab_size"] < 65500 else np.int32)
     n_tok = (steps + 2) * 2 * mbs * (seq + 1) * 2
     for _ in range(-(-n_tok // 4096)):
-        b.add_document(torch.from_numpy(rng.integers(3, SIZES["1b"]["vocab_size"], 4096).astype(np.int64)), [4096])
+        b.add_document(torch.from_numpy(rng.integers(3, sz["vocab_size"], 4096).astype(np.int64)), [4096])
     b.finalize(prefix + ".idx")
-    sz = SIZES["1b"]
     out = []
     for name in names:
         row = ROWS[name]
         adapter = [f"adapter.method={row['method']}", f"adapter.r={row['r']}"]
         adapter += [f"adapter.mora_type={row['mora_type']}"] if "mora_type" in row else []
         adapter += [f"adapter.allora_eta={row['allora_eta']}"] if "allora_eta" in row else []
-        for graph in (False, True):
+        for graph in modes:
             tag = f"{name}{'+graph' if graph else ''}"
             run_dir = os.path.join(workdir, tag)
             ov = [f"model.{k}={v}" for k, v in dict(num_layers=sz["num_layers"], hidden_size=sz["hidden_size"],
@@ -313,7 +318,7 @@ def train_rows(names, steps: int, mbs: int, seq: int, workdir: str, timeout: int
                         losses.append(round(d["loss"], 5))
             tok_s = summ["tokens_per_s"]
             fpt = flops_per_token(sz, seq, False)
-            out.append(dict(name=f"train:{tag}", method=row["method"], mbs=mbs, seq=seq, graph=graph,
+            out.append(dict(name=f"train:{tag}", method=row["method"], size=size, mbs=mbs, seq=seq, graph=graph,
                             step_ms=round(summ["mean_step_time"] * 1e3, 2), tokens_per_s=round(tok_s),
                             model_tflops=round(tok_s * fpt / 1e12, 1), mfu=round(tok_s * fpt / 1e12 / PEAK_BF16_TFLOPS, 3),
                             peak_gib=round(summ["peak_mem_gib"], 2), trainable=None, losses=losses))
@@ -331,11 +336,12 @@ def find_peer(path):
     return None
 
 
-def run_peer(path, mbs: int, seq: int, timeout: int = 420):
+def run_peer(path, mbs: int, seq: int, timeout: int = 420, size: str = "1b", methods: str = "lora,vera,full",
+             liger: bool = False):
     env = dict(os.environ, **NCCL_ENV, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, path, "--size", size, "--seq", str(seq), "--mbs", str(mbs), "--methods", methods]
     try:
-        p = subprocess.run([sys.executable, path, "--size", "1b", "--seq", str(seq), "--mbs", str(mbs)], env=env,
-                           capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd + (["--liger"] if liger else []), env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return [], dict(error="peer timeout")
     rows, head = [], {}
@@ -420,6 +426,50 @@ def check(size_name: str = "1b", layers: int = 2) -> list:
     return out
 
 
+def check_loss(size_name: str = "8b", tokens: int = 4096) -> list:
+    """The chunked linear cross-entropy (models/loss.py) in bf16 on the device against float64 of the
+    same bf16 inputs, next to the plain bf16 computation (whole logits, torch cross entropy): loss,
+    gradient of the hidden states, gradient of the output weight (when it trains). Relative norms."""
+    import torch
+    import torch.nn.functional as F
+
+    from mora_dist.models.loss import linear_cross_entropy
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    size = SIZES[size_name]
+    h, V = size["hidden_size"], size["vocab_size"]
+    g = torch.Generator(device=dev).manual_seed(5)
+    x0 = torch.randn(tokens, 1, h, generator=g, device=dev).bfloat16()
+    W0 = (torch.randn(V, h, generator=g, device=dev) * 0.02).bfloat16()
+    labels = torch.randint(0, V, (1, tokens), generator=g, device=dev)
+    gl = torch.rand(1, tokens, generator=g, device=dev)
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm())
+
+    def run(fn, dtype):
+        x = x0.to(dtype).clone().requires_grad_(True)
+        W = W0.to(dtype).clone().requires_grad_(True)
+        loss = fn(x, W)
+        (loss.double() * gl.double()).sum().backward()
+        return loss.detach(), x.grad, W.grad
+
+    def plain(x, W):
+        return F.cross_entropy((x[:, 0] @ W.t()).float(), labels[0], reduction="none")[None]
+
+    ref = run(plain, torch.float64)
+    out = []
+    for name, fn in (("chunked", lambda x, W: linear_cross_entropy(x, W, labels)), ("plain-bf16", plain)):
+        got = run(fn, torch.bfloat16)
+        out.append(dict(check=f"loss:{name}", size=size_name, tokens=tokens, loss_rel=round(rel(got[0], ref[0]), 7),
+                        xgrad_rel=round(rel(got[1], ref[1]), 5), wgrad_rel=round(rel(got[2], ref[2]), 5)))
+        if name == "chunked":  # the frozen-weight path (dx = g * D from the forward)
+            x = x0.clone().requires_grad_(True)
+            (linear_cross_entropy(x, W0, labels).double() * gl.double()).sum().backward()
+            out[-1]["xgrad_rel_frozen_w"] = round(rel(x.grad, ref[1]), 5)
+    return out
+
+
 def attn_bench(mbs: int = 4, seq: int = 2048, heads: int = 32, groups: int = 4, hd: int = 64) -> list:
     """SDPA kernels, forward + backward, on the model's [s, b, n, h] -> [b, n, s, h] views."""
     import torch
@@ -485,26 +535,39 @@ def matmul_peak() -> float:
 
 
 # ----------------------------------------------------------------------------- table
-def table(ours: list, peer: list, peer_head: dict) -> str:
-    ref = next((r for r in peer if r.get("method") == "lora" and "tokens_per_s" in r), None)
-    lines = ["| system | config | mbs | tokens/s | x PEFT LoRA | step ms | model TFLOP/s | MFU | peak GiB | trainable |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+def flat_row(r: dict, system: str, size: str, device: str) -> dict:
+    """One result in the committed row format (docs/perf/*.json): system, config, size, seq, mbs,
+    tokens_per_s, step_ms, peak_gib, device (+ mfu, error where known)."""
+    cfg = r.get("name") or r.get("method")
+    if system == "peft":
+        cfg = ("peft+liger " if r.get("liger") else "peft ") + str(r.get("method"))
+    out = dict(system=system, config=cfg, size=r.get("size", size), seq=r.get("seq"), mbs=r.get("mbs"),
+               tokens_per_s=r.get("tokens_per_s"), step_ms=r.get("step_ms"), peak_gib=r.get("peak_gib"), device=device)
+    if "mfu" in r or "model_tflops" in r:
+        out["mfu"] = r.get("mfu", round(r.get("model_tflops", 0) / PEAK_BF16_TFLOPS, 3))
+    if "error" in r:
+        out["error"] = r["error"][:300]
+    return out
 
-    def row(system, r):
-        if "error" in r:
-            return f"| {system} | {r.get('name') or r.get('method')} | | error: {r['error'][:160]!r} | | | | | | |"
-        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
-        mfu = r.get("mfu", round(r["model_tflops"] / PEAK_BF16_TFLOPS, 3))
-        trainable = f"{r['trainable']:,}" if r.get("trainable") is not None else "-"
-        return (f"| {system} | {r.get('name') or r['method']} | {r['mbs']} | {r['tokens_per_s']:,} | {ratio} | "
-                f"{r['step_ms']} | {r['model_tflops']} | {mfu:.3f} | {r['peak_gib']} | {trainable} |")
 
-    for r in ours:
-        lines.append(row("mora_dist", r))
-    for r in peer:
-        lines.append(row("HF PEFT", r))
-    if peer_head:
-        lines.append(f"\npeer: {json.dumps(peer_head)}")
+def table(rows: list) -> str:
+    """Markdown table of flat rows; ratios to the best PEFT LoRA and the best PEFT + Liger LoRA row."""
+    def best(liger):
+        c = [r["tokens_per_s"] for r in rows if r["system"] == "peft" and r["config"] == ("peft+liger lora" if liger else "peft lora")
+             and r.get("tokens_per_s")]
+        return max(c) if c else None
+
+    ref, ref_l = best(False), best(True)
+    lines = ["| system | config | size | seq | mbs | tokens/s | x PEFT LoRA best | x PEFT+Liger LoRA best | step ms | MFU | peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r.get("error") or not r.get("tokens_per_s"):
+            lines.append(f"| {r['system']} | {r['config']} | {r['size']} | {r['seq']} | {r['mbs']} | error: {str(r.get('error'))[:120]!r} | | | | | |")
+            continue
+        x = lambda b: f"{r['tokens_per_s'] / b:.2f}" if b else "-"  # noqa: E731
+        mfu = f"{r['mfu']:.3f}" if r.get("mfu") is not None else "-"
+        lines.append(f"| {r['system']} | {r['config']} | {r['size']} | {r['seq']} | {r['mbs']} | {r['tokens_per_s']:,} | "
+                     f"{x(ref)} | {x(ref_l)} | {r['step_ms']} | {mfu} | {r['peak_gib']} |")
     return "\n".join(lines)
 
 
@@ -514,19 +577,25 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--attn", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="before/after variants instead of the table")
-    ap.add_argument("--train", default="", help="also run launch/train.py (eager and cuda_graph) for these rows "
+    ap.add_argument("--train", default="", help="also run launch/train.py for these rows "
                     "(comma list of " + ",".join(TRAIN_ROWS) + ", or 'all')")
+    ap.add_argument("--train-modes", default="eager,graph", help="--train: eager and/or graph (train.cuda_graph)")
     ap.add_argument("--train-steps", type=int, default=20)
     ap.add_argument("--workdir", default="/tmp/mora_dist_bench", help="--train: dataset and run directories")
+    ap.add_argument("--size", default="1b", choices=sorted(k for k in SIZES if k != "tiny"),
+                    help="1b: the 1.1B TinyLlama shape (vocab 32000); 8b: the Llama-3-8B shape (vocab 128256)")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ",".join(ROWS))
     ap.add_argument("--modes", default="eager,graph", help="eager and/or graph (whole step as one CUDA graph)")
-    ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--mbs", default="4", help="micro-batch size(s), comma list: every row at each")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-compile", action="store_true", help="without the compiled RMSNorm/RoPE (MORA_DIST_COMPILE=0)")
     ap.add_argument("--no-fuse", action="store_true", help="without megatron's fused SwiGLU/residual/CE")
     ap.add_argument("--peer", default=None)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--peer-methods", default="lora,vera,full")
+    ap.add_argument("--peer-mbs", default=None, help="peer micro-batch size(s), comma list (default: --mbs)")
+    ap.add_argument("--liger", action="store_true", help="also the peer with Liger's Triton kernels (--liger) for LoRA")
     ap.add_argument("--profile", default=None, help="append per-configuration kernel profiles to this file")
     ap.add_argument("--profile-cpu", action="store_true", help="--profile: CPU ops too, sorted by CPU time")
     ap.add_argument("--warm", type=int, default=5)
@@ -539,11 +608,11 @@ def main():
     os.environ.update(NCCL_ENV)
     results = dict()
     if a.check:
-        results["check"] = check()
+        results["check"] = check() + check_loss(a.size)
         for r in results["check"]:
             print(json.dumps(r), flush=True)
     if a.attn:
-        results["attn"] = attn_bench(a.mbs, a.seq)
+        results["attn"] = attn_bench(int(a.mbs.split(",")[0]), a.seq)
         for r in results["attn"]:
             print(json.dumps(r), flush=True)
     if a.check or a.attn:
@@ -555,49 +624,58 @@ def main():
     head = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 bf16_matmul_tflops=round(matmul_peak(), 1))
     print(json.dumps(head), flush=True)
-    base = dict(mbs=a.mbs, seq=a.seq, steps=a.steps, warm=a.warm, compile=not a.no_compile, fuse=not a.no_fuse)
+    dev = head["device"]
+    mbs_list = [int(m) for m in a.mbs.split(",")]
+    base = dict(size=a.size, seq=a.seq, steps=a.steps, warm=a.warm, compile=not a.no_compile, fuse=not a.no_fuse)
     if a.profile:
         base["profile"] = os.path.abspath(a.profile)
         base["profile_cpu"] = a.profile_cpu
     if a.sweep:
-        cfgs = sweep_configs(base)
+        cfgs = sweep_configs(dict(base, mbs=mbs_list[0]))
         if a.only:
             cfgs = [c for c in cfgs if any(c["name"].startswith(p) for p in a.only.split(","))]
     else:
         cfgs = []
-        for mode in a.modes.split(","):
-            for n in a.rows.split(","):
-                if n:
-                    cfgs.append(dict(base, name=n + ("+graph" if mode == "graph" else ""), graph=mode == "graph", **ROWS[n]))
-    ours = []
-    results.update(head=head, ours=ours)
-    for c in cfgs:
-        r = spawn(c)
+        for mbs in mbs_list:
+            for mode in a.modes.split(","):
+                for n in a.rows.split(","):
+                    if n:
+                        cfgs.append(dict(base, mbs=mbs, name=n + ("+graph" if mode == "graph" else ""),
+                                         graph=mode == "graph", **ROWS[n]))
+    rows = []
+    results.update(head=head, rows=rows)
+
+    def emit(r, system):
+        rows.append(flat_row(r, system, a.size, dev))
         print(json.dumps(r), flush=True)
-        ours.append(r)
         if a.json:
             json.dump(results, open(a.json, "w"), indent=1)
+
+    for c in cfgs:
+        emit(spawn(c, timeout=600), "mora_dist")
     if a.train:
         names = TRAIN_ROWS if a.train == "all" else a.train.split(",")
-        ours.extend(train_rows(names, a.train_steps, a.mbs, a.seq, a.workdir))
-        if a.json:
-            json.dump(results, open(a.json, "w"), indent=1)
-    peer, peer_head = [], {}
+        modes = tuple(m == "graph" for m in a.train_modes.split(","))
+        for mbs in mbs_list:
+            for r in train_rows(names, a.train_steps, mbs, a.seq, a.workdir, size=a.size, modes=modes, timeout=600):
+                emit(r, "mora_dist")
     if not a.no_peer:
         path = find_peer(a.peer)
         if path is None:
-            peer_head = dict(error="peer_peft.py not found")
-        else:
-            peer, peer_head = run_peer(path, a.mbs, a.seq)
-            peer_head["script"] = os.path.relpath(path, ROOT)
-            for r in peer:
-                print(json.dumps(r), flush=True)
-    results.update(head=head, ours=ours, peer=peer, peer_head=peer_head)
-    if a.json:
-        json.dump(results, open(a.json, "w"), indent=1)
+            results["peer_head"] = dict(error="peer_peft.py not found")
+        peer_mbs = [int(m) for m in (a.peer_mbs or a.mbs).split(",")] if path else []
+        for mbs in peer_mbs:
+            for liger in ([False, True] if a.liger else [False]):
+                methods = "lora" if liger else a.peer_methods
+                peer, peer_head = run_peer(path, mbs, a.seq, size=a.size, methods=methods, liger=liger, timeout=900)
+                results.setdefault("peer_head", peer_head)
+                if not peer:
+                    peer = [dict(method=methods, liger=liger, mbs=mbs, seq=a.seq, error=peer_head.get("error", "no rows"))]
+                for r in peer:
+                    emit(r, "peft")
     print(f"\n{head['device']}, torch {head['torch']}, bf16 matmul {head['bf16_matmul_tflops']} TFLOP/s measured; "
-          f"MFU against {PEAK_BF16_TFLOPS} (DESIGN.md)\n")
-    print(table(ours, peer, peer_head))
+          f"MFU against {PEAK_BF16_TFLOPS} (peer's formula)\n")
+    print(table(rows))
 
 
 def sweep_configs(base: dict) -> list:
