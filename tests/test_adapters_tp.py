@@ -49,9 +49,12 @@ def _rel(got, exp):
     return ((got.detach().double() - exp).abs().max() / exp.abs().max().clamp(min=1.0)).item()
 
 
-def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT):
-    """Returns the worst differences (out, x grad, param grads, merged out, unmerge) for one case."""
+def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT, fast=True):
+    """Returns the worst differences (out, x grad, param grads, merged out, unmerge) for one case,
+    on the merged-weight path (`fast`, the default at every TP) or the per-adapter path."""
     from megatron.core import parallel_state as ps
+
+    from mora_dist.adapters import base as adapters_base
 
     from mora_dist.adapters import AdapterConfig, build_adapter
     from mora_dist.parallel.inject import layer_shard
@@ -67,8 +70,10 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT):
     full_ref = build_adapter(cfg, type(shard)(d_in, d_out)).double()  # TP=1 shapes, for the full params
     params = random_params(full_ref, gen)
     adapter.load_full_({n: p.float() for n, p in params.items()})
+    base.weight.requires_grad_(False)  # frozen, as in training (the merged path needs it)
     layer = AdaptedLinear(base, mode)
     layer.add_adapter("adapter", adapter)
+    adapters_base.FAST_PATH = fast
 
     x = torch.randn(S, B, d_in, generator=gen, dtype=torch.float64)
     g = torch.randn(S, B, d_out, generator=gen, dtype=torch.float64)
@@ -98,7 +103,11 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT):
         ((x @ dw.t()) * g * c).sum().backward()
     y_exp = yr[:, :, rows] if mode == "column" else (yr[seq] if sp else yr)
     gx_exp = (xr.grad[seq] if sp else xr.grad) if mode == "column" else xr.grad[:, :, cols]
-    diffs = dict(out=_rel(out, y_exp), xgrad=_rel(x_in.grad, gx_exp))
+    diffs = dict(out=_rel(out, y_exp), xgrad=_rel(x_in.grad, gx_exp),
+                 wrong_path=float(layer._use_merged(None) != fast))
+    block_row = method == "mora" and kw.get("mora_type") in ("rotation", "decouple") and mode == "row" and tp > 1
+    diffs["wrong_kernel_path"] = float(fast and not block_row and adapter.factors(torch.float32) is None
+                                       and adapter.block_operator() is None)
     for n, p in adapter.named_parameters():
         diffs[f"grad_{n}"] = _rel(p.grad, adapter.shard_of(n, ref_params[n].grad))
 
@@ -124,7 +133,8 @@ def _all_cases(rank, sps):
     for method, kw in VARIANTS + ALLORA:
         for mode in ("column", "row"):
             for sp in sps:
-                out[(method, str(kw), mode, sp)] = check_layer(method, kw, mode, sp)
+                for fast in (True, False):
+                    out[(method, str(kw), mode, sp, fast)] = check_layer(method, kw, mode, sp, fast=fast)
     return out
 
 

@@ -164,13 +164,14 @@ def kaiming_uniform(shape, generator: torch.Generator, a: float = 0.0) -> torch.
 
 @dataclass
 class Factors:
-    """An unsharded adapter's update as three factors, for the merged-weight path of
+    """An adapter's update on the rank's shard as three factors, for the merged-weight path of
     `AdaptedLinear` (mora_dist/parallel/merged.py):
 
         delta(x) = mid(x @ P^T) @ Q^T,   dW = Q mid P,   mid(h) = h (None) | h * mid (vector) | h @ mid^T (matrix)
 
-    P [k, d_in], mid, Q [d_out, k'] are already in the activation dtype and carry gradients to
-    the trainables (fp32 master weights are cast here, once per forward). The layer adds Q (mid P)
+    P [k, local d_in], mid, Q [local d_out, k'] are already in the activation dtype and carry gradients to
+    the trainables (fp32 master weights are cast here, once per forward; replicated ones pass
+    `Adapter.merged_param`, which sums their gradients over TP). The layer adds Q (mid P)
     to its weight for the forward; the backward needs x @ P^T and g @ Q, skinny GEMMs. `p_key`:
     adapters with equal keys share an identical frozen P (VeRA's A), so x @ P^T is computed once.
     """
@@ -229,8 +230,17 @@ class Adapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def merged_param(self, name: str) -> torch.Tensor:
+        """Parameter `name` for the merged-weight path (fp32; the caller casts). There the layer
+        computes its own rows (column) or its own input columns (row) from the merged weight, so a
+        replicated parameter's local gradient is always partial: it is summed over TP."""
+        p = getattr(self, name)
+        if self.is_sharded(name) or self.shard.tp_size == 1 or self.shard.mode == "none":
+            return p
+        return copy_to_tp(p)
+
     def factors(self, dtype: torch.dtype) -> Optional[Factors]:
-        """`Factors` of this adapter on an unsharded layer (TP=1), or None (use `forward`)."""
+        """`Factors` of the rank's shard of this adapter (any TP), or None (use `forward`)."""
         return None
 
     def block_operator(self):
@@ -241,6 +251,11 @@ class Adapter(nn.Module):
     def unsharded(self) -> bool:
         """True on an unsharded layer (TP=1) while the fast paths are on (`FAST_PATH`)."""
         return FAST_PATH and (self.shard.tp_size == 1 or self.shard.mode == "none")
+
+    @property
+    def fast(self) -> bool:
+        """The merged-weight fast paths are on (`FAST_PATH`); they serve shards at any TP."""
+        return FAST_PATH
 
 
 def build_adapter(cfg: AdapterConfig, shard: Shard, seed: int = 0, **kw) -> Adapter:

@@ -38,6 +38,6 @@ class LoRA(Adapter):
         return (self.B @ self.A) * self.scale
 
     def factors(self, dtype):
-        if not self.unsharded:
+        if not self.fast:
             return None
-        return Factors(P=self.A.to(dtype), Q=(self.B * self.scale).to(dtype))
+        return Factors(P=self.merged_param("A").to(dtype), Q=(self.merged_param("B") * self.scale).to(dtype))

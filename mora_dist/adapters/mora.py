@@ -163,28 +163,33 @@ class MoRA(Adapter):
     def factors(self, dtype):
         """Group types: P = compress (0/1), mid = M, Q = decompress (0/1), padded to rh_pad;
         block types: None."""
-        if not self.unsharded or not (self.type in GROUP_TYPES or self.type == "truncation"):
+        if not self.fast or not (self.type in GROUP_TYPES or self.type == "truncation"):
             return None
         C, D = self._maps(dtype, self.M.device)
         comp = "truncation" if self.type == "truncation" else GROUP_TYPES[self.type][0]
         key = ("mora", comp, self.rh, self.shard.d_in, self.shard.in_start, self.shard.in_end, self.M.device)
         p = self.rh_pad - self.rh
-        mid = torch.nn.functional.pad(self.M, (0, p, 0, p)) if p else self.M
+        M = self.merged_param("M")
+        mid = torch.nn.functional.pad(M, (0, p, 0, p)) if p else M
         return Factors(P=C, mid=mid.to(dtype), Q=D, p_key=key)
 
     def block_operator(self):
-        """Block types on an unsharded layer: (geometry, M, rotation tables (cos, sin) [n_used, rh] in
-        M's dtype, or None for decouple) for the merged-weight path (`blockdiag`: W_c = M R_c); None
-        for the other types or a sharded layer."""
-        if not self.unsharded or self.type in GROUP_TYPES or self.type == "truncation":
+        """Block types on an unsharded or column-parallel layer (the chunks span the whole input):
+        (geometry, M, rotation tables (cos, sin) [n_used, rh] in M's dtype, or None for decouple) for
+        the merged-weight path (`blockdiag`: W_c = M R_c, placed at the shard's global adapter rows);
+        None for the other types or a row-parallel shard (chunks cross its input columns)."""
+        if not self.fast or self.type in GROUP_TYPES or self.type == "truncation":
+            return None
+        if self.shard.mode == "row" and self.shard.tp_size > 1:
             return None
         geo = blockdiag.geometry(self.rh, self.shard.d_in, self.shard.d_out)
+        M = self.merged_param("M")
         if self.type != 6:
-            return geo, self.M, None
+            return geo, M, None
         key = (self.M.dtype, self.M.device, geo.n_used)
         if key not in self._maps_cache:  # made once (outside CUDA graph capture: the warm-up does it)
             self._maps_cache[key] = tuple(t[:geo.n_used].to(self.M.dtype).contiguous() for t in (self.cos, self.sin))
-        return geo, self.M, self._maps_cache[key]
+        return geo, M, self._maps_cache[key]
 
     def forward(self, x):
         if self.unsharded:

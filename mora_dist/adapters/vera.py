@@ -65,11 +65,12 @@ class VeRA(Adapter):
     def factors(self, dtype):
         """P = A (frozen, identical for every layer of the same input width: computed once per
         fused layer), mid = d, Q = diag(b) B."""
-        if not self.unsharded:
+        if not self.fast:
             return None
         key = ("vera", self.cfg.seed, self.cfg.r, self.vera_in_max, self.vera_out_max, self.shard.in_start,
                self.shard.in_end, self.A.device)
         cast = getattr(self, "_A_cast", None)
         if cast is None or cast.dtype != dtype or cast.device != self.A.device:
             cast = self._A_cast = self.A.to(dtype)  # frozen: cast once (the wrapper caches its concatenation)
-        return Factors(P=cast, mid=self.d.to(dtype), Q=(self.b[:, None] * self.B).to(dtype), p_key=key)
+        return Factors(P=cast, mid=self.merged_param("d").to(dtype), Q=(self.merged_param("b")[:, None] * self.B).to(dtype),
+                       p_key=key)

@@ -1,4 +1,4 @@
-"""The merged-weight path of an unsharded layer (TP=1): y = x (W0 + sum_i dW_i)^T as one GEMM.
+"""The merged-weight path of a layer's local shard: y = x (W0 + sum_i dW_i)^T as one GEMM.
 
 Why (docs/performance.md): adding each adapter's update to the base output costs passes over the
 layer's activations in both directions (LoRA: x @ A^T, a read-modify-write of the output, an
@@ -56,15 +56,18 @@ class Plan(NamedTuple):
 
 
 @torch.no_grad()
-def factor_row_coefficients(fac: Factors, eta: float) -> torch.Tensor:
+def factor_row_coefficients(fac: Factors, eta: float, tp_group=None) -> torch.Tensor:
     """ALLoRA's c_i = 1/sqrt(||dW_i|| + 1/eta^2) from the factors, dW = Q mid P, through the small
-    Gram matrix mid P P^T mid^T (never the dense d_out x d_in update)."""
+    Gram matrix mid P P^T mid^T (never the dense d_out x d_in update). `tp_group`: a row-parallel
+    shard's group, over which the squared row norms (partial over input columns) are summed."""
     P, Q = fac.P.float(), fac.Q.float()
     G = P @ P.t()
     if fac.mid is not None:
         m = fac.mid.float()
         G = m[:, None] * G * m[None, :] if m.dim() == 1 else m @ G @ m.t()
     sq = ((Q @ G) * Q).sum(1).clamp_min(0)
+    if tp_group is not None:
+        torch.distributed.all_reduce(sq, group=tp_group)
     return torch.rsqrt(sq.sqrt() + 1.0 / eta**2)
 
 
@@ -161,8 +164,10 @@ def _block_output_grad(g2: torch.Tensor, blocks) -> torch.Tensor:
     g2 = g2.clone()
     for b in blocks:
         if b.c is not None:
+            o = 0  # c is per local adapter row; segments come in that order
             for f0, f1, d0 in b.plan[1]:
-                g2[:, d0:d0 + f1 - f0] *= b.c[f0:f1].to(g2.dtype)
+                g2[:, d0:d0 + f1 - f0] *= b.c[o:o + f1 - f0].to(g2.dtype)
+                o += f1 - f0
     return g2
 
 

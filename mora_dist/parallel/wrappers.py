@@ -9,9 +9,13 @@ its local output. Row-parallel: the wrapper runs the base matmul, adds the adapt
 and only then does the layer's all-reduce (reduce-scatter under SP), mirroring megatron's
 `RowParallelLinear.forward`, so adapters cost no extra communication.
 
-On an unsharded layer (TP=1) the adapters are merged into the layer's weight for the step
-(`merged.py`): the forward and the input gradient are the base's single GEMMs, the parameter
-gradients skinny GEMMs over x and the output gradient (docs/performance.md).
+With the fast paths on (the default) the adapters are merged into the layer's local weight shard
+for the step (`merged.py`), at any TP: the forward and the input gradient are the base's single
+GEMMs (column-parallel: on the input gathered as megatron gathers it; row-parallel: a partial sum
+reduced as above), the parameter gradients skinny GEMMs over x and the output gradient, and the
+gradients of replicated trainables are summed over TP (`Adapter.merged_param`). The per-adapter
+path (each adapter's own TP-aware forward) remains for `MORA_DIST_ADAPTER_FAST=0` and for MoRA's
+block types on row-parallel shards (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mora_dist.adapters.base import Adapter
+from mora_dist.adapters.base import Adapter, copy_to_tp
 from mora_dist.optim.allora import allora_forward, row_coefficients
 from mora_dist.parallel import merged
 
@@ -44,14 +48,19 @@ def _row_blocks(pos: torch.Tensor, n: int):
     return ("idx", pos)
 
 
-def _segments(rows):
-    """An adapter's output rows as ((first row, end, output column), ...) for blockdiag, or None."""
-    if rows[0] == "range":
-        return ((0, rows[2] - rows[1], rows[1]),)
-    if rows[0] == "blk":
-        _, G, stride, off, w, _ = rows
-        return tuple((g * w, (g + 1) * w, g * stride + off) for g in range(G))
-    return None
+def _segments(adapter_rows: torch.Tensor, layer_rows: torch.Tensor) -> tuple:
+    """An adapter's local rows as blockdiag segments ((first adapter row, end, layer row), ...):
+    runs that are contiguous both in the adapter's global rows (`Adapter.out_rows`: a column
+    shard's part of the canonical output) and in the layer's local output rows."""
+    a, p = adapter_rows.cpu().tolist(), layer_rows.cpu().tolist()
+    segs, i = [], 0
+    while i < len(a):
+        j = i + 1
+        while j < len(a) and a[j] == a[j - 1] + 1 and p[j] == p[j - 1] + 1:
+            j += 1
+        segs.append((a[i], a[j - 1] + 1, p[i]))
+        i = j
+    return tuple(segs)
 
 
 class AdaptedLinear(nn.Module):
@@ -63,6 +72,7 @@ class AdaptedLinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self._positions: dict[str, Optional[torch.Tensor]] = {}
         self._rows: dict[str, tuple] = {}
+        self._segs: dict[str, tuple] = {}
         self.merged = False
 
     def add_adapter(self, name: str, adapter: Adapter, positions: Optional[torch.Tensor] = None) -> None:
@@ -83,6 +93,8 @@ class AdaptedLinear(nn.Module):
             self.register_buffer(f"_pos_{name}", positions, persistent=False)
             self._rows[name] = ("range", a, a + len(positions)) if contiguous else _row_blocks(positions, n_local)
         self._positions[name] = positions
+        local = torch.arange(n_local) if positions is None else positions
+        self._segs[name] = _segments(adapter.out_rows, local)
 
     def _add_delta(self, out, x, name):
         """out + adapter `name`'s own forward at its rows (out of place)."""
@@ -100,15 +112,18 @@ class AdaptedLinear(nn.Module):
         return out
 
     def _use_merged(self, weight) -> bool:
-        """TP=1 with the fast paths on and a frozen base: the merged-weight path (merged.py)."""
+        """Fast paths on and a frozen base (any TP): the merged-weight path (merged.py)."""
         return (weight is None and not self.base.weight.requires_grad
-                and all(a.unsharded for a in self.adapters.values()))
+                and all(a.fast for a in self.adapters.values()))
 
-    def _merged_out(self, x):
-        """The layer's output with every adapter merged into the weight for this step: one GEMM
-        forward, one GEMM input gradient, skinny GEMMs for the parameter gradients
-        (`merged.MergedLinear`). Adapters with neither `Factors` nor a block operator (none of
-        ours) are added by their own forward."""
+    def _merged_out(self, x, x_local=None):
+        """The layer's output (local rows; a partial sum for row-parallel) with every adapter merged
+        into the weight shard for this step: one GEMM forward, one GEMM input gradient, skinny GEMMs
+        for the parameter gradients (`merged.MergedLinear`). `x` is the whole input the GEMM reads
+        (column-parallel: gathered over TP), `x_local` what the layer was given. Adapters with
+        neither `Factors` nor a block operator (MoRA's block types on a row-parallel shard) are
+        added by their own forward, from `x_local`."""
+        x_local = x if x_local is None else x_local
         dt = self.base.weight.dtype
         keys, Ps, pairs, terms, Ms, blocks, extra = {}, [], [], [], [], [], []
         for name, adapter in self.adapters.items():
@@ -122,15 +137,15 @@ class AdaptedLinear(nn.Module):
                 if key not in keys:
                     keys[key] = len(Ps)
                     Ps.append(fac.P)
-                c = None if eta is None else merged.factor_row_coefficients(fac, eta).to(dt)
+                c = None if eta is None else merged.factor_row_coefficients(fac, eta, self._row_group(adapter)).to(dt)
                 terms.append(merged.Term(rows, keys[key], c))
                 pairs += [fac.mid, fac.Q]
                 continue
             block = adapter.block_operator()
-            segments = _segments(rows) if block is not None else None
-            if segments is None:
+            if block is None:
                 extra.append(name)
                 continue
+            segments = self._segs[name]
             c = None if eta is None else row_coefficients(adapter, eta)
             geo, M, rot = block
             blocks.append(merged.Block((geo, segments), c, rot))
@@ -139,7 +154,7 @@ class AdaptedLinear(nn.Module):
         out = merged.MergedLinear.apply(x.reshape(-1, x.shape[-1]), self.base.weight, plan, *Ps, *pairs, *Ms)
         out = out.view(*x.shape[:-1], out.shape[-1])
         for name in extra:
-            out = self._add_delta(out, x, name)
+            out = self._add_delta(out, x_local, name)
         return out
 
     def forward(self, x, *args, **kwargs):
@@ -153,7 +168,7 @@ class AdaptedLinear(nn.Module):
         base = self.base
         gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
         if self._use_merged(weight):
-            out, bias = self._merged_out(x), (base.bias if base.skip_bias_add else None)
+            out, bias = self._merged_out(self._column_input(x), x), (base.bias if base.skip_bias_add else None)
             if base.bias is not None and not base.skip_bias_add:
                 out = out + base.bias
         else:
@@ -162,6 +177,28 @@ class AdaptedLinear(nn.Module):
         if gather:
             out = mappings.gather_from_tensor_model_parallel_region(out)
         return out, bias
+
+    @staticmethod
+    def _row_group(adapter):
+        """The TP group where an adapter's rows are split over input columns (row-parallel), else None."""
+        if adapter.shard.mode != "row" or adapter.shard.tp_size == 1:
+            return None
+        from megatron.core import parallel_state as ps
+
+        return ps.get_tensor_model_parallel_group()
+
+    def _column_input(self, x):
+        """The whole input of a column-parallel shard, as megatron's layer forms it: all-gathered
+        over the sequence under SP (gradient reduce-scattered), else replicated (gradient
+        all-reduced over TP)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import mappings
+
+        if ps.get_tensor_model_parallel_world_size() == 1:
+            return x
+        if self.base.sequence_parallel:
+            return mappings.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
+        return copy_to_tp(x)
 
     def _row(self, x):
         from megatron.core.tensor_parallel import mappings

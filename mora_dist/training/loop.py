@@ -107,9 +107,9 @@ class Trainer:
         if t.cuda_graph:
             if not torch.cuda.is_available():
                 raise ValueError("train.cuda_graph: true needs a GPU")
-            if ps.get_pipeline_model_parallel_world_size() > 1 or ps.get_tensor_model_parallel_world_size() > 1:
-                raise ValueError("train.cuda_graph: true is implemented for parallel.tp=1, parallel.pp=1 "
-                                 "(data parallel is fine); use the eager step for TP/PP")
+            if ps.get_pipeline_model_parallel_world_size() > 1:
+                raise ValueError("train.cuda_graph: true is implemented for parallel.pp=1 (tensor and data "
+                                 "parallel are fine: their NCCL collectives are captured); use the eager step for PP")
             from mora_dist.training.cuda_graph import MicrobatchGraph
 
             self.graph = MicrobatchGraph(self._graph_fwd_bwd, self._zero_grads)
