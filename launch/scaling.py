@@ -105,7 +105,8 @@ def run_layout(a, method: str, layout: str, data: str, hf: str | None, port: int
     out = dict(size=a.size, config=method, layout=layout, tp=lay["tp"], pp=lay["pp"], dp=lay["dp"], sp=lay["sp"],
                mbs=mbs, global_batch=gb, graph=a.graph and lay["pp"] == 1, wall_s=round(time.time() - t0, 1))
     if not summ or summ.get("tokens_per_s_per_gpu") is None:
-        return dict(out, error=(err or text)[-1500:])
+        tb = [ln for ln in err.splitlines() if ln.startswith("[rank0]:")] or err.splitlines()
+        return dict(out, error="\n".join(tb[-25:])[-2500:])
     losses = []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for ln in f:

@@ -42,6 +42,25 @@ def skip_single_rank_collectives():
         dist.all_reduce = all_reduce
 
 
+def graph_safe_rng(seed: int) -> None:
+    """Megatron's CUDA RNG tracker in its graph-safe form (the same seeds). Under SP megatron forks
+    the tracker's state around the embedding's dropout inside the forward; the plain tracker sets
+    the generator's seed, which CUDA graph capture refuses."""
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=True, force_reset_rng=True)
+
+
+def _register_rng_states(graph) -> None:
+    """Let the graph see the graph-safe RNG states megatron's tracker may switch to."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = mrandom.get_cuda_rng_tracker()
+    if getattr(tracker, "use_cudagraphable_rng", False):
+        for state in tracker.get_states().values():
+            graph.register_generator_state(state)
+
+
 class MicrobatchGraph:
     """`loss = fwd_bwd(batch)` as a replayable graph; `fwd_bwd` must return the detached loss."""
 
@@ -75,6 +94,7 @@ class MicrobatchGraph:
         torch.cuda.current_stream().wait_stream(side)
         self.zero_grads()  # warm-up gradients are not part of any step
         graph = torch.cuda.CUDAGraph()
+        _register_rng_states(graph)
         with skip_single_rank_collectives(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.loss = self.fwd_bwd(self.static)
         self.graph = graph

@@ -110,8 +110,10 @@ class Trainer:
             if ps.get_pipeline_model_parallel_world_size() > 1:
                 raise ValueError("train.cuda_graph: true is implemented for parallel.pp=1 (tensor and data "
                                  "parallel are fine: their NCCL collectives are captured); use the eager step for PP")
-            from mora_dist.training.cuda_graph import MicrobatchGraph
+            from mora_dist.training.cuda_graph import MicrobatchGraph, graph_safe_rng
 
+            if ps.get_tensor_model_parallel_world_size() > 1:
+                graph_safe_rng(cfg.model.seed)
             self.graph = MicrobatchGraph(self._graph_fwd_bwd, self._zero_grads)
 
     # --- one step ---------------------------------------------------------------------------
