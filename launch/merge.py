@@ -29,19 +29,27 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from mora_dist.checkpoint import state
-
     path = args.checkpoint
     if not os.path.isdir(path):
         print(f"merge: checkpoint not found: {path}", file=sys.stderr)
         return 2
-    if os.path.exists(os.path.join(path, "latest")):
-        path = state.latest(path)
-        if path is None:
-            print(f"merge: {args.checkpoint}/latest names no checkpoint", file=sys.stderr)
-            return 2
     from mora_dist.checkpoint.atomic_dir import check_output
-    from mora_dist.checkpoint.integrity import problem
+    from mora_dist.checkpoint.integrity import STEP_RE, CheckpointError, problem, select_resume
+
+    if not STEP_RE.match(os.path.basename(os.path.normpath(path))):  # a run's checkpoint root
+        try:
+            found, warnings = select_resume(path)
+        except CheckpointError as e:
+            print(f"merge: {e}", file=sys.stderr)
+            return 2
+        if found is None:
+            print(f"merge: no checkpoint in {path} (no latest file, no step_N folder)", file=sys.stderr)
+            return 2
+        if warnings:  # never merge an older checkpoint than the user expects without being told to
+            print(f"merge: {warnings[0]}; the newest intact one is {found}: pass --checkpoint {found} to merge it",
+                  file=sys.stderr)
+            return 2
+        path = found
 
     why = problem(path)
     if why:

@@ -329,10 +329,16 @@ def test_export_is_atomic_refuses_existing_and_leaves_no_stale_files(trained, tm
 def test_merge_refuses_a_damaged_checkpoint_naming_it(trained, tmp_path):
     _, ckpt = _copy_run(trained, tmp_path)
     _damage(ckpt, "truncated shard")
-    r = _run([PY, str(ROOT / "launch" / "merge.py"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "m")])
+    r = _run([PY, str(ROOT / "launch" / "merge.py"), "--checkpoint", str(ckpt / "step_0000004"), "--out",
+              str(tmp_path / "m")])
     assert r.returncode == 2
     assert _error_line(r.stderr, "merge: ").startswith(f"merge: checkpoint {ckpt / 'step_0000004'} is unusable: "
                                                        "shard __0_0.distcp is truncated")
+    assert not (tmp_path / "m").exists()
+    r = _run([PY, str(ROOT / "launch" / "merge.py"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "m")])
+    assert r.returncode == 2  # the run's root: latest names the damaged folder -> no silent older merge
+    line = _error_line(r.stderr, "merge: ")
+    assert f"pass --checkpoint {ckpt / 'step_0000002'} to merge it" in line and "is unusable: shard" in line
     assert not (tmp_path / "m").exists()
 
 
@@ -363,6 +369,7 @@ def test_merge_refuses_a_damaged_checkpoint_naming_it(trained, tmp_path):
     ("data.train=[{path: P, weight: -1}]", "data.train[0].weight must be a number > 0, got -1"),
     ("data.train=[{path: P, wieght: 2}]", "data.train[0]: unknown key 'wieght' (known: path, weight)"),
     ("train.steps=[1, 2", "override train.steps: invalid YAML value '[1, 2': "),
+    ("model.hf_dir=/nonexistent/llama", "model.hf_dir: /nonexistent/llama/config.json not found"),
 ])
 def test_config_values_out_of_range_fail_naming_the_key(trained, tmp_path, override, needle):
     from mora_dist.training.config import ConfigError

@@ -216,6 +216,8 @@ def validate(cfg: Config, source: str = "config", world_size: Optional[int] = No
         raise ConfigError(f"train.cuda_graph: true needs parallel.tp=1 and parallel.pp=1 (got tp={p.tp}, pp={p.pp})")
     if m.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"model.dtype must be fp32 or bf16, got {m.dtype!r}")
+    if m.hf_dir and not os.path.isfile(os.path.join(m.hf_dir, "config.json")):
+        raise ConfigError(f"model.hf_dir: {os.path.join(m.hf_dir, 'config.json')} not found (a Hugging Face model folder)")
     for i, item in enumerate(cfg.data.train):
         for suffix in (".bin", ".idx"):
             if not os.path.exists(item["path"] + suffix):
