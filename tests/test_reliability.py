@@ -216,14 +216,19 @@ def test_second_run_on_a_folder_is_refused_and_first_is_unharmed(trained, tmp_pa
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
             assert a.poll() is None and time.time() - t0 < 120, a.communicate()
             time.sleep(0.2)
+        workers = [int(w) for w in subprocess.run(["pgrep", "-P", str(a.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+        for w in workers:  # pause A (it keeps its lock) so that B's start-up gets the CPU
+            os.kill(w, signal.SIGSTOP)
         b = _run(_train_cmd(trained["data"], out, "train.steps=3", ckpt=tmp_path / "other_ckpt"))
+        for w in workers:
+            os.kill(w, signal.SIGCONT)
         assert b.returncode != 0
         line = _error_line(b.stderr, "error: ")
-        assert f"run.out_dir {out} is in use by another run (pid" in line
+        assert f"run.out_dir {out} is in use by another run (pid {workers[0]} on" in line
         assert not (tmp_path / "other_ckpt" / "latest").exists()
-        workers = subprocess.run(["pgrep", "-P", str(a.pid)], capture_output=True, text=True).stdout.split()
         for w in workers:
-            os.kill(int(w), signal.SIGUSR1)  # stop A cleanly: checkpoint after the current step
+            os.kill(w, signal.SIGUSR1)  # stop A cleanly: checkpoint after the current step
         stdout, stderr = a.communicate(timeout=120)
     finally:
         if a.poll() is None:
@@ -313,8 +318,8 @@ def test_export_is_atomic_refuses_existing_and_leaves_no_stale_files(trained, tm
     stale.mkdir(parents=True)
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"stale")
     (stale / INDEX_FILE).write_text(json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
-    r = _merge(trained["ckpt"], out)
-    assert r.returncode != 0  # the worker exits 2; torchrun reports 1
+    r = _run([PY, str(ROOT / "launch" / "merge.py"), "--checkpoint", str(trained["ckpt"]), "--out", str(out)])
+    assert r.returncode == 2  # refused before any rank starts
     assert _error_line(r.stderr, "merge: --out") == (f"merge: --out {out} already exists and is not empty; pass "
                                                      "--overwrite (overwrite=True) to replace it, or choose another path")
     assert sorted(os.listdir(stale)) == sorted([INDEX_FILE, "model-00001-of-00002.safetensors"])  # untouched

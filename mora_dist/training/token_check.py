@@ -94,9 +94,11 @@ def check_token_ids(cfg) -> list[str]:
             raise TokenError(f"{key}: {prefix}.idx is unreadable ({e}); re-run the tokenizer") from None
         if seqs == 0:
             raise TokenError(f"{key}: {prefix} holds no documents; tokenize some text or remove it from the config")
-        size = os.path.getsize(prefix + ".bin") if os.path.exists(prefix + ".bin") else -1
+        if not os.path.isfile(prefix + ".bin"):
+            raise TokenError(f"{key}: {prefix}.bin not found (the .idx is there); re-run the tokenizer")
+        size = os.path.getsize(prefix + ".bin")
         if size < end:
-            raise TokenError(f"{key}: {prefix}.bin has {max(size, 0)} bytes but {prefix}.idx indexes {end} "
+            raise TokenError(f"{key}: {prefix}.bin has {size} bytes but {prefix}.idx indexes {end} "
                              "(truncated, or from another tokenize run); re-run the tokenizer")
         tok = _manifest_tokenizer(prefix)
         if "eod_id" in tok and tok["eod_id"] != eod:
