@@ -156,7 +156,7 @@ def main() -> int:
     print("== 5. merge + export, perplexity before/after (transformers, held-out)", flush=True)
     merged = out / "merged"
     sh(PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "launch/merge.py",
-       "--checkpoint", run / "ckpt", "--out", merged, env=env)
+       "--checkpoint", run / "ckpt", "--out", merged, "--overwrite", env=env)  # a re-run replaces its export
     rows = []
     for name in ("domain", "general"):
         before = perplexity(base, str(data / f"{name}_heldout"))

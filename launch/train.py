@@ -6,7 +6,10 @@ The config is validated (every key typed; world size vs TP*PP; data paths) befor
 start-up, so a bad config fails on every rank at once with the offending key named. Checkpoints
 are written every `checkpoint.every` steps and when SIGTERM or SIGUSR1 arrives (Slurm's
 pre-emption warning): the current step finishes, a checkpoint is saved, the process exits 0 and a
-restarted job resumes from `checkpoint.dir/latest`.
+restarted job resumes from `checkpoint.dir/latest` (or, when that one is damaged, from the newest
+intact checkpoint, with a warning). Before training, rank 0 locks `run.out_dir` and `checkpoint.dir`
+(one run per folder), checks the checkpoint's configuration against this one and the token ids
+against the model vocabulary; a problem stops every rank with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from mora_dist.training.preflight import RunError
     from mora_dist.training.run import run
 
     stop = {"signal": None}
@@ -47,7 +51,12 @@ def main(argv=None) -> int:
 
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, _handler)
-    result = run(cfg, stop)
+    try:
+        result = run(cfg, stop)
+    except RunError as e:  # every rank raises the same one; one line is enough
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     if result.get("rank0"):
         print(json.dumps({k: v for k, v in result.items() if k != "rank0"}))
     return 0

@@ -50,6 +50,7 @@ def _crash_during_save(rank, tmp, ckpt, overrides):
 
     t = Trainer(tiny_config(tmp, **overrides))
     t.train_step()
+    os.makedirs(os.path.join(ckpt, "step_0000009.tmp.other-run"))  # another writer's save in progress
     state.save(t, ckpt)
     t.train_step()
     os.environ["MORA_DIST_FAIL_SAVE"] = "1"  # the writer dies after the shards, before the rename
@@ -63,6 +64,8 @@ def _crash_during_save(rank, tmp, ckpt, overrides):
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     listing = run_ranks(_crash_during_save, 1, tmp_path, ckpt, OVR)[0]
-    assert listing == ["latest", "step_0000001", "step_0000002.tmp"]
+    assert listing[:2] == ["latest", "step_0000001"] and len(listing) == 4
+    assert listing[2].startswith("step_0000002.tmp.")  # this save's own, uniquely named temporary
+    assert listing[3] == "step_0000009.tmp.other-run"  # a save deletes only its own temporary folder
     start, _ = run_ranks(_resume, 1, tmp_path, ckpt, {**OVR, "train.steps": 2})[0]
     assert start == 1

@@ -169,24 +169,47 @@ def test_logger_round_trip_console_and_ranks(tmp_path):
     assert not other.exists()
 
 
-def test_logger_resume_truncates_and_survives_crash(tmp_path):
+def test_logger_resume_appends_and_survives_crash(tmp_path):
     out, con = tmp_path / "run", io.StringIO()
     with MetricsLogger(out, "r", dict(a=1), stream=con) as log:
         for step in range(1, 7):
             log.log(step, dict(loss=float(step)))
     with open(out / "metrics.jsonl", "a") as f:  # a crash while writing step 7
         f.write('{"step": 7, "lo')
+    before, inode = (out / "metrics.jsonl").read_bytes(), (out / "metrics.jsonl").stat().st_ino
     # restart from the checkpoint of step 3: steps 4.. are redone with new values
     with MetricsLogger(out, "r", dict(a=2), stream=con) as log:
         assert log.last_step == 6
         for step in range(4, 9):
             log.log(step, dict(loss=100.0 + step))
         log.log(8, dict(loss=-1.0))  # the same step again within one process
-    assert "dropped 1 unreadable" in con.getvalue()
-    recs = _lines(out / "metrics.jsonl")  # strict: every line parses
-    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert [r["loss"] for r in recs] == [1, 2, 3, 104, 105, 106, 107, -1.0]
+    assert "1 unreadable line" in con.getvalue()
+    after = (out / "metrics.jsonl").read_bytes()
+    # append-only: what was there is kept byte for byte, in the same file (no rewrite, no rename)
+    assert after.startswith(before) and (out / "metrics.jsonl").stat().st_ino == inode
+    data = read_metrics(out / "metrics.jsonl")  # the newest attempt at each step wins
+    assert [r["step"] for r in data.records] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r["loss"] for r in data.records] == [1, 2, 3, 104, 105, 106, 107, -1.0]
+    assert len(data.skipped) == 1  # only the torn line; every record after it is on its own line
     assert json.loads((out / "run.json").read_text())["config"] == dict(a=1)  # written once
+
+
+def test_two_loggers_on_one_file_lose_nothing(tmp_path):
+    """Two writers (e.g. a run and a second run the lock did not stop, such as a research script)
+    interleave records; before, each resume/redo rewrote the file and dropped the other's lines."""
+    out = tmp_path / "run"
+    a = MetricsLogger(out, "a", {}, stream=io.StringIO())
+    for step in range(1, 6):
+        a.log(step, dict(loss=1.0, who="a"))
+    b = MetricsLogger(out, "b", {}, stream=io.StringIO())  # opens the file a is writing
+    for step in range(1, 31):
+        b.log(step, dict(loss=2.0, who="b"))
+        if step > 5:
+            a.log(step, dict(loss=1.0, who="a"))
+    a.close()
+    b.close()
+    recs = _lines(out / "metrics.jsonl")  # strict: every line parses
+    assert len(recs) == 60 and sorted(r["who"] for r in recs) == ["a"] * 30 + ["b"] * 30
 
 
 def test_reader_applies_resume_rule_and_counts_bad_lines(tmp_path):

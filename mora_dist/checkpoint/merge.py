@@ -42,17 +42,23 @@ def load_merged(cfg: Config, path: str):
     return unwrap_adapters(model), holder.step
 
 
-def merge_and_export(cfg: Config, path: str, out_dir: str, hf_dtype: torch.dtype | None = None) -> dict:
-    """Collective. Writes out_dir/hf (safetensors) and out_dir/megatron (dist checkpoint)."""
+def merge_and_export(cfg: Config, path: str, out_dir: str, hf_dtype: torch.dtype | None = None,
+                     overwrite: bool = False) -> dict:
+    """Collective. Writes out_dir/hf (safetensors) and out_dir/megatron (dist checkpoint), atomically:
+    both are staged in a folder beside out_dir that replaces it only when complete, so an older
+    export's files never survive and a crash leaves the previous export (or nothing) in place.
+    An existing non-empty out_dir is refused (FileExistsError) unless `overwrite`."""
     from megatron.core import dist_checkpointing
 
+    from mora_dist.checkpoint.atomic_dir import atomic_output
     from mora_dist.models import export_hf
 
     model, step = load_merged(cfg, path)
-    export_hf(model, os.path.join(out_dir, "hf"), dtype=hf_dtype)
-    mdir = os.path.join(out_dir, "megatron")
-    if dist.get_rank() == 0:
-        os.makedirs(mdir, exist_ok=True)
-    dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), mdir)
-    return dict(step=step, hf=os.path.join(out_dir, "hf"), megatron=mdir)
+    with atomic_output(out_dir, overwrite, "merge output") as tmp:
+        export_hf(model, os.path.join(tmp, "hf"), dtype=hf_dtype)
+        mdir = os.path.join(tmp, "megatron")
+        if dist.get_rank() == 0:
+            os.makedirs(mdir, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(model.sharded_state_dict(), mdir)
+    return dict(step=step, hf=os.path.join(out_dir, "hf"), megatron=os.path.join(out_dir, "megatron"))

@@ -29,14 +29,15 @@ def _full(adapter, name: str, t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, adapter.layout_dim(name))
 
 
-def export_peft(model, cfg, out_dir: str, base_model: str | None = None) -> None:
-    """Collective over all ranks. `cfg` is the AdapterConfig the model was adapted with."""
+def export_peft(model, cfg, out_dir: str, base_model: str | None = None, overwrite: bool = False) -> None:
+    """Collective over all ranks. `cfg` is the AdapterConfig the model was adapted with. Atomic like
+    export_hf: staged beside `out_dir`; an existing non-empty `out_dir` is refused unless `overwrite`."""
     import re
 
     from megatron.core import parallel_state as ps
 
+    from mora_dist.checkpoint.atomic_dir import atomic_output
     from mora_dist.checkpoint.state import _entries
-    from mora_dist.adapters.vera import shared_projections
 
     if cfg.method not in ("lora", "vera"):
         raise ValueError(f"PEFT export supports lora and vera adapters, not {cfg.method!r}")
@@ -58,25 +59,31 @@ def export_peft(model, cfg, out_dir: str, base_model: str | None = None) -> None
     writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object((tensors if writer else {}, vera_shapes), gathered, dst=0)
-    if dist.get_rank() == 0:
-        from safetensors.torch import save_file
+    with atomic_output(out_dir, overwrite, "PEFT export") as tmp:  # no file of an older export survives
+        if dist.get_rank() == 0:
+            _write(tmp, gathered, cfg, base_model)
 
-        allt = {k: v.contiguous() for d, _ in gathered for k, v in d.items()}
-        os.makedirs(out_dir, exist_ok=True)
-        common = dict(base_model_name_or_path=base_model, task_type="CAUSAL_LM", bias="none",
-                      target_modules=sorted(HF_NAMES[t].split(".")[1] for t in cfg.targets), r=cfg.r,
-                      inference_mode=True)
-        if cfg.method == "lora":
-            conf = dict(common, peft_type="LORA", lora_alpha=cfg.alpha if cfg.allora_eta is None else cfg.r,
-                        use_rslora=cfg.rslora and cfg.allora_eta is None, lora_dropout=0.0,
-                        init_lora_weights=True, fan_in_fan_out=False)
-        else:
-            shapes = next(s for _, s in gathered if s)
-            A, B = shared_projections(cfg.seed, cfg.r, *shapes)
-            allt["base_model.vera_A"], allt["base_model.vera_B"] = A.contiguous(), B.contiguous()
-            conf = dict(common, peft_type="VERA", projection_prng_key=cfg.seed, save_projection=True,
-                        vera_dropout=0.0, d_initial=cfg.vera_d_init, fan_in_fan_out=False)
-        save_file(allt, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-            json.dump(conf, f, indent=2)
-    dist.barrier()
+
+def _write(out_dir, gathered, cfg, base_model) -> None:
+    """Rank 0: adapter_model.safetensors + adapter_config.json from every rank's gathered tensors."""
+    from safetensors.torch import save_file
+
+    from mora_dist.adapters.vera import shared_projections
+
+    allt = {k: v.contiguous() for d, _ in gathered for k, v in d.items()}
+    common = dict(base_model_name_or_path=base_model, task_type="CAUSAL_LM", bias="none",
+                  target_modules=sorted(HF_NAMES[t].split(".")[1] for t in cfg.targets), r=cfg.r,
+                  inference_mode=True)
+    if cfg.method == "lora":
+        conf = dict(common, peft_type="LORA", lora_alpha=cfg.alpha if cfg.allora_eta is None else cfg.r,
+                    use_rslora=cfg.rslora and cfg.allora_eta is None, lora_dropout=0.0,
+                    init_lora_weights=True, fan_in_fan_out=False)
+    else:
+        shapes = next(s for _, s in gathered if s)
+        A, B = shared_projections(cfg.seed, cfg.r, *shapes)
+        allt["base_model.vera_A"], allt["base_model.vera_B"] = A.contiguous(), B.contiguous()
+        conf = dict(common, peft_type="VERA", projection_prng_key=cfg.seed, save_projection=True,
+                    vera_dropout=0.0, d_initial=cfg.vera_d_init, fan_in_fan_out=False)
+    save_file(allt, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(conf, f, indent=2)

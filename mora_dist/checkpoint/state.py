@@ -8,14 +8,22 @@ written at one TP/PP/DP layout loads at another:
 - common state: step, restart count, Adam step counts, the config, torch RNG state.
 Keys use the global transformer-layer index, so PP splits do not change them.
 
-Saves are atomic: everything is written to `step_N.tmp/`, then rank 0 renames it to `step_N/` and
-atomically replaces `latest` (a one-line file). A crash mid-save leaves the previous checkpoint and
-`latest` untouched; stale `*.tmp` directories are removed at the next save.
+Saves are atomic: everything is written to `step_N.tmp.<id>/` (a name unique to this save), then
+rank 0 renames it to `step_N/` and atomically replaces `latest` (a one-line file). A crash mid-save
+leaves the previous checkpoint and `latest` untouched. A save removes only its own temporary
+folder; folders left by a crashed run are removed by the next run that holds the directory's lock
+(`mora_dist/training/preflight.py`), never by a save that might race a live writer.
+
+Rotation (`checkpoint.keep`): N >= 1 keeps the newest N published `step_*` folders up to the step
+just saved (that one included); 0 or -1 keeps all. Folders of a *later* step than the one saved
+(left by a run that resumed from an older checkpoint because a newer one was damaged) are never
+rotated away: they are the user's, and `integrity.py` explains why they were skipped.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -83,43 +91,64 @@ def sharded_state_dict(trainer) -> dict:
 
 
 def latest(ckpt_dir: str) -> str | None:
+    """The folder `latest` names, when it exists (see `integrity.select_resume` for a checked choice)."""
     path = os.path.join(ckpt_dir, "latest")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         name = f.read().strip()
     full = os.path.join(ckpt_dir, name)
-    return full if os.path.isdir(full) else None
+    return full if name and os.path.isdir(full) else None
+
+
+def rotate(ckpt_dir: str, step: int, keep: int) -> list[str]:
+    """Delete published checkpoints older than the newest `keep` up to `step`; returns what was removed."""
+    from mora_dist.checkpoint.integrity import step_dirs
+
+    if keep is None or keep <= 0:  # 0 / -1: keep everything
+        return []
+    upto = [path for s, path in step_dirs(ckpt_dir) if s <= step]
+    doomed = upto[:-keep]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def _publish_latest(ckpt_dir: str, name: str) -> None:
+    tmp = os.path.join(ckpt_dir, f"latest.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(ckpt_dir, "latest"))
 
 
 def save(trainer, ckpt_dir: str, keep: int = 2) -> str:
+    """Collective. Write `ckpt_dir/step_N` atomically, point `latest` at it, rotate (see module doc)."""
     from megatron.core import dist_checkpointing
 
     name = f"step_{trainer.step:07d}"
-    final, tmp = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, name + ".tmp")
+    final = os.path.join(ckpt_dir, name)
+    box = [None]
     if dist.get_rank() == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        for d in os.listdir(ckpt_dir):
-            if d.endswith(".tmp"):
-                shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    dist_checkpointing.save(sharded_state_dict(trainer), tmp)
+        box[0] = os.path.join(ckpt_dir, f"{name}.tmp.{uuid.uuid4().hex[:12]}")
+        os.makedirs(box[0])
+    dist.broadcast_object_list(box, src=0)
+    tmp = box[0]
+    dist_checkpointing.save(sharded_state_dict(trainer), tmp)  # a failure leaves tmp, as a kill would
     if os.environ.get("MORA_DIST_FAIL_SAVE"):  # test hook: a crash between writing and publishing
         raise RuntimeError("MORA_DIST_FAIL_SAVE: simulated crash before the checkpoint is published")
     dist.barrier()
     if dist.get_rank() == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
-        old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-        for d in old[:-keep] if keep else []:
-            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+        if os.path.exists(final):  # the same step again (a resumed run redid it): replace, via a rename
+            old = f"{final}.old.{uuid.uuid4().hex[:12]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _publish_latest(ckpt_dir, name)
+        rotate(ckpt_dir, trainer.step, keep)
     dist.barrier()
     return final
 

@@ -4,11 +4,12 @@ Layout of ``out_dir``: ``run.json`` (run name, number of GPUs, config; written o
 run is created, and kept on resume) and ``metrics.jsonl`` (one JSON object per step, flushed per
 line so a crash loses at most the line being written).
 
-Resume: the logger truncates. When a step <= the last logged step is logged (the run restarted
-from an earlier checkpoint), the lines for steps >= it are removed from the file first, so the
-file always holds one record per step, newest attempt. A line cut short by a crash is removed
-when the logger opens the file. The reader (:func:`read_metrics`) applies the same rule, so files
-written by other tools read the same way.
+Resume: the file is only ever appended to, never rewritten or replaced, so nothing a run (or a
+second writer) logged is lost. When a run restarts from an earlier checkpoint it logs steps again;
+the reader (:func:`read_metrics`, used by the report and by this logger) applies the resume rule:
+a step <= the previous record's step supersedes the records from that step on, so the newest
+attempt at each step wins. A line cut short by a crash is ended with a newline when the logger
+opens the file (the reader skips it and says so), so the next record starts on a line of its own.
 
 Only rank 0 writes; on other ranks every method is a no-op. wandb mirrors each record when
 ``use_wandb`` and the package is importable; it runs offline unless ``WANDB_MODE`` says otherwise,
@@ -83,7 +84,7 @@ class MetricsLogger:
         run_file = self.out_dir / RUN_FILE
         if not run_file.exists():
             meta = dict(run_name=run_name, num_gpus=num_gpus, created=time.time(), config=config)
-            tmp = run_file.with_suffix(".json.tmp")
+            tmp = run_file.with_suffix(f".json.tmp.{os.getpid()}")
             tmp.write_text(json.dumps(meta, indent=1, default=_jsonable) + "\n")
             os.replace(tmp, run_file)
         if self.path.exists():
@@ -100,24 +101,13 @@ class MetricsLogger:
             if size:
                 f.seek(-1, os.SEEK_END)
             cut = size > 0 and f.read(1) != b"\n"  # last line cut short by a crash
-        if data.skipped or data.superseded or cut:
-            self._rewrite(data.records)
-            print(f"metrics: {self.path}: dropped {len(data.skipped)} unreadable and {data.superseded} "
-                  f"superseded line(s) on resume", file=self.stream, flush=True)
+        if cut:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("\n")
+        if data.skipped or cut:
+            print(f"metrics: {self.path}: {len(data.skipped)} unreadable line(s) (skipped by the reader) on resume",
+                  file=self.stream, flush=True)
         self.last_step = data.records[-1]["step"] if data.records else None
-
-    def _rewrite(self, records: list):
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, default=_jsonable) + "\n")
-        os.replace(tmp, self.path)
-
-    def _truncate_from(self, step: int):
-        self._file.close()
-        kept = [r for r in read_metrics(self.path).records if r["step"] < step]
-        self._rewrite(kept)
-        self._file = open(self.path, "a", encoding="utf-8")
 
     # -- wandb ---------------------------------------------------------------------------
     def _start_wandb(self, run_name, config, project):
@@ -143,8 +133,6 @@ class MetricsLogger:
             return rec
         if self._file is None:
             raise RuntimeError(f"MetricsLogger for {self.out_dir} is closed")
-        if self.last_step is not None and step <= self.last_step:
-            self._truncate_from(step)
         self._file.write(json.dumps(rec, default=_jsonable) + "\n")
         self._file.flush()
         self.last_step = step

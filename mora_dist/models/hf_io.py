@@ -9,6 +9,7 @@ adapter's delta into its shard of W0), shards are gathered to TP rank 0 of each 
 split into canonical HF tensors, optionally transformed again (`transform`), and that rank writes
 one safetensors file for its stage; global rank 0 writes the index and config.json. Output files
 from different stages go to the same directory, so multi-node export needs a shared filesystem.
+The directory is staged beside `out_dir` and renamed into place when complete (no stale shards).
 
 Both directions walk the same per-stage table (`_entries`), so names and layouts cannot drift.
 Modules are reached by attribute (`layer.self_attention.linear_qkv`); a wrapper that keeps the
@@ -262,8 +263,12 @@ def export_hf(
     shard_transform: Optional[Callable[[str, torch.nn.Module, torch.Tensor], torch.Tensor]] = None,
     transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
     dtype: Optional[torch.dtype] = None,
+    overwrite: bool = False,
 ) -> None:
     """Write `model` (this stage's GPTModel, or a list of virtual-stage chunks) as a HF checkpoint.
+
+    Atomic (checkpoint/atomic_dir.py): written beside `out_dir` and renamed into place, so no file
+    of an older export survives; an existing non-empty `out_dir` is refused unless `overwrite`.
 
     Collective: every rank of the model-parallel world must call it.
     shard_transform(qualname, module, local_shard) -> local_shard runs on every TP rank before
@@ -299,23 +304,24 @@ def export_hf(
                 if transform is not None:
                     val = transform(name, val)
                 tensors[name] = val.to(device="cpu", dtype=out_dtype).contiguous()
-    os.makedirs(out_dir, exist_ok=True)
     filename = SINGLE_FILE if pp == 1 else f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
-    if writer:
-        from safetensors.torch import save_file
+    from mora_dist.checkpoint.atomic_dir import atomic_output
 
-        save_file(tensors, os.path.join(out_dir, filename), metadata={"format": "pt"})
-    # global rank 0 collects the names of every stage for the index, then writes config.json
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    names = ({n: filename for n in tensors}, size) if writer else ({}, 0)
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(names, gathered, dst=0)
-    if dist.get_rank() == 0:
-        weight_map = {k: v for d, _ in gathered for k, v in d.items()}
-        if pp > 1:
-            meta = {"total_size": sum(n for _, n in gathered)}
-            with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-                json.dump({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(spec.to_hf_dict(out_dtype), f, indent=2)
-    dist.barrier()
+    with atomic_output(out_dir, overwrite, "HF export") as tmp:
+        if writer:
+            from safetensors.torch import save_file
+
+            save_file(tensors, os.path.join(tmp, filename), metadata={"format": "pt"})
+        # global rank 0 collects the names of every stage for the index, then writes config.json
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        names = ({n: filename for n in tensors}, size) if writer else ({}, 0)
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(names, gathered, dst=0)
+        if dist.get_rank() == 0:
+            weight_map = {k: v for d, _ in gathered for k, v in d.items()}
+            if pp > 1:
+                meta = {"total_size": sum(n for _, n in gathered)}
+                with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                    json.dump({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(spec.to_hf_dict(out_dtype), f, indent=2)

@@ -79,8 +79,9 @@ class RestartConfig:
 class CheckpointConfig:
     dir: Optional[str] = None
     every: int = 0
-    keep: int = 2
-    resume: bool = True
+    keep: int = 2  # N >= 1: keep the newest N step_* folders (the one just written counts); 0 or -1: keep all
+    resume: bool = True  # false: refuse to start when checkpoint.dir already holds checkpoints
+    allow_config_change: bool = False  # resume although model / adapter / eod_id differ from the checkpoint's
 
 
 @dataclass
@@ -159,6 +160,11 @@ def _set_dotted(d: dict, dotted: str, value):
     d[parts[-1]] = value
 
 
+def _one_line(err: Exception) -> str:
+    """A YAML parser error (several lines with a caret diagram) as one line."""
+    return " ".join(str(err).split())
+
+
 def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config:
     """Load `path` (YAML) and apply `key.sub=value` overrides (values parsed as YAML)."""
     data, source = {}, "defaults"
@@ -169,13 +175,17 @@ def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config
             try:
                 data = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML: {e}") from None
+                raise ConfigError(f"{path}: invalid YAML: {_one_line(e)}") from None
         source = path
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.sub=value")
         k, v = ov.split("=", 1)
-        _set_dotted(data, k.strip(), yaml.safe_load(v))
+        try:
+            value = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {k.strip()}: invalid YAML value {v!r}: {_one_line(e)}") from None
+        _set_dotted(data, k.strip(), value)
         source = f"{source} + overrides"
     cfg = _build(Config, data, "", source)
     validate(cfg, source)
@@ -184,6 +194,9 @@ def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config
 
 def validate(cfg: Config, source: str = "config", world_size: Optional[int] = None) -> None:
     """Checks that need several sections or the launch environment; run before any rank works."""
+    from mora_dist.training.config_rules import check_ranges
+
+    check_ranges(cfg, ConfigError)  # first: the arithmetic below divides by some of these
     t, p, m = cfg.train, cfg.parallel, cfg.model
     world = world_size or int(os.environ.get("WORLD_SIZE", 1))
     if p.tp < 1 or p.pp < 1:
@@ -203,11 +216,9 @@ def validate(cfg: Config, source: str = "config", world_size: Optional[int] = No
         raise ConfigError(f"train.cuda_graph: true needs parallel.pp=1 (got pp={p.pp}); use the eager step for PP")
     if m.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"model.dtype must be fp32 or bf16, got {m.dtype!r}")
-    if not cfg.data.train:
-        raise ConfigError("data.train: no training data given (list of {path, weight})")
+    if m.hf_dir and not os.path.isfile(os.path.join(m.hf_dir, "config.json")):
+        raise ConfigError(f"model.hf_dir: {os.path.join(m.hf_dir, 'config.json')} not found (a Hugging Face model folder)")
     for i, item in enumerate(cfg.data.train):
-        if not isinstance(item, dict) or "path" not in item:
-            raise ConfigError(f"data.train[{i}]: expected {{path: prefix, weight: w}}, got {item!r}")
         for suffix in (".bin", ".idx"):
             if not os.path.exists(item["path"] + suffix):
                 raise ConfigError(f"data.train[{i}].path: {item['path']}{suffix} not found")
@@ -217,5 +228,4 @@ def validate(cfg: Config, source: str = "config", world_size: Optional[int] = No
             raise ConfigError(f"data.{key}: {path}.idx not found")
     if cfg.restarts.every and cfg.restarts.every <= cfg.restarts.warmup:
         raise ConfigError(f"restarts.every={cfg.restarts.every} must exceed restarts.warmup={cfg.restarts.warmup}")
-    if not 0 < cfg.restarts.prune <= 1:
-        raise ConfigError(f"restarts.prune must be in (0, 1], got {cfg.restarts.prune}")
+

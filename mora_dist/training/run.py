@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import torch
 import torch.distributed as dist
@@ -13,25 +14,44 @@ from mora_dist.training.config import Config
 
 def run(cfg: Config, stop: dict | None = None) -> dict:
     """Train per `cfg` on this rank; `stop["signal"]` set by a handler ends the run after the current
-    step with a checkpoint. Returns {rank0, step, loss, stopped_by}."""
+    step with a checkpoint. Returns {rank0, step, loss, stopped_by}. Raises preflight.RunError (one
+    line, the same on every rank) when the run must not start: folder locked by another run,
+    no intact checkpoint, changed configuration, token ids outside the vocabulary."""
+    from mora_dist.parallel.state import destroy_distributed, init_distributed
+    from mora_dist.training import preflight
+
+    stop = stop if stop is not None else {}
+    init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.model.seed)
+    try:
+        plan = preflight.prepare(cfg)  # lock, checkpoint choice, config and token checks (RunError)
+    except BaseException:
+        destroy_distributed()
+        raise
+    try:
+        return _train(cfg, stop, plan)
+    finally:
+        plan.release()
+
+
+def _train(cfg: Config, stop: dict, plan) -> dict:
     from mora_dist.checkpoint import state
     from mora_dist.metrics.flops import DecoderShape, flops_per_token
     from mora_dist.metrics.logger import MetricsLogger
     from mora_dist.metrics.throughput import StepMeter
-    from mora_dist.parallel.state import destroy_distributed, init_distributed
+    from mora_dist.parallel.state import destroy_distributed
     from mora_dist.training.loop import Trainer
     from mora_dist.training.model import llama_spec
 
-    stop = stop if stop is not None else {}
-    init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.model.seed)
     rank0 = dist.get_rank() == 0
+    if rank0:
+        for note in plan.notes:
+            print(note, file=sys.stderr if note.startswith("warning") else sys.stdout, flush=True)
     trainer = Trainer(cfg)
     ckpt = cfg.checkpoint.dir
-    if ckpt and cfg.checkpoint.resume and state.latest(ckpt):
-        path = state.latest(ckpt)
-        state.load(trainer, path)
+    if plan.resume:
+        state.load(trainer, plan.resume)
         if rank0:
-            print(f"resumed from {path} at step {trainer.step}", flush=True)
+            print(f"resumed from {plan.resume} at step {trainer.step}", flush=True)
     if rank0:
         print(str(trainer.report), flush=True)
     world = dist.get_world_size()

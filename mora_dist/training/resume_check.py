@@ -1,0 +1,41 @@
+"""Resume must continue the *same* training: compare the checkpoint's stored config with this one.
+
+A changed adapter target list would resume and silently drop the trained adapters of the removed
+targets; a changed MoRA type, rank or base model (`model.seed`, `model.hf_dir`, shape, dtype)
+would load trained adapters onto a model they were not trained for; a different `data.eod_id`
+means differently tokenized data. Layout (`parallel.*`), schedule and data blend may change on
+resume (checkpoints are layout-free), so only these sections are compared.
+"""
+from __future__ import annotations
+
+import os
+
+COMPARED_SECTIONS = ("model", "adapter")
+COMPARED_KEYS = (("data", "eod_id"),)
+
+
+def _norm(section: str, key: str, value):
+    if section == "adapter" and key == "mora_type":
+        from mora_dist.adapters.base import MORA_TYPES
+
+        return MORA_TYPES.get(value, value)
+    if section == "model" and key == "hf_dir" and value:
+        return os.path.realpath(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def config_differences(saved: dict, current) -> list[str]:
+    """'section.key: saved -> current' for every compared value that differs."""
+    from mora_dist.training.config import Config
+
+    cur, default = current.to_dict(), Config().to_dict()
+    pairs = [(s, k) for s in COMPARED_SECTIONS for k in cur[s]] + list(COMPARED_KEYS)
+    diffs = []
+    for section, key in pairs:
+        old = (saved.get(section) or {}).get(key, default[section][key])  # older checkpoints: the default
+        new = cur[section][key]
+        if old != new and _norm(section, key, old) != _norm(section, key, new):
+            diffs.append(f"{section}.{key}: {old!r} -> {new!r}")
+    return diffs
