@@ -77,7 +77,7 @@ def run_layout(a, method: str, layout: str, data: str, hf: str | None, port: int
     gb = a.global_batch
     ov = [f"adapter.method={row['method']}", f"adapter.r={row['r']}", f"data.train=[{{path: {data}}}]",
           f"data.seq_length={a.seq}", "data.eod_id=0", f"train.steps={a.steps}", f"train.micro_batch={mbs}",
-          f"train.global_batch={gb}", "train.lr=1e-4", "train.warmup=2", "train.log_every=1",
+          f"train.global_batch={gb}", f"run.name={tag}", "train.lr=1e-4", "train.warmup=2", "train.log_every=1",
           f"train.cuda_graph={str(a.graph and lay['pp'] == 1).lower()}", f"run.out_dir={run_dir}",
           f"run.peak_tflops={a.peak_tflops}", f"parallel.tp={lay['tp']}", f"parallel.pp={lay['pp']}",
           f"parallel.sp={str(lay['sp']).lower()}", "model.dtype=bf16"]
