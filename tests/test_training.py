@@ -60,3 +60,18 @@ def test_config_reads_exponent_floats_and_names_bad_values(tmp_path):
     assert cfg.train.lr == 1e-4 and cfg.train.min_lr_ratio == 0.05
     with pytest.raises(ConfigError, match="train.lr: expected float, got 'fast'"):
         tiny_config(tmp_path, **{"train.lr": "fast"})
+
+
+@pytest.mark.parametrize("method", [{"adapter.method": "lora"}, {"adapter.mora_type": "rotation"}])
+def test_tp2_pp2_sp_world4_matches_single_process(tmp_path, method):
+    """TP=2 x PP=2 with SP on 4 ranks (the merged-weight path on TP shards, 1F1B over 2 stages)
+    gives the single-process losses from one HF checkpoint (random init is not layout-free under PP)."""
+    from test_merge_export import _make_hf
+
+    cfg = {**BASE, **method, "model.hf_dir": _make_hf(tmp_path / "hf")}
+    ref = run_ranks(_train, 1, tmp_path, cfg)[0]
+    got = run_ranks(_train, 4, tmp_path, {**cfg, "parallel.tp": 2, "parallel.pp": 2, "parallel.sp": True},
+                    tp=2, pp=2)[0]
+    assert ref[-1] < ref[0] - 0.05, ref
+    for a, b in zip(got, ref):
+        assert abs(a - b) <= 1e-4 * abs(b), (got, ref)
