@@ -1,5 +1,6 @@
-"""MoRA's block types (rotation, decouple) on an unsharded layer, for the merged-weight path
-(`mora_dist/parallel/merged.py`).
+"""MoRA's block types (rotation, decouple) on an unsharded or column-parallel layer, for the
+merged-weight path (`mora_dist/parallel/merged.py`); a column shard's segments start at its global
+adapter rows, its input is the whole (gathered) x.
 
 A block type's update is block-diagonal: chunk c of the padded input x' (x'[p] = x[p mod d_in],
 chunks of rh) maps to rows [c rh, (c+1) rh) of a flat output by W_c = M R_c (R_c: RoPE-like

@@ -18,6 +18,10 @@ frozen base costs. The parameter gradients come from (g, x) without the dense g^
 Precision: W0 + dW is rounded once to W0's dtype (addmm/add accumulate in fp32), as the bf16
 weights of mixed-precision full fine-tuning are; dW's gradients and the fp32 masters are exact.
 W is kept for the backward: one extra copy of the adapted weights at peak memory.
+
+TP: the same Function serves a rank's shard (wrappers.py gives it the local weight, the local
+factors and the gathered input of a column shard); replicated trainables arrive through
+`Adapter.merged_param`, whose backward sums their partial gradients over TP.
 """
 from __future__ import annotations
 
