@@ -125,8 +125,8 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, vera_shapes: tuple | No
     for name, entries in plan.items():
         module = model.get_submodule(name)
         mode = _parallel_mode(module)
-        wrapper = AdaptedLinear(module, mode)
         gname = _rename(name, prefixes)
+        wrapper = AdaptedLinear(module, mode, gname)
         for target, d_in, d_out, out_rows, positions in entries:
             try:
                 shard = layer_shard(module, mode, d_in, d_out, out_rows)

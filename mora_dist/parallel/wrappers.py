@@ -64,11 +64,12 @@ def _segments(adapter_rows: torch.Tensor, layer_rows: torch.Tensor) -> tuple:
 
 
 class AdaptedLinear(nn.Module):
-    def __init__(self, base: nn.Module, mode: str):
+    def __init__(self, base: nn.Module, mode: str, global_name: str = ""):
         super().__init__()
         if mode not in ("column", "row"):
             raise ValueError(f"mode must be column or row, got {mode!r}")
         self.base, self.mode = base, mode
+        self.global_name = global_name  # module name with the global layer index: seeds do not depend on PP
         self.adapters = nn.ModuleDict()
         self._positions: dict[str, Optional[torch.Tensor]] = {}
         self._rows: dict[str, tuple] = {}
