@@ -192,10 +192,37 @@ def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config
     return cfg
 
 
+# model.* keys that describe the architecture: with model.hf_dir they are read from its config.json
+SHAPE_KEYS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
+              "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
+              "vocab_size": "vocab_size", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
+              "tie_embeddings": "tie_word_embeddings"}
+
+
+def resolve_model_shape(cfg: Config) -> None:
+    """With `model.hf_dir`, overwrite the shape keys of `cfg.model` with the checkpoint's (its
+    config.json), so validation, the dataset and the logs see the model that is built."""
+    m = cfg.model
+    if not m.hf_dir:
+        return
+    path = os.path.join(m.hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"model.hf_dir: {path} not found (a Hugging Face model folder)")
+    from mora_dist.models.config import LlamaSpec
+
+    try:
+        spec = LlamaSpec.from_hf(m.hf_dir)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.hf_dir: {path}: {e}") from None
+    for key, spec_key in SHAPE_KEYS.items():
+        setattr(m, key, getattr(spec, spec_key))
+
+
 def validate(cfg: Config, source: str = "config", world_size: Optional[int] = None) -> None:
     """Checks that need several sections or the launch environment; run before any rank works."""
     from mora_dist.training.config_rules import check_ranges
 
+    resolve_model_shape(cfg)  # first: every size check below is about the model that is built
     check_ranges(cfg, ConfigError)  # first: the arithmetic below divides by some of these
     t, p, m = cfg.train, cfg.parallel, cfg.model
     world = world_size or int(os.environ.get("WORLD_SIZE", 1))
@@ -216,8 +243,6 @@ def validate(cfg: Config, source: str = "config", world_size: Optional[int] = No
         raise ConfigError(f"train.cuda_graph: true needs parallel.pp=1 (got pp={p.pp}); use the eager step for PP")
     if m.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"model.dtype must be fp32 or bf16, got {m.dtype!r}")
-    if m.hf_dir and not os.path.isfile(os.path.join(m.hf_dir, "config.json")):
-        raise ConfigError(f"model.hf_dir: {os.path.join(m.hf_dir, 'config.json')} not found (a Hugging Face model folder)")
     for i, item in enumerate(cfg.data.train):
         for suffix in (".bin", ".idx"):
             if not os.path.exists(item["path"] + suffix):

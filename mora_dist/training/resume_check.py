@@ -28,10 +28,12 @@ def _norm(section: str, key: str, value):
 
 def config_differences(saved: dict, current) -> list[str]:
     """'section.key: saved -> current' for every compared value that differs."""
-    from mora_dist.training.config import Config
+    from mora_dist.training.config import SHAPE_KEYS, Config
 
     cur, default = current.to_dict(), Config().to_dict()
     pairs = [(s, k) for s in COMPARED_SECTIONS for k in cur[s]] + list(COMPARED_KEYS)
+    if cur["model"]["hf_dir"]:  # the shape is read from hf_dir (compared by path); older checkpoints stored defaults
+        pairs = [(s, k) for s, k in pairs if not (s == "model" and k in SHAPE_KEYS)]
     diffs = []
     for section, key in pairs:
         old = (saved.get(section) or {}).get(key, default[section][key])  # older checkpoints: the default
