@@ -1,7 +1,7 @@
 """Small-scale pretraining from scratch: full-rank vs ReLoRA (LoRA + restarts) vs ReMoRA (MoRA +
 restarts with grouping-type cycling 1->2->3->4), same data, same steps, same model.
 
-    python launch/research/pretrain_relora.py --method mora --lr 2e-3 --out docs/results/runs/pretrain/remora
+    python launch/research/pretrain_relora.py --method mora --lr 2e-3 --out results/runs/pretrain/remora
 
 Corpus (--corpus): 'docstrings' = the docstrings of this Python's standard library (ast over
 sysconfig's stdlib *.py, sorted file order; ~1.5 MB), 'source' = the stdlib *.py files themselves
