@@ -1,11 +1,11 @@
 """Adapter CPT step throughput on one GPU, side by side with Hugging Face PEFT (issue 7).
 
 One command measures tokens/s, model TFLOP/s, MFU and peak memory of a continual-pretraining step
-(forward, backward, fused AdamW over the trainables) on the Llama-style 1.1B model of DESIGN.md
+(forward, backward, fused AdamW over the trainables) on the Llama-style 1.1B model of docs/design.md
 section 5 (seq 2048) for: the frozen base without adapters, LoRA r=8, MoRA sharing and rotation
 (r=8-equivalent), VeRA r=256, ALLoRA (LoRA r=8, eta=2) and full fine-tuning; every configuration
 runs in its own process (peak memory per configuration). It then runs the peer script
-`shared/bench/peer_peft.py` (transformers + PEFT) in the same call and prints one table with
+`bench/peer_peft.py` (transformers + PEFT) in the same call and prints one table with
 ratios to PEFT LoRA. FLOPs and MFU use the peer's formula (frozen base: 2x forward, full FT: 3x).
 
     python3 launch/bench.py                       # the table (GPU): every row eager and as one CUDA graph
@@ -13,8 +13,8 @@ ratios to PEFT LoRA. FLOPs and MFU use the peer's formula (frozen base: 2x forwa
     python3 launch/bench.py --sweep               # before/after variants (docs/performance.md)
     python3 launch/bench.py --attn                # SDPA kernels on the model's attention shape
 
-Options: --rows, --modes eager,graph, --mbs, --steps, --no-compile, --no-fuse, --peer PATH (default: ../shared/bench/peer_peft.py, then
-shared/bench/peer_peft.py, then .bench/peer_peft.py), --no-peer, --json OUT.
+Options: --rows, --modes eager,graph, --mbs, --steps, --no-compile, --no-fuse, --peer PATH (default: bench/peer_peft.py),
+--no-peer, --json OUT.
 Library knobs it measures: MORA_DIST_ADAPTER_FAST (merged-weight adapter path at TP=1, default on),
 megatron config fusions and torch.compile of RMSNorm / RoPE (mora_dist/models/kernels.py, on by
 default on a GPU) and the whole step as one CUDA graph. Results: docs/performance.md.
@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# Llama-style 1.1B of DESIGN.md section 5 (TinyLlama shape)
+# Llama-style 1.1B of docs/design.md section 5 (TinyLlama shape)
 SIZES = {
     "1b": dict(vocab_size=32000, hidden_size=2048, num_layers=22, num_attention_heads=32, num_query_groups=4,
                ffn_hidden_size=5632),
@@ -42,7 +42,7 @@ SIZES = {
     "tiny": dict(vocab_size=512, hidden_size=256, num_layers=2, num_attention_heads=8, num_query_groups=2,
                  ffn_hidden_size=704),
 }
-PEAK_BF16_TFLOPS = 772.0  # DESIGN.md section 5, measured on the H100 of the anchors
+PEAK_BF16_TFLOPS = 772.0  # docs/design.md section 5, measured on the H100 of the anchors
 NCCL_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 
 # name -> configuration (method: none = frozen base, full = full fine-tuning)
@@ -328,9 +328,7 @@ def train_rows(names, steps: int, mbs: int, seq: int, workdir: str, timeout: int
 
 # ----------------------------------------------------------------------------- peer
 def find_peer(path):
-    for c in ([path] if path else []) + [os.path.join(ROOT, "..", "shared", "bench", "peer_peft.py"),
-                                          os.path.join(ROOT, "shared", "bench", "peer_peft.py"),
-                                          os.path.join(ROOT, ".bench", "peer_peft.py")]:
+    for c in ([path] if path else []) + [os.path.join(ROOT, "bench", "peer_peft.py")]:
         if c and os.path.isfile(c):
             return os.path.abspath(c)
     return None

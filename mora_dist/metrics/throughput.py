@@ -12,7 +12,7 @@ import time
 from typing import Optional
 
 # Datasheet bf16 dense peak of one H100 SXM. MFU against a measured matmul peak (e.g. the 772
-# TFLOP/s in DESIGN.md section 5) is more honest; pass it as ``peak_flops``.
+# TFLOP/s in docs/design.md section 5) is more honest; pass it as ``peak_flops``.
 H100_BF16_DENSE_PEAK = 989e12
 
 

@@ -1,6 +1,6 @@
 """The GPU kernels of the non-TE path: one place for what makes the frozen step fast on a GPU.
 
-Measured on the 1.1B model of DESIGN.md section 5 (H100, docs/performance.md): megatron's config
+Measured on the 1.1B model of docs/design.md section 5 (H100, docs/performance.md): megatron's config
 fusions (compiled SwiGLU, fused residual add, native fused vocab-parallel cross entropy) took the
 frozen step from 142 to 129 ms; compiling our fp32 RMSNorm (7 elementwise kernels -> 1) and
 megatron's unfused RoPE (cos/sin/rotate/cat -> 1) took it to 86 ms. The output layer + loss is

@@ -1,6 +1,6 @@
 """Put adapters on a megatron-core model by target name, freeze everything else, count parameters.
 
-Targets are canonical projection names (q, k, v, o, gate, up, down; DESIGN.md section 3) or glob
+Targets are canonical projection names (q, k, v, o, gate, up, down; docs/design.md section 3) or glob
 patterns over module names (e.g. "*.linear_proj"). Canonical o/down are `linear_proj`/`linear_fc2`;
 q, k, v live in the fused `linear_qkv` and gate, up in the fused `linear_fc1`: each gets its own
 adapter over the canonical projection's shape, writing to that projection's rows of the rank's

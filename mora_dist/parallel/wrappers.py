@@ -1,4 +1,4 @@
-"""Adapters around megatron-core's tensor-parallel linears (DESIGN.md section 3).
+"""Adapters around megatron-core's tensor-parallel linears (docs/design.md section 3).
 
 `AdaptedLinear` replaces a `ColumnParallelLinear` / `RowParallelLinear` in its parent and keeps
 the base layer (and so its weight shards, init and checkpoint layout) inside it. One wrapped layer
@@ -228,7 +228,7 @@ class AdaptedLinear(nn.Module):
         """W_local[rows of each adapter] += sign * dW_local.
 
         A bf16 base loses the low bits of every small update: 20 merges of typical restart-sized
-        deltas into bf16 drift far more than one rounding (tests/test_merge_precision.py prints
+        deltas into bf16 drift far more than one rounding (tests/test_restarts.py::test_repeated_bf16_merges_compensated prints
         the numbers). We keep the rounding error of each merge in a bf16 `merge_residual` buffer
         (compensated summation), so W + residual tracks the exact fp32 sum to ~2^-16 relative
         while the forward keeps reading the plain bf16 W. Export adds the residual back.
