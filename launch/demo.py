@@ -11,7 +11,7 @@
 5. merge + export (Megatron and HF safetensors), then domain / general perplexity of the base and
    of the merged export, measured with transformers on the held-out sets.
 
-Run: .venv/bin/python launch/demo.py [--out runs/demo] [--steps 40]
+Run: make demo (sets up .venv when missing), or .venv/bin/python launch/demo.py [--out runs/demo] [--steps 40]
 """
 from __future__ import annotations
 
