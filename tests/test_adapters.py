@@ -135,6 +135,7 @@ def _dense_block_update(geo, M, rot):
     return ref.mora_dw(M, geo.d_in, geo.d_out, 6 if rot is not None else "decouple")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("d_in,d_out,rh,segs,n_out", [
     (120, 204, 36, ((0, 102, 0), (102, 204, 120)), 240),  # tiled rows in two groups
     (250, 74, 36, ((0, 74, 3),), 80),                       # 3 of 7 chunks reach the output, wrapped input
@@ -167,6 +168,7 @@ def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
             torch.testing.assert_close(got, M.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("d_in,shapes", [
     (120, [(204, 36, 2), (40, 16, 1)]),  # tiled rows over 2 groups + a cut adapter (like q and k)
     (250, [(74, 36, 1)]),                # 3 of 7 chunks reach the output (like down)
@@ -239,6 +241,7 @@ def test_merged_layer_matches_dense(d_in, shapes):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.integration
 def test_merged_layer_triton_kernels():
     """test_merged_layer_matches_dense and test_block_grads_many_tokens with the MoRA blocks' weight
     add and M gradient done by the Triton kernels (mora_dist/adapters/blockdiag_kernels.py, what a

@@ -12,6 +12,8 @@ import torch
 from dist import run_ranks
 from test_adapters import VARIANTS, dense_dw, random_params
 
+pytestmark = pytest.mark.integration  # multi-process / subprocess: outside the fast unit subset
+
 D_IN, D_OUT, R, S, B = 44, 68, 3, 8, 2  # rh = 18: d_in, d_out not multiples; chunks cross shards
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -1,9 +1,12 @@
 """Distributed adapter checkpoints: resume gives the uninterrupted losses, also at another TP size
 and across ReMoRA restarts (folded base rows + MoRA grouping restored); saves are atomic."""
+import pytest
 import os
 
 from dist import run_ranks
 from train_utils import tiny_config
+
+pytestmark = pytest.mark.integration  # multi-process / subprocess: outside the fast unit subset
 
 OVR = {"adapter.method": "mora", "adapter.r": 4, "train.steps": 7, "restarts.every": 3, "restarts.warmup": 1,
        "restarts.prune": 0.9}

@@ -6,6 +6,8 @@ import torch
 
 from dist import run_ranks
 
+pytestmark = pytest.mark.integration  # multi-process / subprocess: outside the fast unit subset
+
 S, B, V = 12, 2, 96
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
 

@@ -48,6 +48,7 @@ def _restart_invariance(rank, tmp, overrides):
                 zero=zero, kept=max(kept), losses=losses)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method,tp", [("mora", 1), ("mora", 2), ("lora", 2)])
 def test_restart_keeps_output_and_cycles_mora_types(tmp_path, method, tp):
     over = {"adapter.method": method, "adapter.r": 4, "parallel.tp": tp, "restarts.prune": 0.9}
@@ -144,6 +145,7 @@ def _relora_adapters(rank, tmp, overrides):
     return out
 
 
+@pytest.mark.integration
 def test_relora_reinit_does_not_depend_on_pipeline_layout(tmp_path):
     """A LoRA restart re-initialises A from a seed of the *global* layer name (as injection does), so
     PP=2 re-initialises every layer exactly as PP=1 does."""
