@@ -31,13 +31,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-METHODS = ("lora", "mora", "vera")
+# method name -> Adapter subclass; each method's module registers itself (`@register("lora")`), and
+# importing this package imports every method module, so the registry is full before any config is built.
+REGISTRY: dict = {}
 # Unsharded fast paths (`Adapter.factors`, `block_operator`, the merged-weight path of `AdaptedLinear`).
 # MORA_DIST_ADAPTER_FAST=0 (or setting this to False) restores the original per-adapter index-map
 # path everywhere: kept for before/after measurements (docs/performance.md) and as a reference.
 FAST_PATH = os.environ.get("MORA_DIST_ADAPTER_FAST", "1") != "0"
-MORA_TYPES = {"sharing": 1, "type1": 1, "type2": 2, "type3": 3, "type4": 4, "rotation": 6, "decouple": "decouple",
-              "truncation": "truncation", 1: 1, 2: 2, 3: 3, 4: 4, 6: 6}
 
 
 @dataclass
@@ -56,13 +56,11 @@ class AdapterConfig:
     targets: list = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"adapter.method: unknown method {self.method!r}; choose one of {list(METHODS)}")
+        if self.method not in REGISTRY:
+            raise ValueError(f"adapter.method: unknown method {self.method!r}; choose one of {list(REGISTRY)}")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"adapter.r: rank must be a positive integer, got {self.r!r}")
-        if self.method == "mora" and self.mora_type not in MORA_TYPES:
-            raise ValueError(f"adapter.mora_type: unknown MoRA type {self.mora_type!r}; "
-                             f"choose one of {sorted(map(str, MORA_TYPES))}")
+        REGISTRY[self.method].check_config(self)
         if self.allora_eta is not None and not self.allora_eta > 0:
             raise ValueError(f"adapter.allora_eta must be > 0, got {self.allora_eta!r}")
         if not self.targets:
@@ -227,6 +225,23 @@ class Adapter(nn.Module):
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    # --- method hooks (defaults; a method overrides what it needs) ----------------------------
+    @classmethod
+    def check_config(cls, cfg: AdapterConfig) -> None:
+        """Raise ValueError naming the key for a setting this method cannot use."""
+
+    @classmethod
+    def canonical_value(cls, key: str, value):
+        """`adapter.<key>` in one form, so that equal settings written differently compare equal."""
+        return value
+
+    def on_restart(self, generator: torch.Generator, cycle_types: bool) -> None:
+        """A ReLoRA-style restart, after this adapter's dW was folded into the base: start again at dW = 0."""
+        self.reset_parameters(generator)
+
+    def after_restarts(self, n: int, cycle_types: bool) -> None:
+        """On resume: a freshly built adapter takes the settings it has after `n` restarts (not its weights)."""
+
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -258,10 +273,13 @@ class Adapter(nn.Module):
         return FAST_PATH
 
 
-def build_adapter(cfg: AdapterConfig, shard: Shard, seed: int = 0, **kw) -> Adapter:
-    from mora_dist.adapters.lora import LoRA
-    from mora_dist.adapters.mora import MoRA
-    from mora_dist.adapters.vera import VeRA
+def register(name: str):
+    """Class decorator: make an Adapter subclass the method `adapter.method: name`."""
+    def deco(cls):
+        REGISTRY[name] = cls
+        return cls
+    return deco
 
-    cls = {"lora": LoRA, "mora": MoRA, "vera": VeRA}[cfg.method]
-    return cls(cfg, shard, seed=seed, **kw)
+
+def build_adapter(cfg: AdapterConfig, shard: Shard, seed: int = 0, **kw) -> Adapter:
+    return REGISTRY[cfg.method](cfg, shard, seed=seed, **kw)

@@ -158,8 +158,6 @@ def load(trainer, path: str) -> None:
     """Restore adapters, optimizer, schedule position, restarts (folded base rows, MoRA types)."""
     from megatron.core import dist_checkpointing
 
-    from mora_dist.adapters.mora import ROTATION_TYPES, MoRA
-
     common = dist_checkpointing.load_common_state_dict(path)["common"] if hasattr(
         dist_checkpointing, "load_common_state_dict") else None
     restarts = common["restarts"] if common else 0
@@ -188,7 +186,7 @@ def load(trainer, path: str) -> None:
                     buf.copy_(loaded[k])
                 else:
                     buf.index_copy_(0, pos, loaded[k].to(buf.dtype))
-        if isinstance(a, MoRA) and trainer.cfg.restarts.cycle_mora_types and a.type in ROTATION_TYPES:
-            a.set_type(ROTATION_TYPES[(ROTATION_TYPES.index(a.type) + restarts) % len(ROTATION_TYPES)])
+        if restarts:
+            a.after_restarts(restarts, trainer.cfg.restarts.cycle_mora_types)
     trainer.step = int(common["step"])
     torch.set_rng_state(common["rng"])

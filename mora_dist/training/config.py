@@ -141,8 +141,6 @@ def _build(cls, data: dict, prefix: str, source: str):
         typ, key = hints[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(typ):
             kwargs[f.name] = _build(typ, data[f.name], key + ".", source)
-        elif f.name in ("mora_type",):
-            kwargs[f.name] = data[f.name]
         else:
             kwargs[f.name] = _coerce(data[f.name], typ, key)
     try:

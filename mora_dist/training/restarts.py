@@ -17,7 +17,6 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from mora_dist.adapters.mora import MoRA, ROTATION_TYPES
 
 
 def _global_quantile(t: torch.Tensor, q: float, sharded: bool) -> torch.Tensor:
@@ -73,9 +72,7 @@ def restart_model(model, opt, n_restart: int, seed: int, cycle_mora_types: bool,
         layer.fold()
         for name, a in layer.adapters.items():
             s = seed * 1_000_003 + zlib.crc32(f"restart{n_restart}:{layer.global_name}:{name}".encode())
-            a.reset_parameters(torch.Generator().manual_seed(s))
-            if isinstance(a, MoRA) and cycle_mora_types and a.type in ROTATION_TYPES:
-                a.set_type(ROTATION_TYPES[(ROTATION_TYPES.index(a.type) + 1) % len(ROTATION_TYPES)])
+            a.on_restart(torch.Generator().manual_seed(s), cycle_mora_types)
     prune_optimizer_states(model, opt, prune)
 
 

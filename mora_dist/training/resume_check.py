@@ -14,11 +14,11 @@ COMPARED_SECTIONS = ("model", "adapter")
 COMPARED_KEYS = (("data", "eod_id"),)
 
 
-def _norm(section: str, key: str, value):
-    if section == "adapter" and key == "mora_type":
-        from mora_dist.adapters.base import MORA_TYPES
+def _norm(section: str, key: str, value, method: str):
+    if section == "adapter":
+        from mora_dist.adapters.base import REGISTRY
 
-        return MORA_TYPES.get(value, value)
+        value = REGISTRY[method].canonical_value(key, value) if method in REGISTRY else value
     if section == "model" and key == "hf_dir" and value:
         return os.path.realpath(value)
     if isinstance(value, tuple):
@@ -38,6 +38,7 @@ def config_differences(saved: dict, current) -> list[str]:
     for section, key in pairs:
         old = (saved.get(section) or {}).get(key, default[section][key])  # older checkpoints: the default
         new = cur[section][key]
-        if old != new and _norm(section, key, old) != _norm(section, key, new):
+        method = cur["adapter"]["method"]
+        if old != new and _norm(section, key, old, method) != _norm(section, key, new, method):
             diffs.append(f"{section}.{key}: {old!r} -> {new!r}")
     return diffs
