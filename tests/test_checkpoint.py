@@ -56,11 +56,21 @@ def _crash_during_save(rank, tmp, ckpt, overrides):
     os.makedirs(os.path.join(ckpt, "step_0000009.tmp.other-run"))  # another writer's save in progress
     state.save(t, ckpt)
     t.train_step()
-    os.environ["MORA_DIST_FAIL_SAVE"] = "1"  # the writer dies after the shards, before the rename
+    from megatron.core import dist_checkpointing
+
+    write = dist_checkpointing.save
+
+    def write_then_die(*args, **kwargs):  # the writer dies after the shards, before the rename
+        write(*args, **kwargs)
+        raise RuntimeError("simulated crash before the checkpoint is published")
+
+    dist_checkpointing.save = write_then_die
     try:
         state.save(t, ckpt)
     except RuntimeError:
         pass
+    finally:
+        dist_checkpointing.save = write
     return sorted(os.listdir(ckpt))
 
 

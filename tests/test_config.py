@@ -76,3 +76,20 @@ def test_resume_compares_hf_dir_not_the_shape_it_implies(tmp_path, monkeypatch):
     assert config_differences(saved, cfg) == []
     saved["model"]["hf_dir"] = str(tmp_path / "other")
     assert [d.split(":")[0] for d in config_differences(saved, cfg)] == ["model.hf_dir"]
+
+
+def test_switches_are_typed_config_not_environment(tmp_path, monkeypatch):
+    """adapter.fast_path and train.compile are config keys; the fast path is a runtime choice that a
+    resumed run may change."""
+    from mora_dist.adapters import AdapterConfig, Shard, build_adapter
+    from mora_dist.training.resume_check import config_differences
+
+    monkeypatch.delenv("MORA_DIST_ADAPTER_FAST", raising=False)
+    cfg = _biomed(tmp_path, monkeypatch, 2, "adapter.fast_path=false", "train.compile=false")
+    assert cfg.adapter.fast_path is False and cfg.train.compile is False
+    a = build_adapter(AdapterConfig("lora", r=2, fast_path=False), Shard(8, 8))
+    assert not a.fast and not a.unsharded
+    assert build_adapter(AdapterConfig("lora", r=2), Shard(8, 8)).unsharded
+    saved = cfg.to_dict()
+    saved["adapter"]["fast_path"] = True
+    assert config_differences(saved, cfg) == []

@@ -15,7 +15,7 @@ def tiny_gpt():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from mora_dist.parallel import mcore_cpu
+    from mora_dist.compat import mcore_cpu
 
     cfg = TransformerConfig(
         num_layers=L, hidden_size=H, ffn_hidden_size=FFN, num_attention_heads=NH, num_query_groups=NG,

@@ -48,7 +48,7 @@ def _logits_after_merge(rank, tmp, over, ckpt, out):
     from megatron.core import parallel_state as ps
 
     from mora_dist.checkpoint import state
-    from mora_dist.checkpoint.merge import config_from_checkpoint, load_merged, merge_and_export
+    from mora_dist.export.merge import config_from_checkpoint, load_merged, merge_and_export
     from mora_dist.training.loop import Trainer
 
     ids = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(9))

@@ -34,10 +34,12 @@ from torch import nn
 # method name -> Adapter subclass; each method's module registers itself (`@register("lora")`), and
 # importing this package imports every method module, so the registry is full before any config is built.
 REGISTRY: dict = {}
-# Unsharded fast paths (`Adapter.factors`, `block_operator`, the merged-weight path of `AdaptedLinear`).
-# MORA_DIST_ADAPTER_FAST=0 (or setting this to False) restores the original per-adapter index-map
-# path everywhere: kept for before/after measurements (docs/performance.md) and as a reference.
-FAST_PATH = os.environ.get("MORA_DIST_ADAPTER_FAST", "1") != "0"
+
+
+def _fast_path_default() -> bool:
+    """`adapter.fast_path`'s default; the environment variable MORA_DIST_ADAPTER_FAST=0 overrides it for
+    processes that take no config (launch/bench.py's before/after subprocesses)."""
+    return os.environ.get("MORA_DIST_ADAPTER_FAST", "1") != "0"
 
 
 @dataclass
@@ -54,6 +56,9 @@ class AdapterConfig:
     seed: int = 0  # adapter init; VeRA's shared projections (PEFT's projection_prng_key)
     allora_eta: Optional[float] = None  # ALLoRA gradient rule (mora_dist/optim/allora.py); LoRA then unscaled
     targets: list = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    # the merged-weight fast paths (`Adapter.factors`, `block_operator`, `AdaptedLinear`'s merged path);
+    # false: the per-adapter index-map path everywhere (a reference, and before/after in docs/performance.md)
+    fast_path: bool = field(default_factory=_fast_path_default)
 
     def __post_init__(self):
         if self.method not in REGISTRY:
@@ -264,13 +269,13 @@ class Adapter(nn.Module):
 
     @property
     def unsharded(self) -> bool:
-        """True on an unsharded layer (TP=1) while the fast paths are on (`FAST_PATH`)."""
-        return FAST_PATH and (self.shard.tp_size == 1 or self.shard.mode == "none")
+        """True on an unsharded layer (TP=1) while the fast paths are on (`adapter.fast_path`)."""
+        return self.cfg.fast_path and (self.shard.tp_size == 1 or self.shard.mode == "none")
 
     @property
     def fast(self) -> bool:
-        """The merged-weight fast paths are on (`FAST_PATH`); they serve shards at any TP."""
-        return FAST_PATH
+        """The merged-weight fast paths are on (`adapter.fast_path`); they serve shards at any TP."""
+        return self.cfg.fast_path
 
 
 def register(name: str):

@@ -30,15 +30,9 @@ import torch.distributed as dist
 
 
 def _entries(model):
-    """(key prefix, AdaptedLinear, target name, adapter) for every adapter, with global names."""
-    from mora_dist.parallel.inject import _global_names, _rename
-    from mora_dist.parallel.wrappers import AdaptedLinear
+    from mora_dist.parallel.inject import named_adapters
 
-    prefixes = _global_names(model)
-    for name, m in model.named_modules():
-        if isinstance(m, AdaptedLinear):
-            for target, a in m.adapters.items():
-                yield f"{_rename(name, prefixes)}.{target}", m, target, a
+    return named_adapters(model)
 
 
 def _sharded(key, t, adapter, name_or_axis, replica):
@@ -75,13 +69,10 @@ def sharded_state_dict(trainer) -> dict:
             for m in ("exp_avg", "exp_avg_sq"):
                 sd[f"{key}.{n}.{m}"] = _sharded(f"{key}.{n}.{m}", st[m], a, n, None)
         if trainer.restarts:
-            w = layer.base.weight.data
-            pos = getattr(layer, f"_pos_{target}", None)
+            rows, res = layer.base_rows(target)
             split = "out" if layer.mode == "column" else "in"
-            rows = w if pos is None else w.index_select(0, pos)
             sd[f"{key}.base"] = _sharded(f"{key}.base", rows, a, split, None)
-            if hasattr(layer, "merge_residual"):
-                res = layer.merge_residual if pos is None else layer.merge_residual.index_select(0, pos)
+            if res is not None:
                 sd[f"{key}.base_residual"] = _sharded(f"{key}.base_residual", res, a, split, None)
     steps = {k: float(trainer.opt.state[p]["step"]) for k, _, _, a in _entries(trainer.model)
              for n, p in a.named_parameters() for k in [f"{k}.{n}"]}
@@ -136,8 +127,6 @@ def save(trainer, ckpt_dir: str, keep: int = 2) -> str:
     dist.broadcast_object_list(box, src=0)
     tmp = box[0]
     dist_checkpointing.save(sharded_state_dict(trainer), tmp)  # a failure leaves tmp, as a kill would
-    if os.environ.get("MORA_DIST_FAIL_SAVE"):  # test hook: a crash between writing and publishing
-        raise RuntimeError("MORA_DIST_FAIL_SAVE: simulated crash before the checkpoint is published")
     dist.barrier()
     if dist.get_rank() == 0:
         if os.path.exists(final):  # the same step again (a resumed run redid it): replace, via a rename
@@ -164,8 +153,7 @@ def load(trainer, path: str) -> None:
     trainer.restarts = restarts  # so that the base rows are part of the requested state
     if restarts:  # make sure residual buffers exist where a bf16 base was compensated
         for _, layer, _, _ in _entries(trainer.model):
-            if layer.base.weight.dtype in (torch.bfloat16, torch.float16) and not hasattr(layer, "merge_residual"):
-                layer.register_buffer("merge_residual", torch.zeros_like(layer.base.weight))
+            layer.ensure_merge_residual()
     sd = sharded_state_dict(trainer)
     loaded = dist_checkpointing.load(sd, path)
     common = loaded["common"]
@@ -177,16 +165,7 @@ def load(trainer, path: str) -> None:
             st["exp_avg_sq"].copy_(loaded[f"{key}.{n}.exp_avg_sq"])
             st["step"] = torch.tensor(common["adam_steps"][f"{key}.{n}"], dtype=st["step"].dtype)
         if restarts:
-            pos = getattr(layer, f"_pos_{target}", None)
-            for k, buf in ((f"{key}.base", layer.base.weight.data), (f"{key}.base_residual",
-                                                                      getattr(layer, "merge_residual", None))):
-                if k not in loaded or buf is None:
-                    continue
-                if pos is None:
-                    buf.copy_(loaded[k])
-                else:
-                    buf.index_copy_(0, pos, loaded[k].to(buf.dtype))
-        if restarts:
+            layer.load_base_rows(target, loaded.get(f"{key}.base"), loaded.get(f"{key}.base_residual"))
             a.after_restarts(restarts, trainer.cfg.restarts.cycle_mora_types)
     trainer.step = int(common["step"])
     torch.set_rng_state(common["rng"])

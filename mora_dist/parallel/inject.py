@@ -150,6 +150,14 @@ def adapted_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, AdaptedLinear)]
 
 
+def named_adapters(model: nn.Module):
+    """(key, AdaptedLinear, target, adapter) for every adapter; key = the layer's global name + target,
+    the same under every pipeline split (checkpoint keys, exports)."""
+    for m in adapted_layers(model):
+        for target, a in m.adapters.items():
+            yield f"{m.global_name}.{target}", m, target, a
+
+
 @torch.no_grad()
 def merge_adapters(model: nn.Module) -> None:
     for m in adapted_layers(model):

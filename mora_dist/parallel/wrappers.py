@@ -14,7 +14,7 @@ for the step (`merged.py`), at any TP: the forward and the input gradient are th
 GEMMs (column-parallel: on the input gathered as megatron gathers it; row-parallel: a partial sum
 reduced as above), the parameter gradients skinny GEMMs over x and the output gradient, and the
 gradients of replicated trainables are summed over TP (`Adapter.merged_param`). The per-adapter
-path (each adapter's own TP-aware forward) remains for `MORA_DIST_ADAPTER_FAST=0` and for MoRA's
+path (each adapter's own TP-aware forward) remains for `adapter.fast_path: false` and for MoRA's
 block types on row-parallel shards (docs/performance.md).
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ class AdaptedLinear(nn.Module):
 
     def _adapter_out(self, x, out):
         """out (the base's output, local rows) + every adapter's update: each adapter's own (TP-aware)
-        forward. Serves sharded layers (TP > 1) and `MORA_DIST_ADAPTER_FAST=0`."""
+        forward. Serves sharded layers (TP > 1) and `adapter.fast_path: false`."""
         for name in self.adapters:
             out = self._add_delta(out, x, name)
         return out
@@ -258,6 +258,34 @@ class AdaptedLinear(nn.Module):
                     self.merge_residual.copy_(err)
                 else:
                     self.merge_residual.index_copy_(0, idx, err)
+
+    # --- the base rows restarts fold into, for checkpoints (public: no private buffers outside) ----
+    def base_rows(self, target: str) -> tuple:
+        """(weight rows, merge-residual rows or None) of the local base that adapter `target` writes
+        to: its rows of a fused layer, all rows otherwise."""
+        pos = getattr(self, f"_pos_{target}", None)
+        res = getattr(self, "merge_residual", None)
+        pick = (lambda t: t) if pos is None else (lambda t: t.index_select(0, pos))
+        return pick(self.base.weight.data), (None if res is None else pick(res))
+
+    @torch.no_grad()
+    def load_base_rows(self, target: str, weight: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> None:
+        """Write back what `base_rows(target)` returned (None: leave that buffer)."""
+        pos = getattr(self, f"_pos_{target}", None)
+        for buf, val in ((self.base.weight.data, weight), (getattr(self, "merge_residual", None), residual)):
+            if val is None or buf is None:
+                continue
+            if pos is None:
+                buf.copy_(val)
+            else:
+                buf.index_copy_(0, pos, val.to(buf.dtype))
+
+    def ensure_merge_residual(self) -> None:
+        """Create the (zero) merge residual a low-precision base gets at its first merge, so that a
+        checkpoint's residual can be loaded into it."""
+        w = self.base.weight
+        if w.dtype in (torch.bfloat16, torch.float16) and not hasattr(self, "merge_residual"):
+            self.register_buffer("merge_residual", torch.zeros_like(w))
 
     def full_precision_weight(self) -> torch.Tensor:
         """The local weight shard including the merge residual (for export), in fp32."""

@@ -11,6 +11,7 @@ from typing import Optional
 import yaml
 
 from mora_dist.adapters.base import AdapterConfig
+from mora_dist.metrics.throughput import H100_BF16_DENSE_PEAK
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,7 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 1
     cuda_graph: bool = False  # replay each micro-batch's forward+backward as a CUDA graph (GPU, PP=1, any TP/DP)
+    compile: bool = True  # GPU: torch.compile RMSNorm / RoPE / the loss chunks (models/kernels.py)
 
 
 @dataclass
@@ -89,7 +91,7 @@ class RunConfig:
     name: str = "run"
     out_dir: str = "runs/run"
     wandb: bool = False  # mirror metrics to wandb (offline unless WANDB_MODE says otherwise)
-    peak_tflops: float = 989.0  # per-GPU bf16 dense peak for MFU (H100 SXM datasheet; 772 measured)
+    peak_tflops: float = H100_BF16_DENSE_PEAK / 1e12  # per-GPU bf16 peak for MFU (H100 SXM datasheet; see metrics/throughput.py)
 
 
 @dataclass
@@ -188,6 +190,12 @@ def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config
     cfg = _build(Config, data, "", source)
     validate(cfg, source)
     return cfg
+
+
+def config_from_dict(data: dict, source: str) -> Config:
+    """A Config from a plain dict (e.g. the one a checkpoint stores), typed and checked key by key
+    like a YAML file; not validated against the launch environment."""
+    return _build(Config, data, "", source)
 
 
 # model.* keys that describe the architecture: with model.hf_dir they are read from its config.json

@@ -12,6 +12,7 @@ import os
 
 COMPARED_SECTIONS = ("model", "adapter")
 COMPARED_KEYS = (("data", "eod_id"),)
+RUNTIME_KEYS = (("adapter", "fast_path"),)  # how the same adapters are computed: free to change on resume
 
 
 def _norm(section: str, key: str, value, method: str):
@@ -31,7 +32,7 @@ def config_differences(saved: dict, current) -> list[str]:
     from mora_dist.training.config import SHAPE_KEYS, Config
 
     cur, default = current.to_dict(), Config().to_dict()
-    pairs = [(s, k) for s in COMPARED_SECTIONS for k in cur[s]] + list(COMPARED_KEYS)
+    pairs = [(s, k) for s in COMPARED_SECTIONS for k in cur[s] if (s, k) not in RUNTIME_KEYS] + list(COMPARED_KEYS)
     if cur["model"]["hf_dir"]:  # the shape is read from hf_dir (compared by path); older checkpoints stored defaults
         pairs = [(s, k) for s, k in pairs if not (s == "model" and k in SHAPE_KEYS)]
     diffs = []
