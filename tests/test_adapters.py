@@ -212,8 +212,8 @@ def test_merged_layer_matches_dense(d_in, shapes):
     P, mid, Q = (rnd(*sh).requires_grad_(True) for sh in ((k, d_in), (k, k), (G * w2, k)))
     P2, mid2, Q2 = rnd(k + 1, d_in), rnd(k + 1).requires_grad_(True), rnd(G * w2, k + 1).requires_grad_(True)
     c_f = torch.rand(G * w2, generator=gen, dtype=D) + 0.5
-    terms = (merged.Term(("blk", G, stride, off, w2, pos[0]), 0, c_f),
-             merged.Term(("blk", G, stride, off + w2, w2, pos[1]), 1, None))
+    terms = (merged.Term(merged.RowBlocks(G, stride, off, w2, pos[0]), 0, c_f),
+             merged.Term(merged.RowBlocks(G, stride, off + w2, w2, pos[1]), 1, None))
     W0 = rnd(n_out, d_in)
     x = rnd(T, d_in).requires_grad_(True)
     gout = torch.randn(T, n_out, generator=gen, dtype=D)

@@ -30,9 +30,9 @@ from mora_dist.parallel import merged
 
 
 def _row_blocks(pos: torch.Tensor, n: int):
-    """Output rows `pos` of an n-wide layer as a strided view: ("blk", G, stride, off, w, pos)
+    """Output rows `pos` of an n-wide layer as a strided view: merged.RowBlocks(G, stride, off, w, pos)
     when pos = off + stride * g + i (g < G, i < w) with G * stride == n (q/k/v in the fused qkv
-    layer: one block per query group), else ("idx", pos)."""
+    layer: one block per query group), else merged.RowIndex(pos)."""
     p = pos.cpu()
     d = len(p)
     if d:
@@ -44,8 +44,8 @@ def _row_blocks(pos: torch.Tensor, n: int):
         off = int(p[0])
         if (G * w == d and stride > 0 and G * stride == n and off + w <= stride and torch.equal(
                 p, (off + stride * torch.arange(G)[:, None] + torch.arange(w)[None, :]).reshape(-1))):
-            return ("blk", G, stride, off, w, pos)
-    return ("idx", pos)
+            return merged.RowBlocks(G, stride, off, w, pos)
+    return merged.RowIndex(pos)
 
 
 def _segments(adapter_rows: torch.Tensor, layer_rows: torch.Tensor) -> tuple:
@@ -72,7 +72,7 @@ class AdaptedLinear(nn.Module):
         self.global_name = global_name  # module name with the global layer index: seeds do not depend on PP
         self.adapters = nn.ModuleDict()
         self._positions: dict[str, Optional[torch.Tensor]] = {}
-        self._rows: dict[str, tuple] = {}
+        self._rows: dict[str, tuple] = {}  # name -> merged.RowRange | RowBlocks | RowIndex
         self._segs: dict[str, tuple] = {}
         self.merged = False
 
@@ -84,7 +84,7 @@ class AdaptedLinear(nn.Module):
         self.adapters[name] = adapter
         # the adapter's rows for the merged path: contiguous [a, b) (or all rows) as a slice,
         # regular blocks (q/k/v) as a strided view, anything else by index
-        self._rows[name] = ("range", 0, n_local)
+        self._rows[name] = merged.RowRange(0, n_local)
         if positions is not None:
             positions = torch.as_tensor(positions, dtype=torch.long).cpu()
             a = int(positions[0]) if len(positions) else 0
@@ -92,7 +92,7 @@ class AdaptedLinear(nn.Module):
             # on the layer's device (the model may already be on the GPU when adapters are added)
             positions = positions.to(self.base.weight.device)
             self.register_buffer(f"_pos_{name}", positions, persistent=False)
-            self._rows[name] = ("range", a, a + len(positions)) if contiguous else _row_blocks(positions, n_local)
+            self._rows[name] = merged.RowRange(a, a + len(positions)) if contiguous else _row_blocks(positions, n_local)
         self._positions[name] = positions
         local = torch.arange(n_local) if positions is None else positions
         self._segs[name] = _segments(adapter.out_rows, local)
@@ -129,8 +129,8 @@ class AdaptedLinear(nn.Module):
         keys, Ps, pairs, terms, Ms, blocks, extra = {}, [], [], [], [], [], []
         for name, adapter in self.adapters.items():
             rows = self._rows[name]
-            if rows[0] != "range":  # the index buffer as it is now (follows .to(device))
-                rows = rows[:-1] + (getattr(self, f"_pos_{name}"),)
+            if not isinstance(rows, merged.RowRange):  # the index buffer as it is now (follows .to(device))
+                rows = type(rows)(*rows[:-1], getattr(self, f"_pos_{name}"))
             eta = adapter.cfg.allora_eta
             fac = adapter.factors(dt)
             if fac is not None:
