@@ -221,6 +221,28 @@ class Adapter(nn.Module):
     def layout_dim(self, name: str) -> int:
         return 0 if self.layout[name] == "out" else -1
 
+    def sharded_tensor(self, key: str, t: torch.Tensor, name_or_axis: str):
+        """megatron ShardedTensor of a local tensor of this adapter for dist_checkpointing, in the
+        canonical (TP=1) layout: `name_or_axis` is a parameter name (split like that parameter, e.g.
+        for its Adam moments) or an explicit 'out' | 'in' split (the base rows the adapter writes to)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        s = self.shard
+        kind = name_or_axis if name_or_axis in ("out", "in") else (
+            self.layout[name_or_axis] if self.is_sharded(name_or_axis) else None)
+        dp = ps.get_data_parallel_rank()
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        if kind is None or s.tp_size == 1:
+            return ShardedTensor.from_rank_offsets(key, t, replica_id=(tp_rank if s.tp_size > 1 else 0, dp))
+        if kind == "out":
+            n = len(s.out_rows)
+            axis, chunk, total = 0, int(s.out_rows[0]) // n, s.d_out // n
+        else:
+            n = s.local_in
+            axis, chunk, total = t.ndim - 1, s.in_start // n, s.d_in // n
+        return ShardedTensor.from_rank_offsets(key, t, (axis, chunk, total), replica_id=(0, dp))
+
     @torch.no_grad()
     def load_full_(self, tensors: dict) -> None:
         """Load full (unsharded) values of the trainable parameters into this rank's shards."""

@@ -35,45 +35,22 @@ def _entries(model):
     return named_adapters(model)
 
 
-def _sharded(key, t, adapter, name_or_axis, replica):
-    """ShardedTensor of a local tensor; `name_or_axis` is a parameter name (use its layout) or an
-    explicit ('out' | 'in') split for base rows."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    s = adapter.shard
-    kind = name_or_axis if name_or_axis in ("out", "in") else (
-        adapter.layout[name_or_axis] if adapter.is_sharded(name_or_axis) else None)
-    dp = ps.get_data_parallel_rank()
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    if kind is None or s.tp_size == 1:
-        return ShardedTensor.from_rank_offsets(key, t, replica_id=(tp_rank if s.tp_size > 1 else 0, dp))
-    if kind == "out":
-        n = len(s.out_rows)
-        axis, chunk, total = 0, int(s.out_rows[0]) // n, s.d_out // n
-    else:
-        n = s.local_in
-        axis, chunk, total = t.ndim - 1, s.in_start // n, s.d_in // n
-    return ShardedTensor.from_rank_offsets(key, t, (axis, chunk, total), replica_id=(0, dp))
-
-
 def sharded_state_dict(trainer) -> dict:
+    """The layers' own entries (`AdaptedLinear.sharded_state_dict`), each adapter parameter's Adam
+    moments split like the parameter, and the common state."""
+    from mora_dist.parallel.inject import adapted_layers
+
     sd = {}
+    for layer in adapted_layers(trainer.model):
+        sd.update(layer.sharded_state_dict(with_base_rows=bool(trainer.restarts)))
     for key, layer, target, a in _entries(trainer.model):
         for n, p in a.named_parameters():
-            sd[f"{key}.{n}"] = _sharded(f"{key}.{n}", p.data, a, n, None)
             st = trainer.opt.state.get(p)
             if st is None:  # before the first step: materialise the state to load into / save
                 st = trainer.opt.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
                                              "exp_avg_sq": torch.zeros_like(p)}
             for m in ("exp_avg", "exp_avg_sq"):
-                sd[f"{key}.{n}.{m}"] = _sharded(f"{key}.{n}.{m}", st[m], a, n, None)
-        if trainer.restarts:
-            rows, res = layer.base_rows(target)
-            split = "out" if layer.mode == "column" else "in"
-            sd[f"{key}.base"] = _sharded(f"{key}.base", rows, a, split, None)
-            if res is not None:
-                sd[f"{key}.base_residual"] = _sharded(f"{key}.base_residual", res, a, split, None)
+                sd[f"{key}.{n}.{m}"] = a.sharded_tensor(f"{key}.{n}.{m}", st[m], n)
     steps = {k: float(trainer.opt.state[p]["step"]) for k, _, _, a in _entries(trainer.model)
              for n, p in a.named_parameters() for k in [f"{k}.{n}"]}
     sd["common"] = dict(step=trainer.step, restarts=trainer.restarts, adam_steps=steps,

@@ -259,7 +259,24 @@ class AdaptedLinear(nn.Module):
                 else:
                     self.merge_residual.index_copy_(0, idx, err)
 
-    # --- the base rows restarts fold into, for checkpoints (public: no private buffers outside) ----
+    # --- checkpoint entries (public: checkpoints read no private buffers of this layer) -------------
+    def sharded_state_dict(self, with_base_rows: bool) -> dict:
+        """This layer's dist_checkpointing entries under its global name (the same at every TP/PP
+        layout): every adapter parameter and, `with_base_rows` (after restarts), the base rows each
+        adapter folded into plus their bf16 merge residual."""
+        sd = {}
+        split = "out" if self.mode == "column" else "in"
+        for target, a in self.adapters.items():
+            key = f"{self.global_name}.{target}"
+            for n, p in a.named_parameters():
+                sd[f"{key}.{n}"] = a.sharded_tensor(f"{key}.{n}", p.data, n)
+            if with_base_rows:
+                rows, res = self.base_rows(target)
+                sd[f"{key}.base"] = a.sharded_tensor(f"{key}.base", rows, split)
+                if res is not None:
+                    sd[f"{key}.base_residual"] = a.sharded_tensor(f"{key}.base_residual", res, split)
+        return sd
+
     def base_rows(self, target: str) -> tuple:
         """(weight rows, merge-residual rows or None) of the local base that adapter `target` writes
         to: its rows of a fused layer, all rows otherwise."""
