@@ -1,11 +1,11 @@
 """Adapter CPT step throughput on one GPU, side by side with Hugging Face PEFT (issue 7).
 
 One command measures tokens/s, model TFLOP/s, MFU and peak memory of a continual-pretraining step
-(forward, backward, fused AdamW over the trainables) on the Llama-style 1.1B model of DESIGN.md
+(forward, backward, fused AdamW over the trainables) on the Llama-style 1.1B model of docs/design.md
 section 5 (seq 2048) for: the frozen base without adapters, LoRA r=8, MoRA sharing and rotation
 (r=8-equivalent), VeRA r=256, ALLoRA (LoRA r=8, eta=2) and full fine-tuning; every configuration
 runs in its own process (peak memory per configuration). It then runs the peer script
-`shared/bench/peer_peft.py` (transformers + PEFT) in the same call and prints one table with
+`bench/peer_peft.py` (transformers + PEFT) in the same call and prints one table with
 ratios to PEFT LoRA. FLOPs and MFU use the peer's formula (frozen base: 2x forward, full FT: 3x).
 
     python3 launch/bench.py                       # the table (GPU): every row eager and as one CUDA graph
@@ -13,9 +13,10 @@ ratios to PEFT LoRA. FLOPs and MFU use the peer's formula (frozen base: 2x forwa
     python3 launch/bench.py --sweep               # before/after variants (docs/performance.md)
     python3 launch/bench.py --attn                # SDPA kernels on the model's attention shape
 
-Options: --rows, --modes eager,graph, --mbs, --steps, --no-compile, --no-fuse, --peer PATH (default: ../shared/bench/peer_peft.py, then
-shared/bench/peer_peft.py, then .bench/peer_peft.py), --no-peer, --json OUT.
-Library knobs it measures: MORA_DIST_ADAPTER_FAST (merged-weight adapter path at TP=1, default on),
+Options: --rows, --modes eager,graph, --mbs, --steps, --no-compile, --no-fuse, --peer PATH (default: bench/peer_peft.py),
+--no-peer, --json OUT.
+Library knobs it measures: adapter.fast_path (merged-weight adapter path, default on; the sweep's
+per-adapter rows set MORA_DIST_ADAPTER_FAST=0, the documented override of that default),
 megatron config fusions and torch.compile of RMSNorm / RoPE (mora_dist/models/kernels.py, on by
 default on a GPU) and the whole step as one CUDA graph. Results: docs/performance.md.
 """
@@ -32,7 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# Llama-style 1.1B of DESIGN.md section 5 (TinyLlama shape)
+from mora_dist.metrics.throughput import H100_BF16_MEASURED_PEAK  # noqa: E402  (no torch import)
+
+# Llama-style 1.1B of docs/design.md section 5 (TinyLlama shape)
 SIZES = {
     "1b": dict(vocab_size=32000, hidden_size=2048, num_layers=22, num_attention_heads=32, num_query_groups=4,
                ffn_hidden_size=5632),
@@ -42,7 +45,7 @@ SIZES = {
     "tiny": dict(vocab_size=512, hidden_size=256, num_layers=2, num_attention_heads=8, num_query_groups=2,
                  ffn_hidden_size=704),
 }
-PEAK_BF16_TFLOPS = 772.0  # DESIGN.md section 5, measured on the H100 of the anchors
+PEAK_BF16_TFLOPS = H100_BF16_MEASURED_PEAK / 1e12  # MFU against the measured matmul peak (docs/design.md section 5)
 NCCL_ENV = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 
 # name -> configuration (method: none = frozen base, full = full fine-tuning)
@@ -58,14 +61,12 @@ ROWS = {
 
 
 def flops_per_token(size: dict, seq: int, full: bool) -> float:
-    """The peer's formula (peer_peft.py): matmul params incl. lm head, causal attention counted
-    full; frozen base = forward + input-grad backward = 2x forward, full FT = 3x forward."""
-    h, L, f, V = size["hidden_size"], size["num_layers"], size["ffn_hidden_size"], size["vocab_size"]
-    kv = size["num_query_groups"] * (h // size["num_attention_heads"])
-    n_lin = L * (2 * h * h + 2 * h * kv + 3 * h * f) + h * V
-    attn = L * 2 * 2 * seq * h
-    fwd = 2 * n_lin + attn
-    return fwd * 3 if full else fwd * 2
+    """The peer's formula (bench/peer_peft.py), i.e. mora_dist.metrics.flops without adapter terms:
+    frozen base = forward + input-grad backward = 2x forward, full FT = 3x forward."""
+    from mora_dist.metrics.flops import DecoderShape
+    from mora_dist.metrics.flops import flops_per_token as model_flops_per_token
+
+    return model_flops_per_token(DecoderShape.from_config(size, seq), full_finetune=full)
 
 
 # ----------------------------------------------------------------------------- one configuration
@@ -75,8 +76,10 @@ def _init_dist():
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    from mora_dist.compat import mcore_cpu
     from mora_dist.parallel.state import init_distributed
 
+    mcore_cpu.apply()  # no-op with CUDA
     init_distributed(tp=1, pp=1)
 
 
@@ -328,9 +331,7 @@ def train_rows(names, steps: int, mbs: int, seq: int, workdir: str, timeout: int
 
 # ----------------------------------------------------------------------------- peer
 def find_peer(path):
-    for c in ([path] if path else []) + [os.path.join(ROOT, "..", "shared", "bench", "peer_peft.py"),
-                                          os.path.join(ROOT, "shared", "bench", "peer_peft.py"),
-                                          os.path.join(ROOT, ".bench", "peer_peft.py")]:
+    for c in ([path] if path else []) + [os.path.join(ROOT, "bench", "peer_peft.py")]:
         if c and os.path.isfile(c):
             return os.path.abspath(c)
     return None
@@ -356,14 +357,13 @@ def run_peer(path, mbs: int, seq: int, timeout: int = 420, size: str = "1b", met
 
 # ----------------------------------------------------------------------------- checks
 def check(size_name: str = "1b", layers: int = 2) -> list:
-    """On the current device, for each method: the merged-weight path (MORA_DIST_ADAPTER_FAST)
+    """On the current device, for each method: the merged-weight path (adapter.fast_path)
     against the per-adapter path (output, input grad, parameter grads of a short model) and one
     layer (linear_qkv) against a dense float64 reference x (W0 + dW)^T."""
     import torch
 
     from mora_dist.adapters import AdapterConfig
     from mora_dist.models import LlamaSpec, build_model
-    from mora_dist.adapters import base as adapters_base
     from mora_dist.parallel.inject import apply_adapters
 
     _init_dist()
@@ -382,7 +382,8 @@ def check(size_name: str = "1b", layers: int = 2) -> list:
         model = build_model(spec, pre_process=True, post_process=True, params_dtype=torch.bfloat16, attention="sdpa")
         model.to(dev)
         kw = {k: row[k] for k in ("r", "mora_type", "allora_eta") if k in row}
-        apply_adapters(model, AdapterConfig(method=row["method"], **kw))
+        acfg = AdapterConfig(method=row["method"], **kw)
+        apply_adapters(model, acfg)
         g = torch.Generator(device=dev).manual_seed(2)
         with torch.no_grad():
             for p in model.parameters():
@@ -393,14 +394,14 @@ def check(size_name: str = "1b", layers: int = 2) -> list:
         res = {}
 
         def grads(fast):
-            adapters_base.FAST_PATH = fast
+            acfg.fast_path = fast  # every adapter of the model holds this config
             model.zero_grad(set_to_none=True)
             loss = model(tok, pos, None, labels=tok).mean()
             loss.backward()
             return loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
         res["merged"], res["per_adapter"] = grads(True), grads(False)
-        adapters_base.FAST_PATH = True
+        acfg.fast_path = True
         # one layer against float64 dense (bf16 model)
         layer = model.decoder.layers[0].self_attention.linear_qkv
         x = torch.randn(64, 2, spec.hidden_size, generator=g, device=dev, dtype=torch.bfloat16)

@@ -11,12 +11,11 @@
 5. merge + export (Megatron and HF safetensors), then domain / general perplexity of the base and
    of the merged export, measured with transformers on the held-out sets.
 
-Run: .venv/bin/python launch/demo.py [--out runs/demo] [--steps 40]
+Run: make demo (sets up .venv when missing), or .venv/bin/python launch/demo.py [--out runs/demo] [--steps 40]
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import os
@@ -31,22 +30,17 @@ PY = sys.executable
 
 
 def docstrings(package_paths, limit_chars: int) -> list[str]:
-    """Module/class/function docstrings of the .py files under the given directories."""
+    """Module/class/function docstrings (over 200 characters) of the .py files under the given directories."""
+    from mora_dist.utils.corpus import file_docstrings
+
     docs, total = [], 0
     for base in package_paths:
         for path in sorted(Path(base).rglob("*.py")):
             if "test" in path.parts or "site-packages" in path.relative_to(base).parts:
                 continue
-            try:
-                tree = ast.parse(path.read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    d = ast.get_docstring(node)
-                    if d and len(d) > 200:
-                        docs.append(d)
-                        total += len(d)
+            for d in file_docstrings(path, min_chars=201):
+                docs.append(d)
+                total += len(d)
             if total > limit_chars:
                 return docs
     return docs

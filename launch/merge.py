@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     if not os.path.isdir(path):
         print(f"merge: checkpoint not found: {path}", file=sys.stderr)
         return 2
-    from mora_dist.checkpoint.atomic_dir import check_output
+    from mora_dist.utils.atomic_dir import check_output
     from mora_dist.checkpoint.integrity import STEP_RE, CheckpointError, problem, select_resume
 
     if not STEP_RE.match(os.path.basename(os.path.normpath(path))):  # a run's checkpoint root
@@ -62,12 +62,12 @@ def main(argv=None) -> int:
     except FileExistsError as e:
         print(e, file=sys.stderr)
         return 2
-    from mora_dist.checkpoint.merge import config_from_checkpoint, merge_and_export
+    from mora_dist.export.merge import config_from_checkpoint, merge_and_export
     from mora_dist.parallel.state import destroy_distributed, env_from_slurm, init_distributed
 
     env_from_slurm()
     world = int(os.environ.get("WORLD_SIZE", 1))
-    from mora_dist.parallel import mcore_cpu
+    from mora_dist.compat import mcore_cpu
 
     mcore_cpu.apply()
     cfg = config_from_checkpoint(path, args.tp, args.pp)

@@ -22,9 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def _worker(args: dict) -> None:
     import ray.train
 
+    from mora_dist.compat import mcore_cpu
     from mora_dist.training.config import load_config
     from mora_dist.training.run import run
 
+    mcore_cpu.apply()  # megatron on a CPU-only torch (no-op with CUDA)
     cfg = load_config(args["config"], args["overrides"])
     result = run(cfg, {})
     ray.train.report({k: v for k, v in result.items() if k in ("step", "loss")})

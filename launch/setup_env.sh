@@ -5,6 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Already set up (this checkout installed, the test and demo dependencies importable): nothing to do.
+ROOT=$PWD
+if [ -z "${FORCE_SETUP:-}" ] && [ -x .venv/bin/python ] && (cd / && "$ROOT/.venv/bin/python" - "$ROOT" <<'PYEOF') 2>/dev/null
+import os, sys  # run from / so that mora_dist must come from the install, not the working directory
+import torch, megatron.core, pytest, transformers, peft, ray, sentencepiece, triton, mora_dist
+sys.exit(os.path.dirname(os.path.dirname(os.path.realpath(mora_dist.__file__))) != os.path.realpath(sys.argv[1]))
+PYEOF
+then
+    echo "setup ok: .venv is ready (FORCE_SETUP=1 reinstalls)"
+    exit 0
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"

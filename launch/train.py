@@ -41,9 +41,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from mora_dist.compat import mcore_cpu
     from mora_dist.training.preflight import RunError
     from mora_dist.training.run import run
 
+    mcore_cpu.apply()  # megatron on a CPU-only torch (no-op with CUDA)
     stop = {"signal": None}
 
     def _handler(signum, frame):

@@ -2,7 +2,7 @@
 
 `run_ranks(fn, world_size, tp=..., pp=...)` spawns `world_size` processes, initialises
 torch.distributed (gloo) and megatron-core's parallel state (with the CPU workarounds of
-`mora_dist.parallel.mcore_cpu`), calls `fn(rank, *args)` and returns every rank's return value.
+`mora_dist.compat.mcore_cpu`, applied first in each rank), calls `fn(rank, *args)` and returns every rank's return value.
 A failure on any rank raises in the test process with that rank's full traceback.
 `fn` must be importable (a module-level function of a test module), since ranks are spawned; its
 return value travels back serialised with torch.save (tensors welcome).
@@ -32,7 +32,10 @@ def _worker(rank, world_size, port, tp, pp, fn, args, queue):
 
     torch.set_num_threads(1)
     try:
+        from mora_dist.compat import mcore_cpu
         from mora_dist.parallel.state import destroy_distributed, init_distributed
+
+        mcore_cpu.apply()
 
         init_distributed(tp=tp, pp=pp, timeout_s=300)
         out = fn(rank, *args)

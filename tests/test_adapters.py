@@ -135,6 +135,7 @@ def _dense_block_update(geo, M, rot):
     return ref.mora_dw(M, geo.d_in, geo.d_out, 6 if rot is not None else "decouple")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("d_in,d_out,rh,segs,n_out", [
     (120, 204, 36, ((0, 102, 0), (102, 204, 120)), 240),  # tiled rows in two groups
     (250, 74, 36, ((0, 74, 3),), 80),                       # 3 of 7 chunks reach the output, wrapped input
@@ -167,6 +168,7 @@ def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
             torch.testing.assert_close(got, M.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("d_in,shapes", [
     (120, [(204, 36, 2), (40, 16, 1)]),  # tiled rows over 2 groups + a cut adapter (like q and k)
     (250, [(74, 36, 1)]),                # 3 of 7 chunks reach the output (like down)
@@ -210,8 +212,8 @@ def test_merged_layer_matches_dense(d_in, shapes):
     P, mid, Q = (rnd(*sh).requires_grad_(True) for sh in ((k, d_in), (k, k), (G * w2, k)))
     P2, mid2, Q2 = rnd(k + 1, d_in), rnd(k + 1).requires_grad_(True), rnd(G * w2, k + 1).requires_grad_(True)
     c_f = torch.rand(G * w2, generator=gen, dtype=D) + 0.5
-    terms = (merged.Term(("blk", G, stride, off, w2, pos[0]), 0, c_f),
-             merged.Term(("blk", G, stride, off + w2, w2, pos[1]), 1, None))
+    terms = (merged.Term(merged.RowBlocks(G, stride, off, w2, pos[0]), 0, c_f),
+             merged.Term(merged.RowBlocks(G, stride, off + w2, w2, pos[1]), 1, None))
     W0 = rnd(n_out, d_in)
     x = rnd(T, d_in).requires_grad_(True)
     gout = torch.randn(T, n_out, generator=gen, dtype=D)
@@ -239,6 +241,7 @@ def test_merged_layer_matches_dense(d_in, shapes):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.integration
 def test_merged_layer_triton_kernels():
     """test_merged_layer_matches_dense and test_block_grads_many_tokens with the MoRA blocks' weight
     add and M gradient done by the Triton kernels (mora_dist/adapters/blockdiag_kernels.py, what a

@@ -12,6 +12,8 @@ import torch
 from dist import run_ranks
 from test_adapters import VARIANTS, dense_dw, random_params
 
+pytestmark = pytest.mark.integration  # multi-process / subprocess: outside the fast unit subset
+
 D_IN, D_OUT, R, S, B = 44, 68, 3, 8, 2  # rh = 18: d_in, d_out not multiples; chunks cross shards
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -21,7 +23,7 @@ def _layer(mode, d_in, d_out, sp):
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from mora_dist.parallel import mcore_cpu
+    from mora_dist.compat import mcore_cpu
 
     cfg = ModelParallelConfig(tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
                               sequence_parallel=sp, params_dtype=torch.float32, **mcore_cpu.config_overrides(ModelParallelConfig))
@@ -54,7 +56,6 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT, fast=True):
     on the merged-weight path (`fast`, the default at every TP) or the per-adapter path."""
     from megatron.core import parallel_state as ps
 
-    from mora_dist.adapters import base as adapters_base
 
     from mora_dist.adapters import AdapterConfig, build_adapter
     from mora_dist.parallel.inject import layer_shard
@@ -63,7 +64,7 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT, fast=True):
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     base = _layer(mode, d_in, d_out, sp)
     W0 = _gather(base.weight.detach(), 0 if mode == "column" else 1).to(torch.float64)
-    cfg = AdapterConfig(method=method, r=R, **kw)
+    cfg = AdapterConfig(method=method, r=R, fast_path=fast, **kw)
     shard = layer_shard(base, mode)
     adapter = build_adapter(cfg, shard)
     gen = torch.Generator().manual_seed(7)
@@ -73,7 +74,6 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT, fast=True):
     base.weight.requires_grad_(False)  # frozen, as in training (the merged path needs it)
     layer = AdaptedLinear(base, mode)
     layer.add_adapter("adapter", adapter)
-    adapters_base.FAST_PATH = fast
 
     x = torch.randn(S, B, d_in, generator=gen, dtype=torch.float64)
     g = torch.randn(S, B, d_out, generator=gen, dtype=torch.float64)

@@ -1,9 +1,12 @@
 """Distributed adapter checkpoints: resume gives the uninterrupted losses, also at another TP size
 and across ReMoRA restarts (folded base rows + MoRA grouping restored); saves are atomic."""
+import pytest
 import os
 
 from dist import run_ranks
 from train_utils import tiny_config
+
+pytestmark = pytest.mark.integration  # multi-process / subprocess: outside the fast unit subset
 
 OVR = {"adapter.method": "mora", "adapter.r": 4, "train.steps": 7, "restarts.every": 3, "restarts.warmup": 1,
        "restarts.prune": 0.9}
@@ -53,11 +56,21 @@ def _crash_during_save(rank, tmp, ckpt, overrides):
     os.makedirs(os.path.join(ckpt, "step_0000009.tmp.other-run"))  # another writer's save in progress
     state.save(t, ckpt)
     t.train_step()
-    os.environ["MORA_DIST_FAIL_SAVE"] = "1"  # the writer dies after the shards, before the rename
+    from megatron.core import dist_checkpointing
+
+    write = dist_checkpointing.save
+
+    def write_then_die(*args, **kwargs):  # the writer dies after the shards, before the rename
+        write(*args, **kwargs)
+        raise RuntimeError("simulated crash before the checkpoint is published")
+
+    dist_checkpointing.save = write_then_die
     try:
         state.save(t, ckpt)
     except RuntimeError:
         pass
+    finally:
+        dist_checkpointing.save = write
     return sorted(os.listdir(ckpt))
 
 

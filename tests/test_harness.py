@@ -4,6 +4,8 @@ import torch
 
 from dist import run_ranks
 
+pytestmark = pytest.mark.integration  # multi-process / subprocess: outside the fast unit subset
+
 
 def _groups(rank):
     import torch.distributed as dist

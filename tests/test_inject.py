@@ -15,7 +15,7 @@ def tiny_gpt():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from mora_dist.parallel import mcore_cpu
+    from mora_dist.compat import mcore_cpu
 
     cfg = TransformerConfig(
         num_layers=L, hidden_size=H, ffn_hidden_size=FFN, num_attention_heads=NH, num_query_groups=NG,
@@ -85,6 +85,7 @@ def _cases(rank):
     return {f"{m}{kw}": _run(rank, m, {k: v for k, v in kw.items() if k != "r"} if "r" in kw else kw) for m, kw in CASES}
 
 
+@pytest.mark.integration
 def test_gpt_tp2_equals_tp1_and_merge_is_exact():
     tp1 = run_ranks(_cases, 1, tp=1)[0]
     tp2 = run_ranks(_cases, 2, tp=2)
@@ -122,6 +123,7 @@ def _bad_target(rank):
     return msgs
 
 
+@pytest.mark.integration
 def test_bad_targets_name_the_pattern():
     msgs = run_ranks(_bad_target, 1)[0]
     assert "'*.no_such_layer' matches no linear layer" in msgs[0]

@@ -89,6 +89,7 @@ def _tp_case(rank, sp, train_w):
     return out
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("tp", [2, 4])
 def test_vocab_parallel_matches_plain(tp):
     res = run_ranks(_tp_all, tp, tp=tp)
@@ -132,6 +133,7 @@ def _model_case(rank):
     return out
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("tp", [1, 2])
 def test_model_loss_matches_megatron_output_layer(tp):
     res = run_ranks(_model_case, tp, tp=tp)

@@ -1,6 +1,7 @@
 """Continual pretraining from an HF checkpoint: PP=2 (and TP=2) training gives the single-process
 losses; after training with a ReMoRA restart, merge + export: transformers' logits of the merged
 HF export and the reloaded Megatron checkpoint equal the training model's logits."""
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,8 @@ import torch
 
 from dist import run_ranks
 from train_utils import tiny_config
+
+pytestmark = pytest.mark.integration  # multi-process / subprocess: outside the fast unit subset
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 256
@@ -45,7 +48,7 @@ def _logits_after_merge(rank, tmp, over, ckpt, out):
     from megatron.core import parallel_state as ps
 
     from mora_dist.checkpoint import state
-    from mora_dist.checkpoint.merge import config_from_checkpoint, load_merged, merge_and_export
+    from mora_dist.export.merge import config_from_checkpoint, load_merged, merge_and_export
     from mora_dist.training.loop import Trainer
 
     ids = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(9))

@@ -16,8 +16,8 @@ from mora_dist.metrics import (DecoderShape, MetricsLogger, StepMeter, adapter_f
                                matmul_params, read_metrics)
 from mora_dist.metrics.logger import WANDB_MISSING
 
-PEER = Path(__file__).resolve().parents[2] / "shared" / "bench" / "peer_peft.py"
-# DESIGN.md section 5: Llama-style 1.1B, seq 2048.
+PEER = Path(__file__).resolve().parents[1] / "bench" / "peer_peft.py"
+# docs/design.md section 5: Llama-style 1.1B, seq 2048.
 CFG_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
               num_key_value_heads=4, vocab_size=32000)
 
@@ -69,11 +69,11 @@ def test_flops_1b_numbers():
     assert matmul_params(shape) == 1_034_420_224  # ~1.03B matmul params (+65.5M embedding = 1.1B)
     assert forward_flops_per_token(shape) == 2 * 1_034_420_224 + 22 * 4 * 2048 * 2048 == 2_437_939_200
     assert full_ft_flops_per_token(shape) == 7_313_817_600
-    assert adapter_flops_per_token(shape) == 4_875_878_400  # the 2/3 of DESIGN.md section 5
+    assert adapter_flops_per_token(shape) == 4_875_878_400  # the 2/3 of docs/design.md section 5
 
 
 def test_peer_sizes_table_is_the_design_config():
-    """The peer's "1b" size (vocab 32000 in its run()) is the DESIGN.md section 5 model we test with."""
+    """The peer's "1b" size (vocab 32000 in its run()) is the docs/design.md section 5 model we test with."""
     if PEER.exists():
         node = next(n for n in ast.parse(PEER.read_text()).body
                     if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "SIZES")
@@ -119,7 +119,7 @@ def test_step_meter_math():
 
 
 def test_step_meter_design_anchor():
-    """DESIGN.md section 5: HF full FT at 47,843 tok/s is ~350 TFLOP/s, 45% of the measured 772."""
+    """docs/design.md section 5: HF full FT at 47,843 tok/s is ~350 TFLOP/s, 45% of the measured 772."""
     m = StepMeter(4 * 2048, 1, 7_313_817_600, peak_flops=772e12, warmup_steps=0)
     r = m.record(4 * 2048 / 47_843)
     assert r["tflops_per_gpu"] == pytest.approx(349.9, abs=0.05)

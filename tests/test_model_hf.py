@@ -133,12 +133,14 @@ def test_reference_is_sensitive(hf):
     assert hf["qwen2"]["state"]["model.layers.0.self_attn.q_proj.bias"].abs().max() > 0.1
 
 
+@pytest.mark.integration
 def test_tp1_logits_match_transformers(hf):
     atts = ["sdpa", "local"]
     res = run_ranks(_run_models, 1, _cases(hf), atts, False, {})
     _check_logits(res, hf, atts)
 
 
+@pytest.mark.integration
 def test_tp2_logits_and_round_trip(hf, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -167,11 +169,13 @@ def test_tp2_logits_and_round_trip(hf, tmp_path):
         assert cfg["model_type"] == name
 
 
+@pytest.mark.integration
 def test_tp2_sequence_parallel_logits(hf):
     res = run_ranks(_run_models, 2, _cases(hf), ["sdpa"], True, {}, tp=2)
     _check_logits(res, hf, ["sdpa"])
 
 
+@pytest.mark.integration
 def test_pp2_logits_and_export(hf, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -186,6 +190,7 @@ def test_pp2_logits_and_export(hf, tmp_path):
             assert torch.equal(sd[k], v), f"{name}: PP=2 export changed {k}"
 
 
+@pytest.mark.integration
 def test_tp2_pp2_logits_and_export(hf, tmp_path):
     from transformers import AutoModelForCausalLM
 

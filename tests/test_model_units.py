@@ -152,6 +152,7 @@ def _attention_and_load_errors(rank, good, broken, ids, export_dir):
     return out
 
 
+@pytest.mark.integration
 def test_sdpa_attention_and_load_errors(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -6,6 +6,8 @@ import torch
 
 from dist import run_ranks
 
+pytestmark = pytest.mark.integration  # multi-process / subprocess: outside the fast unit subset
+
 S, B, V = 12, 2, 96
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
 
@@ -29,7 +31,7 @@ def _ours(rank, hf_dir, method, out):
     from megatron.core import parallel_state as ps
 
     from mora_dist.adapters import AdapterConfig
-    from mora_dist.checkpoint.peft_export import export_peft
+    from mora_dist.export.peft import export_peft
     from mora_dist.models import build_model, export_hf, load_hf_checkpoint
     from mora_dist.parallel.inject import adapted_layers, apply_adapters, unwrap_adapters
 

@@ -1,5 +1,6 @@
 """launch/ray_job.py on a real local Ray cluster (`ray start --head` on loopback), 2 CPU workers
 with gloo: runs to completion with the losses of the torchrun run of the same config."""
+import pytest
 import json
 import os
 import subprocess
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 from train_utils import write_dataset
+
+pytestmark = pytest.mark.integration  # multi-process / subprocess: outside the fast unit subset
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")

@@ -71,6 +71,7 @@ def _copy_run(trained, tmp_path):
 
 
 # ------------------------------------------------------------------ 1. checkpoint.keep
+@pytest.mark.integration
 def test_keep_minus_one_keeps_every_checkpoint(trained):
     """Before: rotation `old[:-keep]` with keep=-1 deleted each checkpoint right after writing it."""
     names = sorted(os.listdir(trained["ckpt"]))
@@ -119,6 +120,7 @@ DAMAGE = ["latest names a missing folder", "truncated shard", "missing common.pt
           "torn common.pt", "missing .metadata", "latest is garbage", "latest is missing"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("how", DAMAGE)
 def test_damaged_latest_falls_back_to_newest_intact(trained, tmp_path, how):
     from mora_dist.checkpoint.integrity import select_resume
@@ -132,6 +134,7 @@ def test_damaged_latest_falls_back_to_newest_intact(trained, tmp_path, how):
     assert warnings and "resuming from the newest intact checkpoint" in warnings[-1]
 
 
+@pytest.mark.integration
 def test_no_intact_checkpoint_is_one_line_naming_the_folder(trained, tmp_path):
     from mora_dist.checkpoint.integrity import CheckpointError, select_resume
 
@@ -145,6 +148,7 @@ def test_no_intact_checkpoint_is_one_line_naming_the_folder(trained, tmp_path):
     assert "step_0000004: shard __0_0.distcp is truncated" in msg and "step_0000002: common.pt is missing" in msg
 
 
+@pytest.mark.integration
 def test_damaged_latest_real_run_resumes_from_intact_not_step0(trained, tmp_path):
     """Before: `latest` naming a missing folder restarted at step 0 silently, rewrote step_0000002 and
     rotation then deleted it; a truncated shard gave a raw traceback."""
@@ -165,6 +169,7 @@ def test_damaged_latest_real_run_resumes_from_intact_not_step0(trained, tmp_path
 
 
 # ------------------------------------------------------------------ 3. resume config checks
+@pytest.mark.integration
 @pytest.mark.parametrize("extra,diff", [
     (["adapter.targets=[q, v]"], "adapter.targets: ['q', 'k', 'v', 'o', 'gate', 'up', 'down'] -> ['q', 'v']"),
     (["adapter.mora_type=rotation"], "adapter.mora_type: 'sharing' -> 'rotation'"),
@@ -187,6 +192,7 @@ def test_resume_refuses_changed_config_unless_allowed(trained, tmp_path, extra, 
     assert inspect(_cfg(trained["data"], out, "train.steps=9", "train.log_every=3")).resume.endswith("step_0000004")
 
 
+@pytest.mark.integration
 def test_resume_false_over_existing_checkpoints_is_refused(trained, tmp_path):
     from mora_dist.training.preflight import RunError, inspect
 
@@ -195,6 +201,7 @@ def test_resume_false_over_existing_checkpoints_is_refused(trained, tmp_path):
         inspect(_cfg(trained["data"], out, "checkpoint.resume=false"))
 
 
+@pytest.mark.integration
 def test_changed_targets_real_run_exits_2_and_touches_nothing(trained, tmp_path):
     out, ckpt = _copy_run(trained, tmp_path)
     listing = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.name != ".mora_dist.lock")
@@ -207,6 +214,7 @@ def test_changed_targets_real_run_exits_2_and_touches_nothing(trained, tmp_path)
 
 
 # ------------------------------------------------------------------ 4. locks, temporaries
+@pytest.mark.integration
 def test_second_run_on_a_folder_is_refused_and_first_is_unharmed(trained, tmp_path):
     out = tmp_path / "run"
     a = subprocess.Popen(_train_cmd(trained["data"], out, "train.steps=100000", "checkpoint.every=0"), env=_env(),
@@ -241,6 +249,7 @@ def test_second_run_on_a_folder_is_refused_and_first_is_unharmed(trained, tmp_pa
     assert [r["step"] for r in data.records] == list(range(1, last + 1)) and not data.skipped
 
 
+@pytest.mark.integration
 def test_lock_is_exclusive_and_freed_by_a_killed_holder(tmp_path):
     from mora_dist.training.run_lock import LockError, RunLock
 
@@ -274,6 +283,7 @@ def test_stale_temporaries_removed_only_under_the_lock(tmp_path):
 
 
 # ------------------------------------------------------------------ 5. token ids vs vocabulary
+@pytest.mark.integration
 def test_token_ids_checked_against_the_model_vocabulary(trained, tmp_path):
     """Before: vocab smaller than the data's ids crashed at TP=1 and trained silently at TP=2."""
     from mora_dist.training.token_check import TokenError, check_token_ids
@@ -295,6 +305,7 @@ def test_token_ids_checked_against_the_model_vocabulary(trained, tmp_path):
         check_token_ids(_cfg(str(cut), out))
 
 
+@pytest.mark.integration
 def test_eod_outside_vocabulary_rejected_before_any_rank(tmp_path, trained):
     from mora_dist.training.config import ConfigError
 
@@ -308,6 +319,7 @@ def _merge(ckpt, out, *extra):
                  str(ROOT / "launch" / "merge.py"), "--checkpoint", str(ckpt), "--out", str(out), *extra])
 
 
+@pytest.mark.integration
 def test_export_is_atomic_refuses_existing_and_leaves_no_stale_files(trained, tmp_path):
     """Before: a second export into the folder overwrote in place and kept an older export's shards and
     index, which the HF reader then followed."""
@@ -331,6 +343,7 @@ def test_export_is_atomic_refuses_existing_and_leaves_no_stale_files(trained, tm
     assert SafetensorsDir(out / "hf").weight_map["model.norm.weight"] == "model.safetensors"
 
 
+@pytest.mark.integration
 def test_merge_refuses_a_damaged_checkpoint_naming_it(trained, tmp_path):
     _, ckpt = _copy_run(trained, tmp_path)
     _damage(ckpt, "truncated shard")
@@ -348,6 +361,7 @@ def test_merge_refuses_a_damaged_checkpoint_naming_it(trained, tmp_path):
 
 
 # ------------------------------------------------------------------ 8. config values out of range
+@pytest.mark.integration
 @pytest.mark.parametrize("override,needle", [
     ("train.lr=0", "train.lr must be > 0, got 0.0"),
     ("train.lr=-0.001", "train.lr must be > 0, got -0.001"),
@@ -385,6 +399,7 @@ def test_config_values_out_of_range_fail_naming_the_key(trained, tmp_path, overr
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.integration
 def test_bad_override_yaml_fails_fast_in_the_cli(tmp_path):
     t0 = time.time()
     r = _run([PY, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "tiny_cpu.yaml"),

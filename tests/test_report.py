@@ -51,6 +51,7 @@ def _n(cell: str) -> float:
     return float(cell.replace(",", "").rstrip("%"))
 
 
+@pytest.mark.integration
 def test_report_two_runs_scaling(tmp_path):
     times1 = [4.0, 2.0, 0.50, 0.52, 0.48, 0.50]
     times2 = [5.0, 2.5, 0.55, 0.56, 0.54, 0.60]
@@ -95,6 +96,7 @@ def test_report_two_runs_scaling(tmp_path):
     assert "![Scaling](scaling.png)" in md
 
 
+@pytest.mark.integration
 def test_report_other_writers_and_same_gpus(tmp_path):
     """Records without a warm-up flag (e.g. training/run.py's log): the first --warmup are left
     out; runs with equal num_gpus get no scaling section; a resumed redo supersedes old steps."""

@@ -3,6 +3,7 @@ import os
 import re
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "research"))
@@ -65,6 +66,7 @@ def test_teacher_forced_exact_equals_greedy():
         assert (em == 1.0) == (g[1:] == lab[0].tolist())
 
 
+@pytest.mark.integration  # runs the study scripts as subprocesses
 def test_gpu_study_driver_runs_collects_and_packs(tmp_path):
     """The study driver on the CPU with real (tiny) runs of both scripts: every job ends, the
     collected table holds their real numbers, a job past its deadline stops itself cleanly and is

@@ -48,6 +48,7 @@ def _restart_invariance(rank, tmp, overrides):
                 zero=zero, kept=max(kept), losses=losses)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method,tp", [("mora", 1), ("mora", 2), ("lora", 2)])
 def test_restart_keeps_output_and_cycles_mora_types(tmp_path, method, tp):
     over = {"adapter.method": method, "adapter.r": 4, "parallel.tp": tp, "restarts.prune": 0.9}
@@ -113,3 +114,47 @@ def test_repeated_bf16_merges_compensated():
     # the bf16 residual loses <= 2^-9 of itself per merge: ~1% of one rounding after 20 merges
     assert err_comp < one_rounding / 50
     assert err_naive > 2 * one_rounding  # the problem being solved is real
+
+
+def _make_hf(path, layers=4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def _relora_adapters(rank, tmp, overrides):
+    """Train a LoRA run through one restart; return its re-initialised A factors by global layer name."""
+    from mora_dist.parallel import inject
+    from mora_dist.training import restarts
+    from mora_dist.training.loop import Trainer
+
+    t = Trainer(tiny_config(tmp, **overrides))
+    for _ in range(2):
+        t.train_step()
+    restarts.restart(t, t.step)
+    prefixes = inject._global_names(t.model)
+    out = {}
+    for name, m in t.model.named_modules():
+        if isinstance(m, inject.AdaptedLinear):
+            for target, a in m.adapters.items():
+                out[f"{inject._rename(name, prefixes)}:{target}"] = a.A.detach().clone()
+    return out
+
+
+@pytest.mark.integration
+def test_relora_reinit_does_not_depend_on_pipeline_layout(tmp_path):
+    """A LoRA restart re-initialises A from a seed of the *global* layer name (as injection does), so
+    PP=2 re-initialises every layer exactly as PP=1 does."""
+    hf = _make_hf(tmp_path / "hf")
+    over = {"model.hf_dir": hf, "adapter.method": "lora", "adapter.r": 4, "adapter.targets": "[q, o, down]",
+            "restarts.every": 3, "restarts.warmup": 1}
+    ref = run_ranks(_relora_adapters, 1, tmp_path, over)[0]
+    pp2 = run_ranks(_relora_adapters, 2, tmp_path, {**over, "parallel.pp": 2}, pp=2)
+    got = {**pp2[0], **pp2[1]}
+    assert sorted(got) == sorted(ref) and len(ref) == 12
+    for name, a in ref.items():
+        assert torch.equal(got[name], a), name

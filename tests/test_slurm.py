@@ -16,6 +16,8 @@ import pytest
 
 from train_utils import write_dataset
 
+pytestmark = pytest.mark.integration  # multi-process / subprocess: outside the fast unit subset
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -16,6 +16,7 @@ def _train(rank, tmp, overrides):
 BASE = {"adapter.method": "mora", "adapter.r": 4}
 
 
+@pytest.mark.integration
 def test_tp2_dp2_match_single_process(tmp_path):
     ref = run_ranks(_train, 1, tmp_path, BASE)[0]
     again = run_ranks(_train, 1, tmp_path, BASE)[0]
@@ -40,6 +41,7 @@ def _recompute_and_eval(rank, tmp):
     return out
 
 
+@pytest.mark.integration
 def test_recompute_same_losses_and_eval_perplexity(tmp_path):
     import math
 

@@ -32,8 +32,10 @@ def setup_single_process(threads: int = 1, seed: int = 0, precision: str = "tf32
     # Port 0: the one rank's store binds a port the OS picks at bind time. (Asking for a free
     # port first and binding it later races with the other runs the study starts at once.)
     os.environ.setdefault("MASTER_PORT", "0")
+    from mora_dist.compat import mcore_cpu
     from mora_dist.parallel.state import init_distributed
 
+    mcore_cpu.apply()  # megatron on a CPU-only torch (no-op with CUDA)
     init_distributed(tp=1, pp=1, seed=seed)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"

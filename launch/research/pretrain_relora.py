@@ -1,7 +1,7 @@
 """Small-scale pretraining from scratch: full-rank vs ReLoRA (LoRA + restarts) vs ReMoRA (MoRA +
 restarts with grouping-type cycling 1->2->3->4), same data, same steps, same model.
 
-    python launch/research/pretrain_relora.py --method mora --lr 2e-3 --out docs/results/runs/pretrain/remora
+    python launch/research/pretrain_relora.py --method mora --lr 2e-3 --out results/runs/pretrain/remora
 
 Corpus (--corpus): 'docstrings' = the docstrings of this Python's standard library (ast over
 sysconfig's stdlib *.py, sorted file order; ~1.5 MB), 'source' = the stdlib *.py files themselves
@@ -19,7 +19,6 @@ window). --deadline (unix time) stops the run cleanly (last record "truncated") 
 from __future__ import annotations
 
 import argparse
-import ast
 import math
 import os
 import sys
@@ -37,17 +36,9 @@ VOCAB = 257
 
 
 def docstrings(path: str) -> list[str]:
-    try:
-        tree = ast.parse(open(path, encoding="utf-8").read())
-    except Exception:
-        return []
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            d = ast.get_docstring(node)
-            if d and len(d) >= 40:
-                out.append(d)
-    return out
+    from mora_dist.utils.corpus import file_docstrings
+
+    return file_docstrings(path, min_chars=40)
 
 
 def build_corpus(max_bytes: int = 3_000_000, kind: str = "docstrings"):

@@ -4,7 +4,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
-U=docs/results/runs/uuid_final; P=docs/results/runs/pretrain
+U=results/runs/uuid_final; P=results/runs/pretrain
 mkdir -p $U $P
 jobs=()
 while read m lr; do
@@ -13,7 +13,7 @@ while read m lr; do
     mora_sharing) a="mora --mora-type sharing --r 8";; mora_rotation) a="mora --mora-type rotation --r 8";;
   esac
   jobs+=("$PY launch/research/uuid_memorize.py --method $a --lr $lr --epochs 100 --n-pairs 256 --out $U/$m > $U/$m.log 2>&1")
-done < <($PY launch/research/pick_best_lr.py docs/results/runs/uuid_sweep | sort -r)   # vera (slowest) first
+done < <($PY launch/research/pick_best_lr.py results/runs/uuid_sweep | sort -r)   # vera (slowest) first
 PT="--steps 300 --restart-every 75 --restart-warmup 10 --warmup 20 --eval-every 25"
 for spec in "full 1e-3" "lora 2e-3" "mora 2e-3"; do  # one LR each (CPU budget)
   set -- $spec

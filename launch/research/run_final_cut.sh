@@ -7,7 +7,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
-U=docs/results/runs/uuid_final; P=docs/results/runs/pretrain
+U=results/runs/uuid_final; P=results/runs/pretrain
 mkdir -p $U $P
 (
 for spec in "mora --mora-type rotation --r 8 --lr 0.003:mora_rotation" "lora --r 8 --lr 0.003:lora" "fft --lr 0.001:fft"; do

@@ -3,7 +3,7 @@
 # 256 pairs, two single-threaded runs at a time (2 CPU cores). Usage: bash launch/research/run_uuid_sweep.sh
 set -u
 cd "$(dirname "$0")/../.."
-OUT=docs/results/runs/uuid_sweep
+OUT=results/runs/uuid_sweep
 mkdir -p $OUT
 jobs=()
 for lr in 1e-3 3e-3 1e-2; do jobs+=("lora --r 8 --lr $lr lora_lr$lr"); done

@@ -1,7 +1,7 @@
 """Tables (Markdown, printed) and plots (PNG) for docs/results/ from the runs' metrics.jsonl.
 
-    python launch/research/summarize.py docs/results/runs --out docs/results             # CPU runs
-    python launch/research/summarize.py --study docs/results/gpu/sweep [--study DIR ...] \
+    python launch/research/summarize.py results/runs --out docs/results             # CPU runs
+    python launch/research/summarize.py --study results/gpu/sweep [--study DIR ...] \
         --out docs/results/gpu                                                              # GPU study
 
 GPU study (launch/research/gpu_study.py layout, DIR/uuid/<run>/, DIR/pretrain/<run>/): the LR-sweep
@@ -327,7 +327,7 @@ def gpu_pretrain(rows, out):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("root", nargs="?", help="CPU runs (docs/results/runs layout)")
+    p.add_argument("root", nargs="?", help="CPU runs (results/runs layout)")
     p.add_argument("--study", action="append", default=[], help="a gpu_study.py root (repeatable)")
     p.add_argument("--out", required=True)
     a = p.parse_args()

@@ -1,7 +1,7 @@
 """UUID key->value memorisation (MoRA paper, Table 1 setting, scaled down to one GPU or a CPU).
 
     python launch/research/uuid_memorize.py --method mora --mora-type sharing --lr 1e-3 \
-        --epochs 40 --out docs/results/runs/uuid/mora_sharing_lr1e-3
+        --epochs 40 --out results/runs/uuid/mora_sharing_lr1e-3
 
 Sequence: [BOS] key(36 chars) [SEP] value(36 chars) [EOD]; character vocabulary 0-9a-f and '-'
 plus SEP/EOD/BOS (20 tokens). Loss only on the 36 value tokens. Exact match: every value token is

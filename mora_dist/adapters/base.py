@@ -31,13 +31,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-METHODS = ("lora", "mora", "vera")
-# Unsharded fast paths (`Adapter.factors`, `block_operator`, the merged-weight path of `AdaptedLinear`).
-# MORA_DIST_ADAPTER_FAST=0 (or setting this to False) restores the original per-adapter index-map
-# path everywhere: kept for before/after measurements (docs/performance.md) and as a reference.
-FAST_PATH = os.environ.get("MORA_DIST_ADAPTER_FAST", "1") != "0"
-MORA_TYPES = {"sharing": 1, "type1": 1, "type2": 2, "type3": 3, "type4": 4, "rotation": 6, "decouple": "decouple",
-              "truncation": "truncation", 1: 1, 2: 2, 3: 3, 4: 4, 6: 6}
+# method name -> Adapter subclass; each method's module registers itself (`@register("lora")`), and
+# importing this package imports every method module, so the registry is full before any config is built.
+REGISTRY: dict = {}
+
+
+def _fast_path_default() -> bool:
+    """`adapter.fast_path`'s default; the environment variable MORA_DIST_ADAPTER_FAST=0 overrides it for
+    processes that take no config (launch/bench.py's before/after subprocesses)."""
+    return os.environ.get("MORA_DIST_ADAPTER_FAST", "1") != "0"
 
 
 @dataclass
@@ -54,15 +56,16 @@ class AdapterConfig:
     seed: int = 0  # adapter init; VeRA's shared projections (PEFT's projection_prng_key)
     allora_eta: Optional[float] = None  # ALLoRA gradient rule (mora_dist/optim/allora.py); LoRA then unscaled
     targets: list = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    # the merged-weight fast paths (`Adapter.factors`, `block_operator`, `AdaptedLinear`'s merged path);
+    # false: the per-adapter index-map path everywhere (a reference, and before/after in docs/performance.md)
+    fast_path: bool = field(default_factory=_fast_path_default)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"adapter.method: unknown method {self.method!r}; choose one of {list(METHODS)}")
+        if self.method not in REGISTRY:
+            raise ValueError(f"adapter.method: unknown method {self.method!r}; choose one of {list(REGISTRY)}")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"adapter.r: rank must be a positive integer, got {self.r!r}")
-        if self.method == "mora" and self.mora_type not in MORA_TYPES:
-            raise ValueError(f"adapter.mora_type: unknown MoRA type {self.mora_type!r}; "
-                             f"choose one of {sorted(map(str, MORA_TYPES))}")
+        REGISTRY[self.method].check_config(self)
         if self.allora_eta is not None and not self.allora_eta > 0:
             raise ValueError(f"adapter.allora_eta must be > 0, got {self.allora_eta!r}")
         if not self.targets:
@@ -218,6 +221,28 @@ class Adapter(nn.Module):
     def layout_dim(self, name: str) -> int:
         return 0 if self.layout[name] == "out" else -1
 
+    def sharded_tensor(self, key: str, t: torch.Tensor, name_or_axis: str):
+        """megatron ShardedTensor of a local tensor of this adapter for dist_checkpointing, in the
+        canonical (TP=1) layout: `name_or_axis` is a parameter name (split like that parameter, e.g.
+        for its Adam moments) or an explicit 'out' | 'in' split (the base rows the adapter writes to)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        s = self.shard
+        kind = name_or_axis if name_or_axis in ("out", "in") else (
+            self.layout[name_or_axis] if self.is_sharded(name_or_axis) else None)
+        dp = ps.get_data_parallel_rank()
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        if kind is None or s.tp_size == 1:
+            return ShardedTensor.from_rank_offsets(key, t, replica_id=(tp_rank if s.tp_size > 1 else 0, dp))
+        if kind == "out":
+            n = len(s.out_rows)
+            axis, chunk, total = 0, int(s.out_rows[0]) // n, s.d_out // n
+        else:
+            n = s.local_in
+            axis, chunk, total = t.ndim - 1, s.in_start // n, s.d_in // n
+        return ShardedTensor.from_rank_offsets(key, t, (axis, chunk, total), replica_id=(0, dp))
+
     @torch.no_grad()
     def load_full_(self, tensors: dict) -> None:
         """Load full (unsharded) values of the trainable parameters into this rank's shards."""
@@ -226,6 +251,23 @@ class Adapter(nn.Module):
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:  # pragma: no cover
         raise NotImplementedError
+
+    # --- method hooks (defaults; a method overrides what it needs) ----------------------------
+    @classmethod
+    def check_config(cls, cfg: AdapterConfig) -> None:
+        """Raise ValueError naming the key for a setting this method cannot use."""
+
+    @classmethod
+    def canonical_value(cls, key: str, value):
+        """`adapter.<key>` in one form, so that equal settings written differently compare equal."""
+        return value
+
+    def on_restart(self, generator: torch.Generator, cycle_types: bool) -> None:
+        """A ReLoRA-style restart, after this adapter's dW was folded into the base: start again at dW = 0."""
+        self.reset_parameters(generator)
+
+    def after_restarts(self, n: int, cycle_types: bool) -> None:
+        """On resume: a freshly built adapter takes the settings it has after `n` restarts (not its weights)."""
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -249,19 +291,22 @@ class Adapter(nn.Module):
 
     @property
     def unsharded(self) -> bool:
-        """True on an unsharded layer (TP=1) while the fast paths are on (`FAST_PATH`)."""
-        return FAST_PATH and (self.shard.tp_size == 1 or self.shard.mode == "none")
+        """True on an unsharded layer (TP=1) while the fast paths are on (`adapter.fast_path`)."""
+        return self.cfg.fast_path and (self.shard.tp_size == 1 or self.shard.mode == "none")
 
     @property
     def fast(self) -> bool:
-        """The merged-weight fast paths are on (`FAST_PATH`); they serve shards at any TP."""
-        return FAST_PATH
+        """The merged-weight fast paths are on (`adapter.fast_path`); they serve shards at any TP."""
+        return self.cfg.fast_path
+
+
+def register(name: str):
+    """Class decorator: make an Adapter subclass the method `adapter.method: name`."""
+    def deco(cls):
+        REGISTRY[name] = cls
+        return cls
+    return deco
 
 
 def build_adapter(cfg: AdapterConfig, shard: Shard, seed: int = 0, **kw) -> Adapter:
-    from mora_dist.adapters.lora import LoRA
-    from mora_dist.adapters.mora import MoRA
-    from mora_dist.adapters.vera import VeRA
-
-    cls = {"lora": LoRA, "mora": MoRA, "vera": VeRA}[cfg.method]
-    return cls(cfg, shard, seed=seed, **kw)
+    return REGISTRY[cfg.method](cfg, shard, seed=seed, **kw)

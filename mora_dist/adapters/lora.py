@@ -8,9 +8,10 @@ import math
 import torch
 from torch import nn
 
-from mora_dist.adapters.base import Adapter, AdapterConfig, Factors, Shard, kaiming_uniform, to_rows
+from mora_dist.adapters.base import Adapter, AdapterConfig, Factors, Shard, kaiming_uniform, register, to_rows
 
 
+@register("lora")
 class LoRA(Adapter):
     layout = {"A": "in", "B": "out"}
 

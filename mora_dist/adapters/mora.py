@@ -35,11 +35,20 @@ import torch
 from torch import nn
 
 from mora_dist.adapters import blockdiag
-from mora_dist.adapters.base import MORA_TYPES, Adapter, AdapterConfig, Factors, Shard, to_rows
+from mora_dist.adapters.base import Adapter, AdapterConfig, Factors, Shard, register, to_rows
 
+ROTATION = 6  # the authors' number for the rotation operator
+# adapter.mora_type (names or the authors' numbers) -> the operator type used everywhere below
+MORA_TYPES = {"sharing": 1, "type1": 1, "type2": 2, "type3": 3, "type4": 4, "rotation": ROTATION,
+              "decouple": "decouple", "truncation": "truncation", 1: 1, 2: 2, 3: 3, 4: 4, ROTATION: ROTATION}
 GROUP_TYPES = {1: ("strided", "tile"), 2: ("contiguous", "interleave"), 3: ("contiguous", "tile"),
                4: ("strided", "interleave")}
-ROTATION_TYPES = (1, 2, 3, 4)  # ReMoRA cycles through these at restarts
+CYCLE_TYPES = (1, 2, 3, 4)  # the grouping types ReMoRA cycles through at restarts (1 -> 2 -> 3 -> 4 -> 1)
+
+
+def cycled_type(t, n: int):
+    """The operator type `n` restarts after `t` (types outside the cycle stay)."""
+    return CYCLE_TYPES[(CYCLE_TYPES.index(t) + n) % len(CYCLE_TYPES)] if t in CYCLE_TYPES else t
 
 
 def mora_rank(d_in: int, d_out: int, r: int) -> int:
@@ -58,14 +67,35 @@ def contiguous_groups(d: int, rh: int) -> torch.Tensor:
     return torch.where(idx < big, idx // (nr + 1), m + (idx - big).clamp(min=0) // nr)
 
 
+@register("mora")
 class MoRA(Adapter):
     layout = {"M": None}
+
+    @classmethod
+    def check_config(cls, cfg: AdapterConfig) -> None:
+        if cfg.mora_type not in MORA_TYPES:
+            raise ValueError(f"adapter.mora_type: unknown MoRA type {cfg.mora_type!r}; "
+                             f"choose one of {sorted(map(str, MORA_TYPES))}")
+
+    @classmethod
+    def canonical_value(cls, key: str, value):
+        return MORA_TYPES.get(value, value) if key == "mora_type" else value
+
+    def on_restart(self, generator: torch.Generator, cycle_types: bool) -> None:
+        """ReMoRA: M back to zero and, with `cycle_types`, the next grouping (the authors' ResetReloraCallback)."""
+        self.reset_parameters(generator)
+        if cycle_types and self.type in CYCLE_TYPES:
+            self.set_type(cycled_type(self.type, 1))
+
+    def after_restarts(self, n: int, cycle_types: bool) -> None:
+        if cycle_types and self.type in CYCLE_TYPES:
+            self.set_type(cycled_type(self.type, n))
 
     def __init__(self, cfg: AdapterConfig, shard: Shard, seed: int = 0, rh: int | None = None):
         super().__init__(cfg, shard)
         if rh is None:
             rh = mora_rank(shard.d_in, shard.d_out, cfg.r)
-            if MORA_TYPES[cfg.mora_type] == 6 and rh % 2:
+            if MORA_TYPES[cfg.mora_type] == ROTATION and rh % 2:
                 rh -= 1  # rotation pairs entries (rh/2 frequencies); the authors' code fails on odd rh
         self.rh = rh
         self.M = nn.Parameter(torch.zeros(self.rh, self.rh))
@@ -78,7 +108,7 @@ class MoRA(Adapter):
     def set_type(self, mora_type) -> None:
         """(Re)build the index maps for an operator type (ReMoRA switches type at restarts)."""
         t = MORA_TYPES[mora_type]
-        if t == 6 and self.rh % 2:
+        if t == ROTATION and self.rh % 2:
             raise ValueError(f"MoRA rotation needs an even rh, got rh={self.rh} "
                              f"(d_in={self.shard.d_in}, d_out={self.shard.d_out}, r={self.cfg.r})")
         self.type = t
@@ -127,7 +157,7 @@ class MoRA(Adapter):
         return out.index_add_(-1, self.grp, x.index_select(-1, self.src))
 
     def _rotate(self, xc):
-        if self.type != 6:
+        if self.type != ROTATION:
             return xc
         h = self.rh // 2
         rot = torch.cat((-xc[..., h:], xc[..., :h]), dim=-1)
@@ -184,7 +214,7 @@ class MoRA(Adapter):
             return None
         geo = blockdiag.geometry(self.rh, self.shard.d_in, self.shard.d_out)
         M = self.merged_param("M")
-        if self.type != 6:
+        if self.type != ROTATION:
             return geo, M, None
         key = (self.M.dtype, self.M.device, geo.n_used)
         if key not in self._maps_cache:  # made once (outside CUDA graph capture: the warm-up does it)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mora_dist.adapters.base import Adapter, AdapterConfig, Factors, Shard, kaiming_uniform, to_rows
+from mora_dist.adapters.base import Adapter, AdapterConfig, Factors, Shard, kaiming_uniform, register, to_rows
 
 _SHARED: dict = {}
 
@@ -28,6 +28,7 @@ def shared_projections(seed: int, r: int, d_in_max: int, d_out_max: int):
     return _SHARED[key]
 
 
+@register("vera")
 class VeRA(Adapter):
     layout = {"d": None, "b": "out"}
 

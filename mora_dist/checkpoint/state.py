@@ -30,59 +30,27 @@ import torch.distributed as dist
 
 
 def _entries(model):
-    """(key prefix, AdaptedLinear, target name, adapter) for every adapter, with global names."""
-    from mora_dist.parallel.inject import _global_names, _rename
-    from mora_dist.parallel.wrappers import AdaptedLinear
+    from mora_dist.parallel.inject import named_adapters
 
-    prefixes = _global_names(model)
-    for name, m in model.named_modules():
-        if isinstance(m, AdaptedLinear):
-            for target, a in m.adapters.items():
-                yield f"{_rename(name, prefixes)}.{target}", m, target, a
-
-
-def _sharded(key, t, adapter, name_or_axis, replica):
-    """ShardedTensor of a local tensor; `name_or_axis` is a parameter name (use its layout) or an
-    explicit ('out' | 'in') split for base rows."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    s = adapter.shard
-    kind = name_or_axis if name_or_axis in ("out", "in") else (
-        adapter.layout[name_or_axis] if adapter.is_sharded(name_or_axis) else None)
-    dp = ps.get_data_parallel_rank()
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    if kind is None or s.tp_size == 1:
-        return ShardedTensor.from_rank_offsets(key, t, replica_id=(tp_rank if s.tp_size > 1 else 0, dp))
-    if kind == "out":
-        n = len(s.out_rows)
-        axis, chunk, total = 0, int(s.out_rows[0]) // n, s.d_out // n
-    else:
-        n = s.local_in
-        axis, chunk, total = t.ndim - 1, s.in_start // n, s.d_in // n
-    return ShardedTensor.from_rank_offsets(key, t, (axis, chunk, total), replica_id=(0, dp))
+    return named_adapters(model)
 
 
 def sharded_state_dict(trainer) -> dict:
+    """The layers' own entries (`AdaptedLinear.sharded_state_dict`), each adapter parameter's Adam
+    moments split like the parameter, and the common state."""
+    from mora_dist.parallel.inject import adapted_layers
+
     sd = {}
+    for layer in adapted_layers(trainer.model):
+        sd.update(layer.sharded_state_dict(with_base_rows=bool(trainer.restarts)))
     for key, layer, target, a in _entries(trainer.model):
         for n, p in a.named_parameters():
-            sd[f"{key}.{n}"] = _sharded(f"{key}.{n}", p.data, a, n, None)
             st = trainer.opt.state.get(p)
             if st is None:  # before the first step: materialise the state to load into / save
                 st = trainer.opt.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
                                              "exp_avg_sq": torch.zeros_like(p)}
             for m in ("exp_avg", "exp_avg_sq"):
-                sd[f"{key}.{n}.{m}"] = _sharded(f"{key}.{n}.{m}", st[m], a, n, None)
-        if trainer.restarts:
-            w = layer.base.weight.data
-            pos = getattr(layer, f"_pos_{target}", None)
-            split = "out" if layer.mode == "column" else "in"
-            rows = w if pos is None else w.index_select(0, pos)
-            sd[f"{key}.base"] = _sharded(f"{key}.base", rows, a, split, None)
-            if hasattr(layer, "merge_residual"):
-                res = layer.merge_residual if pos is None else layer.merge_residual.index_select(0, pos)
-                sd[f"{key}.base_residual"] = _sharded(f"{key}.base_residual", res, a, split, None)
+                sd[f"{key}.{n}.{m}"] = a.sharded_tensor(f"{key}.{n}.{m}", st[m], n)
     steps = {k: float(trainer.opt.state[p]["step"]) for k, _, _, a in _entries(trainer.model)
              for n, p in a.named_parameters() for k in [f"{k}.{n}"]}
     sd["common"] = dict(step=trainer.step, restarts=trainer.restarts, adam_steps=steps,
@@ -136,8 +104,6 @@ def save(trainer, ckpt_dir: str, keep: int = 2) -> str:
     dist.broadcast_object_list(box, src=0)
     tmp = box[0]
     dist_checkpointing.save(sharded_state_dict(trainer), tmp)  # a failure leaves tmp, as a kill would
-    if os.environ.get("MORA_DIST_FAIL_SAVE"):  # test hook: a crash between writing and publishing
-        raise RuntimeError("MORA_DIST_FAIL_SAVE: simulated crash before the checkpoint is published")
     dist.barrier()
     if dist.get_rank() == 0:
         if os.path.exists(final):  # the same step again (a resumed run redid it): replace, via a rename
@@ -158,16 +124,13 @@ def load(trainer, path: str) -> None:
     """Restore adapters, optimizer, schedule position, restarts (folded base rows, MoRA types)."""
     from megatron.core import dist_checkpointing
 
-    from mora_dist.adapters.mora import ROTATION_TYPES, MoRA
-
     common = dist_checkpointing.load_common_state_dict(path)["common"] if hasattr(
         dist_checkpointing, "load_common_state_dict") else None
     restarts = common["restarts"] if common else 0
     trainer.restarts = restarts  # so that the base rows are part of the requested state
     if restarts:  # make sure residual buffers exist where a bf16 base was compensated
         for _, layer, _, _ in _entries(trainer.model):
-            if layer.base.weight.dtype in (torch.bfloat16, torch.float16) and not hasattr(layer, "merge_residual"):
-                layer.register_buffer("merge_residual", torch.zeros_like(layer.base.weight))
+            layer.ensure_merge_residual()
     sd = sharded_state_dict(trainer)
     loaded = dist_checkpointing.load(sd, path)
     common = loaded["common"]
@@ -179,16 +142,7 @@ def load(trainer, path: str) -> None:
             st["exp_avg_sq"].copy_(loaded[f"{key}.{n}.exp_avg_sq"])
             st["step"] = torch.tensor(common["adam_steps"][f"{key}.{n}"], dtype=st["step"].dtype)
         if restarts:
-            pos = getattr(layer, f"_pos_{target}", None)
-            for k, buf in ((f"{key}.base", layer.base.weight.data), (f"{key}.base_residual",
-                                                                      getattr(layer, "merge_residual", None))):
-                if k not in loaded or buf is None:
-                    continue
-                if pos is None:
-                    buf.copy_(loaded[k])
-                else:
-                    buf.index_copy_(0, pos, loaded[k].to(buf.dtype))
-        if isinstance(a, MoRA) and trainer.cfg.restarts.cycle_mora_types and a.type in ROTATION_TYPES:
-            a.set_type(ROTATION_TYPES[(ROTATION_TYPES.index(a.type) + restarts) % len(ROTATION_TYPES)])
+            layer.load_base_rows(target, loaded.get(f"{key}.base"), loaded.get(f"{key}.base_residual"))
+            a.after_restarts(restarts, trainer.cfg.restarts.cycle_mora_types)
     trainer.step = int(common["step"])
     torch.set_rng_state(common["rng"])

@@ -2,7 +2,7 @@
 
 "Model FLOPs" count the arithmetic the model needs, not what the hardware does: activation
 recompute is not counted, so MFU stays comparable across recompute settings (the PaLM/Megatron
-convention). The same formula is used by the peer benchmark (shared/bench/peer_peft.py), so our
+convention). The same formula is used by the peer benchmark (bench/peer_peft.py), so our
 TFLOP/s numbers can be put side by side with the peer's.
 
 Forward FLOPs per token, with ``P`` the matmul parameters and a multiply-add counted as 2::

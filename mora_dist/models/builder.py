@@ -18,7 +18,7 @@ from mora_dist.models import kernels
 from mora_dist.models.config import LlamaSpec, rope_inv_freq
 from mora_dist.models.loss import linear_cross_entropy
 from mora_dist.models.spec import llama_block_spec
-from mora_dist.parallel import mcore_cpu
+from mora_dist.compat import mcore_cpu
 
 
 def _gpt_model_class():
@@ -68,7 +68,7 @@ def transformer_config(spec: LlamaSpec, params_dtype: torch.dtype = torch.float3
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    mcore_cpu.apply()
+    mcore_cpu.require()
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     if spec.num_query_groups % tp or spec.num_attention_heads % tp or spec.ffn_hidden_size % tp:
@@ -121,6 +121,7 @@ def build_model(
     parallel_output: bool = True,
     vp_stage: Optional[int] = None,
     make_vocab_size_divisible_by: int = 1,
+    compile: Optional[bool] = None,
     **config_overrides,
 ):
     """GPTModel for this rank's pipeline stage; `spec` may be a LlamaSpec or an HF model dir.
@@ -130,7 +131,8 @@ def build_model(
     parallel_output=True keeps logits vocab-sharded over TP (for vocab-parallel cross entropy).
     Weights are randomly initialised; use `load_hf_checkpoint` to import a checkpoint.
     On a GPU the model is moved to the current device and the fast kernels of `kernels.py` are on
-    (megatron's fused SwiGLU / residual / cross entropy, compiled RMSNorm and RoPE).
+    (megatron's fused SwiGLU / residual / cross entropy, and, unless `compile` is False, compiled
+    RMSNorm and RoPE; None: `kernels.compile_default()`, on unless MORA_DIST_COMPILE=0).
     The returned model carries `llama_spec` (for export) and `vocab_size_padded`.
     """
     from megatron.core import parallel_state as ps
@@ -165,6 +167,7 @@ def build_model(
     model.llama_spec = spec
     model.vocab_size_padded = vocab
     if torch.cuda.is_available():
-        kernels.enable_compiled()
+        if kernels.compile_default() if compile is None else compile:
+            kernels.enable_compiled()
         model.cuda()  # megatron makes its linears on the GPU; our RMSNorm weights start on the CPU
     return model

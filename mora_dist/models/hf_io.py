@@ -267,7 +267,7 @@ def export_hf(
 ) -> None:
     """Write `model` (this stage's GPTModel, or a list of virtual-stage chunks) as a HF checkpoint.
 
-    Atomic (checkpoint/atomic_dir.py): written beside `out_dir` and renamed into place, so no file
+    Atomic (utils/atomic_dir.py): written beside `out_dir` and renamed into place, so no file
     of an older export survives; an existing non-empty `out_dir` is refused unless `overwrite`.
 
     Collective: every rank of the model-parallel world must call it.
@@ -305,7 +305,7 @@ def export_hf(
                     val = transform(name, val)
                 tensors[name] = val.to(device="cpu", dtype=out_dtype).contiguous()
     filename = SINGLE_FILE if pp == 1 else f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
-    from mora_dist.checkpoint.atomic_dir import atomic_output
+    from mora_dist.utils.atomic_dir import atomic_output
 
     with atomic_output(out_dir, overwrite, "HF export") as tmp:
         if writer:

@@ -1,12 +1,14 @@
 """The GPU kernels of the non-TE path: one place for what makes the frozen step fast on a GPU.
 
-Measured on the 1.1B model of DESIGN.md section 5 (H100, docs/performance.md): megatron's config
+Measured on the 1.1B model of docs/design.md section 5 (H100, docs/performance.md): megatron's config
 fusions (compiled SwiGLU, fused residual add, native fused vocab-parallel cross entropy) took the
 frozen step from 142 to 129 ms; compiling our fp32 RMSNorm (7 elementwise kernels -> 1) and
 megatron's unfused RoPE (cos/sin/rotate/cat -> 1) took it to 86 ms. The output layer + loss is
 `loss.linear_cross_entropy`; its per-chunk softmax passes are compiled here too. On the CPU none of this is
 used (tests compare against float64/HF references with the plain eager arithmetic).
-`MORA_DIST_COMPILE=0` turns the compiled RMSNorm/RoPE off.
+`build_model(compile=False)` (training: `train.compile: false`) keeps RMSNorm/RoPE eager; for
+processes without a config (launch/bench.py, the research scripts) MORA_DIST_COMPILE=0 overrides the
+default (`compile_default`).
 """
 from __future__ import annotations
 
@@ -33,11 +35,15 @@ def compiled_rms_norm():
     return _rms_norm_compiled
 
 
+def compile_default() -> bool:
+    """Whether `build_model` compiles when not told: yes, unless the override MORA_DIST_COMPILE=0 is set."""
+    return os.environ.get("MORA_DIST_COMPILE", "1") != "0"
+
+
 def enable_compiled() -> None:
     """Compile RMSNorm and megatron's RoPE application once per process (CUDA only)."""
     global _rms_norm_compiled
-    off = os.environ.get("MORA_DIST_COMPILE", "1") == "0"
-    if _rms_norm_compiled is not None or off or not torch.cuda.is_available():
+    if _rms_norm_compiled is not None or not torch.cuda.is_available():
         return
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     _rms_norm_compiled = torch.compile(rms_norm, dynamic=False)

@@ -9,7 +9,7 @@ parameters is multiplied by
 
 while the gradient reaching the layer input is left unchanged. eta plays the role of alpha/r; the
 paper sweeps eta^2 in {1, 2, 4}, its listing defaults to 1/eta^2 = 1/4 (eta = 2), our default.
-DESIGN.md had suggested 1/sqrt(||row||^2 + 1/eta^2) applied to each row of A and B separately
+docs/design.md (the plan) had suggested 1/sqrt(||row||^2 + 1/eta^2) applied to each row of A and B separately
 as an optimizer-side transform; that is not the paper's rule (A's gradient mixes all output rows,
 B^T diag(c) g x^T, which cannot be recovered from A's plain gradient), so the rule lives here, in
 the forward, and works for any adapter: the rows of dW are the adapter's output channels.

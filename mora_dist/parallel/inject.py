@@ -1,6 +1,6 @@
 """Put adapters on a megatron-core model by target name, freeze everything else, count parameters.
 
-Targets are canonical projection names (q, k, v, o, gate, up, down; DESIGN.md section 3) or glob
+Targets are canonical projection names (q, k, v, o, gate, up, down; docs/design.md section 3) or glob
 patterns over module names (e.g. "*.linear_proj"). Canonical o/down are `linear_proj`/`linear_fc2`;
 q, k, v live in the fused `linear_qkv` and gate, up in the fused `linear_fc1`: each gets its own
 adapter over the canonical projection's shape, writing to that projection's rows of the rank's
@@ -125,8 +125,8 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, vera_shapes: tuple | No
     for name, entries in plan.items():
         module = model.get_submodule(name)
         mode = _parallel_mode(module)
-        wrapper = AdaptedLinear(module, mode)
         gname = _rename(name, prefixes)
+        wrapper = AdaptedLinear(module, mode, gname)
         for target, d_in, d_out, out_rows, positions in entries:
             try:
                 shard = layer_shard(module, mode, d_in, d_out, out_rows)
@@ -148,6 +148,14 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, vera_shapes: tuple | No
 
 def adapted_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+
+
+def named_adapters(model: nn.Module):
+    """(key, AdaptedLinear, target, adapter) for every adapter; key = the layer's global name + target,
+    the same under every pipeline split (checkpoint keys, exports)."""
+    for m in adapted_layers(model):
+        for target, a in m.adapters.items():
+            yield f"{m.global_name}.{target}", m, target, a
 
 
 @torch.no_grad()

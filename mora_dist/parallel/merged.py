@@ -34,10 +34,31 @@ from mora_dist.adapters import blockdiag
 from mora_dist.adapters.base import Factors
 
 
+class RowRange(NamedTuple):
+    """An adapter's rows of the layer's output as one slice [start, end)."""
+    start: int
+    end: int
+
+
+class RowBlocks(NamedTuple):
+    """Rows off + stride * g + i (g < G, i < w), G * stride = the layer's rows: one block per query
+    group (q/k/v in the fused linear_qkv); `pos` lists them (read here by index, like `RowIndex`)."""
+    G: int
+    stride: int
+    off: int
+    w: int
+    pos: torch.Tensor
+
+
+class RowIndex(NamedTuple):
+    """Any other rows, by index."""
+    pos: torch.Tensor
+
+
 class Term(NamedTuple):
-    """A factor adapter: its rows in the layer's output (`wrappers._row_blocks`: ("range", a, b) |
-    ("blk", G, stride, off, w, pos) | ("idx", pos)), the index of its P among the layer's distinct
-    P, and ALLoRA's row coefficients c (None without ALLoRA)."""
+    """A factor adapter: its rows in the layer's output (RowRange | RowBlocks | RowIndex, made by
+    `wrappers._row_blocks`), the index of its P among the layer's distinct P, and ALLoRA's row
+    coefficients c (None without ALLoRA)."""
     rows: tuple
     slot: int
     c: Optional[torch.Tensor]
@@ -77,7 +98,7 @@ def factor_row_coefficients(fac: Factors, eta: float, tp_group=None) -> torch.Te
 
 def _rows_of(t: torch.Tensor, rows: tuple) -> torch.Tensor:
     """Rows `rows` (a Term's) of a 2-D tensor over the layer's output rows (a copy unless a range)."""
-    return t[rows[1]:rows[2]] if rows[0] == "range" else t.index_select(0, rows[-1])
+    return t[rows.start:rows.end] if isinstance(rows, RowRange) else t.index_select(0, rows.pos)
 
 
 def _stacked_q(n: int, parts, like: torch.Tensor) -> torch.Tensor:
@@ -86,7 +107,7 @@ def _stacked_q(n: int, parts, like: torch.Tensor) -> torch.Tensor:
     Qf = like.new_zeros(n, sum(Q.shape[1] for _, Q in parts))
     o = 0
     for rows, Q in parts:
-        at = slice(rows[1], rows[2]) if rows[0] == "range" else rows[-1]
+        at = slice(rows.start, rows.end) if isinstance(rows, RowRange) else rows.pos
         Qf[at, o:o + Q.shape[1]] = Q
         o += Q.shape[1]
     return Qf
@@ -123,7 +144,7 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
     Hs = H.split(k_p, 1)
     Qe = [Q if t.c is None else Q * t.c[:, None] for t, (_, Q) in zip(terms, pairs)]
     need_e = [need[n_p + 2 * i] or need[n_p + 2 * i + 1] for i in range(len(terms))]
-    scat = [i for i, t in enumerate(terms) if t.rows[0] != "range"]
+    scat = [i for i, t in enumerate(terms) if not isinstance(t.rows, RowRange)]
     E_scat, dZ_scat = {}, {}
     slots = sorted({terms[i].slot for i in scat if need_e[i]})
     if slots:  # E for every interleaved term: g^T [H of their slots], then each term's rows
@@ -140,8 +161,8 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
     grads = [None] * len(ts)
     dH = [None] * n_p
     for i, (t, (mid, Q)) in enumerate(zip(terms, pairs)):
-        rng = t.rows[0] == "range"
-        gi = g[:, t.rows[1]:t.rows[2]] if rng else None
+        rng = isinstance(t.rows, RowRange)
+        gi = g[:, t.rows.start:t.rows.end] if rng else None
         if need_e[i]:
             E = gi.t() @ Hs[t.slot] if rng else E_scat[i]
             if need[n_p + 2 * i + 1]:

@@ -7,7 +7,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from mora_dist.parallel import mcore_cpu
+from mora_dist.compat import mcore_cpu
 
 
 def env_from_slurm() -> None:
@@ -28,8 +28,9 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_s: int = 6
     (loss/signal flags, counts) through gloo, so the same code runs on CPU and GPU.
 
     Reads the usual torchrun variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK).
+    On a CPU-only torch the process's entry point must have applied `mora_dist.compat.mcore_cpu`.
     """
-    mcore_cpu.apply()
+    mcore_cpu.require()
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():

@@ -1,4 +1,4 @@
-"""Adapters around megatron-core's tensor-parallel linears (DESIGN.md section 3).
+"""Adapters around megatron-core's tensor-parallel linears (docs/design.md section 3).
 
 `AdaptedLinear` replaces a `ColumnParallelLinear` / `RowParallelLinear` in its parent and keeps
 the base layer (and so its weight shards, init and checkpoint layout) inside it. One wrapped layer
@@ -14,7 +14,7 @@ for the step (`merged.py`), at any TP: the forward and the input gradient are th
 GEMMs (column-parallel: on the input gathered as megatron gathers it; row-parallel: a partial sum
 reduced as above), the parameter gradients skinny GEMMs over x and the output gradient, and the
 gradients of replicated trainables are summed over TP (`Adapter.merged_param`). The per-adapter
-path (each adapter's own TP-aware forward) remains for `MORA_DIST_ADAPTER_FAST=0` and for MoRA's
+path (each adapter's own TP-aware forward) remains for `adapter.fast_path: false` and for MoRA's
 block types on row-parallel shards (docs/performance.md).
 """
 from __future__ import annotations
@@ -30,9 +30,9 @@ from mora_dist.parallel import merged
 
 
 def _row_blocks(pos: torch.Tensor, n: int):
-    """Output rows `pos` of an n-wide layer as a strided view: ("blk", G, stride, off, w, pos)
+    """Output rows `pos` of an n-wide layer as a strided view: merged.RowBlocks(G, stride, off, w, pos)
     when pos = off + stride * g + i (g < G, i < w) with G * stride == n (q/k/v in the fused qkv
-    layer: one block per query group), else ("idx", pos)."""
+    layer: one block per query group), else merged.RowIndex(pos)."""
     p = pos.cpu()
     d = len(p)
     if d:
@@ -44,8 +44,8 @@ def _row_blocks(pos: torch.Tensor, n: int):
         off = int(p[0])
         if (G * w == d and stride > 0 and G * stride == n and off + w <= stride and torch.equal(
                 p, (off + stride * torch.arange(G)[:, None] + torch.arange(w)[None, :]).reshape(-1))):
-            return ("blk", G, stride, off, w, pos)
-    return ("idx", pos)
+            return merged.RowBlocks(G, stride, off, w, pos)
+    return merged.RowIndex(pos)
 
 
 def _segments(adapter_rows: torch.Tensor, layer_rows: torch.Tensor) -> tuple:
@@ -64,14 +64,15 @@ def _segments(adapter_rows: torch.Tensor, layer_rows: torch.Tensor) -> tuple:
 
 
 class AdaptedLinear(nn.Module):
-    def __init__(self, base: nn.Module, mode: str):
+    def __init__(self, base: nn.Module, mode: str, global_name: str = ""):
         super().__init__()
         if mode not in ("column", "row"):
             raise ValueError(f"mode must be column or row, got {mode!r}")
         self.base, self.mode = base, mode
+        self.global_name = global_name  # module name with the global layer index: seeds do not depend on PP
         self.adapters = nn.ModuleDict()
         self._positions: dict[str, Optional[torch.Tensor]] = {}
-        self._rows: dict[str, tuple] = {}
+        self._rows: dict[str, tuple] = {}  # name -> merged.RowRange | RowBlocks | RowIndex
         self._segs: dict[str, tuple] = {}
         self.merged = False
 
@@ -83,7 +84,7 @@ class AdaptedLinear(nn.Module):
         self.adapters[name] = adapter
         # the adapter's rows for the merged path: contiguous [a, b) (or all rows) as a slice,
         # regular blocks (q/k/v) as a strided view, anything else by index
-        self._rows[name] = ("range", 0, n_local)
+        self._rows[name] = merged.RowRange(0, n_local)
         if positions is not None:
             positions = torch.as_tensor(positions, dtype=torch.long).cpu()
             a = int(positions[0]) if len(positions) else 0
@@ -91,7 +92,7 @@ class AdaptedLinear(nn.Module):
             # on the layer's device (the model may already be on the GPU when adapters are added)
             positions = positions.to(self.base.weight.device)
             self.register_buffer(f"_pos_{name}", positions, persistent=False)
-            self._rows[name] = ("range", a, a + len(positions)) if contiguous else _row_blocks(positions, n_local)
+            self._rows[name] = merged.RowRange(a, a + len(positions)) if contiguous else _row_blocks(positions, n_local)
         self._positions[name] = positions
         local = torch.arange(n_local) if positions is None else positions
         self._segs[name] = _segments(adapter.out_rows, local)
@@ -106,7 +107,7 @@ class AdaptedLinear(nn.Module):
 
     def _adapter_out(self, x, out):
         """out (the base's output, local rows) + every adapter's update: each adapter's own (TP-aware)
-        forward. Serves sharded layers (TP > 1) and `MORA_DIST_ADAPTER_FAST=0`."""
+        forward. Serves sharded layers (TP > 1) and `adapter.fast_path: false`."""
         for name in self.adapters:
             out = self._add_delta(out, x, name)
         return out
@@ -128,8 +129,8 @@ class AdaptedLinear(nn.Module):
         keys, Ps, pairs, terms, Ms, blocks, extra = {}, [], [], [], [], [], []
         for name, adapter in self.adapters.items():
             rows = self._rows[name]
-            if rows[0] != "range":  # the index buffer as it is now (follows .to(device))
-                rows = rows[:-1] + (getattr(self, f"_pos_{name}"),)
+            if not isinstance(rows, merged.RowRange):  # the index buffer as it is now (follows .to(device))
+                rows = type(rows)(*rows[:-1], getattr(self, f"_pos_{name}"))
             eta = adapter.cfg.allora_eta
             fac = adapter.factors(dt)
             if fac is not None:
@@ -227,7 +228,7 @@ class AdaptedLinear(nn.Module):
         """W_local[rows of each adapter] += sign * dW_local.
 
         A bf16 base loses the low bits of every small update: 20 merges of typical restart-sized
-        deltas into bf16 drift far more than one rounding (tests/test_merge_precision.py prints
+        deltas into bf16 drift far more than one rounding (tests/test_restarts.py::test_repeated_bf16_merges_compensated prints
         the numbers). We keep the rounding error of each merge in a bf16 `merge_residual` buffer
         (compensated summation), so W + residual tracks the exact fp32 sum to ~2^-16 relative
         while the forward keeps reading the plain bf16 W. Export adds the residual back.
@@ -257,6 +258,51 @@ class AdaptedLinear(nn.Module):
                     self.merge_residual.copy_(err)
                 else:
                     self.merge_residual.index_copy_(0, idx, err)
+
+    # --- checkpoint entries (public: checkpoints read no private buffers of this layer) -------------
+    def sharded_state_dict(self, with_base_rows: bool) -> dict:
+        """This layer's dist_checkpointing entries under its global name (the same at every TP/PP
+        layout): every adapter parameter and, `with_base_rows` (after restarts), the base rows each
+        adapter folded into plus their bf16 merge residual."""
+        sd = {}
+        split = "out" if self.mode == "column" else "in"
+        for target, a in self.adapters.items():
+            key = f"{self.global_name}.{target}"
+            for n, p in a.named_parameters():
+                sd[f"{key}.{n}"] = a.sharded_tensor(f"{key}.{n}", p.data, n)
+            if with_base_rows:
+                rows, res = self.base_rows(target)
+                sd[f"{key}.base"] = a.sharded_tensor(f"{key}.base", rows, split)
+                if res is not None:
+                    sd[f"{key}.base_residual"] = a.sharded_tensor(f"{key}.base_residual", res, split)
+        return sd
+
+    def base_rows(self, target: str) -> tuple:
+        """(weight rows, merge-residual rows or None) of the local base that adapter `target` writes
+        to: its rows of a fused layer, all rows otherwise."""
+        pos = getattr(self, f"_pos_{target}", None)
+        res = getattr(self, "merge_residual", None)
+        pick = (lambda t: t) if pos is None else (lambda t: t.index_select(0, pos))
+        return pick(self.base.weight.data), (None if res is None else pick(res))
+
+    @torch.no_grad()
+    def load_base_rows(self, target: str, weight: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> None:
+        """Write back what `base_rows(target)` returned (None: leave that buffer)."""
+        pos = getattr(self, f"_pos_{target}", None)
+        for buf, val in ((self.base.weight.data, weight), (getattr(self, "merge_residual", None), residual)):
+            if val is None or buf is None:
+                continue
+            if pos is None:
+                buf.copy_(val)
+            else:
+                buf.index_copy_(0, pos, val.to(buf.dtype))
+
+    def ensure_merge_residual(self) -> None:
+        """Create the (zero) merge residual a low-precision base gets at its first merge, so that a
+        checkpoint's residual can be loaded into it."""
+        w = self.base.weight
+        if w.dtype in (torch.bfloat16, torch.float16) and not hasattr(self, "merge_residual"):
+            self.register_buffer("merge_residual", torch.zeros_like(w))
 
     def full_precision_weight(self) -> torch.Tensor:
         """The local weight shard including the merge residual (for export), in fp32."""

@@ -11,6 +11,7 @@ from typing import Optional
 import yaml
 
 from mora_dist.adapters.base import AdapterConfig
+from mora_dist.metrics.throughput import H100_BF16_DENSE_PEAK
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,7 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 1
     cuda_graph: bool = False  # replay each micro-batch's forward+backward as a CUDA graph (GPU, PP=1, any TP/DP)
+    compile: bool = True  # GPU: torch.compile RMSNorm / RoPE / the loss chunks (models/kernels.py)
 
 
 @dataclass
@@ -89,7 +91,7 @@ class RunConfig:
     name: str = "run"
     out_dir: str = "runs/run"
     wandb: bool = False  # mirror metrics to wandb (offline unless WANDB_MODE says otherwise)
-    peak_tflops: float = 989.0  # per-GPU bf16 dense peak for MFU (H100 SXM datasheet; 772 measured)
+    peak_tflops: float = H100_BF16_DENSE_PEAK / 1e12  # per-GPU bf16 peak for MFU (H100 SXM datasheet; see metrics/throughput.py)
 
 
 @dataclass
@@ -141,8 +143,6 @@ def _build(cls, data: dict, prefix: str, source: str):
         typ, key = hints[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(typ):
             kwargs[f.name] = _build(typ, data[f.name], key + ".", source)
-        elif f.name in ("mora_type",):
-            kwargs[f.name] = data[f.name]
         else:
             kwargs[f.name] = _coerce(data[f.name], typ, key)
     try:
@@ -192,10 +192,43 @@ def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config
     return cfg
 
 
+def config_from_dict(data: dict, source: str) -> Config:
+    """A Config from a plain dict (e.g. the one a checkpoint stores), typed and checked key by key
+    like a YAML file; not validated against the launch environment."""
+    return _build(Config, data, "", source)
+
+
+# model.* keys that describe the architecture: with model.hf_dir they are read from its config.json
+SHAPE_KEYS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
+              "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
+              "vocab_size": "vocab_size", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
+              "tie_embeddings": "tie_word_embeddings"}
+
+
+def resolve_model_shape(cfg: Config) -> None:
+    """With `model.hf_dir`, overwrite the shape keys of `cfg.model` with the checkpoint's (its
+    config.json), so validation, the dataset and the logs see the model that is built."""
+    m = cfg.model
+    if not m.hf_dir:
+        return
+    path = os.path.join(m.hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"model.hf_dir: {path} not found (a Hugging Face model folder)")
+    from mora_dist.models.config import LlamaSpec
+
+    try:
+        spec = LlamaSpec.from_hf(m.hf_dir)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.hf_dir: {path}: {e}") from None
+    for key, spec_key in SHAPE_KEYS.items():
+        setattr(m, key, getattr(spec, spec_key))
+
+
 def validate(cfg: Config, source: str = "config", world_size: Optional[int] = None) -> None:
     """Checks that need several sections or the launch environment; run before any rank works."""
     from mora_dist.training.config_rules import check_ranges
 
+    resolve_model_shape(cfg)  # first: every size check below is about the model that is built
     check_ranges(cfg, ConfigError)  # first: the arithmetic below divides by some of these
     t, p, m = cfg.train, cfg.parallel, cfg.model
     world = world_size or int(os.environ.get("WORLD_SIZE", 1))
@@ -216,8 +249,6 @@ def validate(cfg: Config, source: str = "config", world_size: Optional[int] = No
         raise ConfigError(f"train.cuda_graph: true needs parallel.pp=1 (got pp={p.pp}); use the eager step for PP")
     if m.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"model.dtype must be fp32 or bf16, got {m.dtype!r}")
-    if m.hf_dir and not os.path.isfile(os.path.join(m.hf_dir, "config.json")):
-        raise ConfigError(f"model.hf_dir: {os.path.join(m.hf_dir, 'config.json')} not found (a Hugging Face model folder)")
     for i, item in enumerate(cfg.data.train):
         for suffix in (".bin", ".idx"):
             if not os.path.exists(item["path"] + suffix):

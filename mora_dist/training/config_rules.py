@@ -47,16 +47,16 @@ def check_ranges(cfg, error) -> None:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not ok(v):
             raise error(f"{key} must be {what}, got {v!r}")
     m = cfg.model
-    if not m.hf_dir:  # with hf_dir the shape comes from its config.json
-        if m.hidden_size % m.num_attention_heads:
-            raise error(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
-                        f"{m.num_attention_heads}")
-        if m.num_attention_heads % m.num_query_groups:
-            raise error(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
-                        f"model.num_query_groups={m.num_query_groups}")
-        if cfg.data.eod_id >= m.vocab_size:
-            raise error(f"data.eod_id={cfg.data.eod_id} is outside the model vocabulary (model.vocab_size="
-                        f"{m.vocab_size}); set the eod id the data was tokenized with")
+    # with hf_dir these are its config.json's values (config.resolve_model_shape), where head_dim may be explicit
+    if not m.hf_dir and m.hidden_size % m.num_attention_heads:
+        raise error(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+                    f"{m.num_attention_heads}")
+    if m.num_attention_heads % m.num_query_groups:
+        raise error(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                    f"model.num_query_groups={m.num_query_groups}")
+    if cfg.data.eod_id >= m.vocab_size:
+        raise error(f"data.eod_id={cfg.data.eod_id} is outside the model vocabulary (model.vocab_size="
+                    f"{m.vocab_size}); set the eod id the data was tokenized with")
     if cfg.checkpoint.every and not cfg.checkpoint.dir:
         raise error(f"checkpoint.every={cfg.checkpoint.every} but checkpoint.dir is not set")
     for name in ("run.name", "run.out_dir"):

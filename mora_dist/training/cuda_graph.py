@@ -1,6 +1,6 @@
 """One micro-batch's forward and backward as a CUDA graph (`train.cuda_graph: true`).
 
-Why: the eager adapter step is CPU-bound on a GPU. On the 1.1B model of DESIGN.md section 5 (H100,
+Why: the eager adapter step is CPU-bound on a GPU. On the 1.1B model of docs/design.md section 5 (H100,
 docs/performance.md) a LoRA step's kernels take ~108 ms but launching them from Python (megatron's
 layers, ~150 adapters, autograd bookkeeping) takes ~230 ms; replaying a graph issues the same
 kernels with one launch.

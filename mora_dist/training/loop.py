@@ -33,7 +33,7 @@ def build_adapted_model(cfg: Config):
     from mora_dist.training.model import build_for_training
 
     model = build_for_training(cfg.model, cfg.parallel, cfg.train.recompute, ps.is_pipeline_first_stage(),
-                               ps.is_pipeline_last_stage(), seq_length=cfg.data.seq_length)
+                               ps.is_pipeline_last_stage(), seq_length=cfg.data.seq_length, compile=cfg.train.compile)
     if cfg.train.recompute and getattr(model, "pre_process", False):
         # The embedding is frozen, so its output does not require grad, and megatron's checkpointed
         # layers (an autograd Function of their *inputs*) would then drop every adapter gradient.

@@ -16,7 +16,8 @@ def llama_spec(mcfg):
                      tie_word_embeddings=mcfg.tie_embeddings, max_position_embeddings=4096)
 
 
-def build_for_training(mcfg, pcfg, recompute: bool, pre_process: bool, post_process: bool, seq_length: int):
+def build_for_training(mcfg, pcfg, recompute: bool, pre_process: bool, post_process: bool, seq_length: int,
+                       compile: bool = True):
     """Random init (no hf_dir) draws layer by layer in construction order, so it differs between
     pipeline layouts; runs that must agree across PP sizes start from an HF directory."""
     from mora_dist.models import build_model, load_hf_checkpoint
@@ -24,7 +25,8 @@ def build_for_training(mcfg, pcfg, recompute: bool, pre_process: bool, post_proc
     dtype = torch.bfloat16 if mcfg.dtype == "bf16" else torch.float32
     extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
     torch.manual_seed(mcfg.seed)
-    model = build_model(llama_spec(mcfg), pre_process, post_process, dtype, sequence_parallel=pcfg.sp, **extra)
+    model = build_model(llama_spec(mcfg), pre_process, post_process, dtype, sequence_parallel=pcfg.sp,
+                        compile=compile, **extra)
     if mcfg.hf_dir:
         load_hf_checkpoint(model, mcfg.hf_dir)
     return model

@@ -17,7 +17,6 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from mora_dist.adapters.mora import MoRA, ROTATION_TYPES
 
 
 def _global_quantile(t: torch.Tensor, q: float, sharded: bool) -> torch.Tensor:
@@ -64,17 +63,16 @@ def prune_optimizer_states(model, opt, quantile: float) -> None:
 
 @torch.no_grad()
 def restart_model(model, opt, n_restart: int, seed: int, cycle_mora_types: bool, prune: float) -> None:
-    """The restart itself, for any loop: fold, re-initialise (seeded by restart count, layer and
-    target), cycle MoRA groupings, prune or drop the adapters' optimizer states."""
+    """The restart itself, for any loop: fold, re-initialise (seeded by restart count, the layer's
+    global name and the target, so the new adapters do not depend on the pipeline layout), cycle MoRA
+    groupings, prune or drop the adapters' optimizer states."""
     from mora_dist.parallel.inject import adapted_layers
 
-    for i, layer in enumerate(adapted_layers(model)):
+    for layer in adapted_layers(model):
         layer.fold()
         for name, a in layer.adapters.items():
-            s = seed * 1_000_003 + zlib.crc32(f"restart{n_restart}:{i}:{name}".encode())
-            a.reset_parameters(torch.Generator().manual_seed(s))
-            if isinstance(a, MoRA) and cycle_mora_types and a.type in ROTATION_TYPES:
-                a.set_type(ROTATION_TYPES[(ROTATION_TYPES.index(a.type) + 1) % len(ROTATION_TYPES)])
+            s = seed * 1_000_003 + zlib.crc32(f"restart{n_restart}:{layer.global_name}:{name}".encode())
+            a.on_restart(torch.Generator().manual_seed(s), cycle_mora_types)
     prune_optimizer_states(model, opt, prune)
 
 

@@ -12,13 +12,14 @@ import os
 
 COMPARED_SECTIONS = ("model", "adapter")
 COMPARED_KEYS = (("data", "eod_id"),)
+RUNTIME_KEYS = (("adapter", "fast_path"),)  # how the same adapters are computed: free to change on resume
 
 
-def _norm(section: str, key: str, value):
-    if section == "adapter" and key == "mora_type":
-        from mora_dist.adapters.base import MORA_TYPES
+def _norm(section: str, key: str, value, method: str):
+    if section == "adapter":
+        from mora_dist.adapters.base import REGISTRY
 
-        return MORA_TYPES.get(value, value)
+        value = REGISTRY[method].canonical_value(key, value) if method in REGISTRY else value
     if section == "model" and key == "hf_dir" and value:
         return os.path.realpath(value)
     if isinstance(value, tuple):
@@ -28,14 +29,17 @@ def _norm(section: str, key: str, value):
 
 def config_differences(saved: dict, current) -> list[str]:
     """'section.key: saved -> current' for every compared value that differs."""
-    from mora_dist.training.config import Config
+    from mora_dist.training.config import SHAPE_KEYS, Config
 
     cur, default = current.to_dict(), Config().to_dict()
-    pairs = [(s, k) for s in COMPARED_SECTIONS for k in cur[s]] + list(COMPARED_KEYS)
+    pairs = [(s, k) for s in COMPARED_SECTIONS for k in cur[s] if (s, k) not in RUNTIME_KEYS] + list(COMPARED_KEYS)
+    if cur["model"]["hf_dir"]:  # the shape is read from hf_dir (compared by path); older checkpoints stored defaults
+        pairs = [(s, k) for s, k in pairs if not (s == "model" and k in SHAPE_KEYS)]
     diffs = []
     for section, key in pairs:
         old = (saved.get(section) or {}).get(key, default[section][key])  # older checkpoints: the default
         new = cur[section][key]
-        if old != new and _norm(section, key, old) != _norm(section, key, new):
+        method = cur["adapter"]["method"]
+        if old != new and _norm(section, key, old, method) != _norm(section, key, new, method):
             diffs.append(f"{section}.{key}: {old!r} -> {new!r}")
     return diffs

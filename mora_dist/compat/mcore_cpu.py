@@ -79,6 +79,13 @@ def apply() -> None:
     tp.model_parallel_cuda_manual_seed = _seed
 
 
+def require() -> None:
+    """Raise when megatron would run on the CPU without the shim (a process entry point forgot `apply()`)."""
+    if needed() and not _applied:
+        raise RuntimeError("megatron-core on a CPU-only torch needs mora_dist.compat.mcore_cpu.apply() at the "
+                           "start of the process (see mora_dist/compat/__init__.py)")
+
+
 def config_overrides(config_cls=None) -> dict:
     """Config fields to force on CPU (empty on GPU); only those `config_cls` (a megatron config
     dataclass such as TransformerConfig or ModelParallelConfig) has, when given."""

@@ -13,14 +13,14 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from mora_dist.training.config import Config, _build
+from mora_dist.training.config import Config, config_from_dict
 
 
 def config_from_checkpoint(path: str, tp: int | None = None, pp: int | None = None) -> Config:
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(path)["common"]
-    cfg = _build(Config, common["config"], "", f"{path} (stored config)")
+    cfg = config_from_dict(common["config"], f"{path} (stored config)")
     if tp:
         cfg.parallel.tp = tp
     if pp:
@@ -50,7 +50,7 @@ def merge_and_export(cfg: Config, path: str, out_dir: str, hf_dtype: torch.dtype
     An existing non-empty out_dir is refused (FileExistsError) unless `overwrite`."""
     from megatron.core import dist_checkpointing
 
-    from mora_dist.checkpoint.atomic_dir import atomic_output
+    from mora_dist.utils.atomic_dir import atomic_output
     from mora_dist.models import export_hf
 
     model, step = load_merged(cfg, path)

@@ -36,8 +36,8 @@ def export_peft(model, cfg, out_dir: str, base_model: str | None = None, overwri
 
     from megatron.core import parallel_state as ps
 
-    from mora_dist.checkpoint.atomic_dir import atomic_output
-    from mora_dist.checkpoint.state import _entries
+    from mora_dist.utils.atomic_dir import atomic_output
+    from mora_dist.parallel.inject import named_adapters
 
     if cfg.method not in ("lora", "vera"):
         raise ValueError(f"PEFT export supports lora and vera adapters, not {cfg.method!r}")
@@ -45,7 +45,7 @@ def export_peft(model, cfg, out_dir: str, base_model: str | None = None, overwri
     if bad:
         raise ValueError(f"PEFT export needs canonical targets {sorted(HF_NAMES)}; got {bad}")
     tensors, vera_shapes = {}, None
-    for key, _, target, a in _entries(model):
+    for key, _, target, a in named_adapters(model):
         layer = int(re.search(r"layers\.(\d+)", key).group(1))
         prefix = f"base_model.model.model.layers.{layer}.{HF_NAMES[target]}"
         full = {n: _full(a, n, p.detach().float()) for n, p in a.named_parameters()}
