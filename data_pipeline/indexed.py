@@ -58,7 +58,7 @@ def read_index(path_idx: str) -> tuple[np.dtype, np.ndarray]:
         if version != 1 or code not in _DTYPES or n_doc != n + 1:
             raise ValueError(f"{path_idx}: unsupported index (version {version}, dtype code {code}, "
                              f"{n} sequences, {n_doc} document indices)")
-        lengths = np.frombuffer(f.read(4 * n), dtype=np.int32)
-    if len(lengths) != n:
-        raise ValueError(f"{path_idx}: truncated ({len(lengths)} of {n} lengths)")
-    return _DTYPES[code], lengths
+        raw = f.read(4 * n)
+    if len(raw) != 4 * n:
+        raise ValueError(f"{path_idx}: truncated ({len(raw)} of {4 * n} bytes of lengths)")
+    return _DTYPES[code], np.frombuffer(raw, dtype=np.int32)
