@@ -56,8 +56,8 @@ def _finish(text: str, max_chars: int) -> Extracted:
 
 
 def extract(raw, fmt: str, field: str, max_chars: int) -> Extracted:
-    """Turn one raw record (bytes for jsonl/txt, str-or-None for parquet) into text or a reject."""
-    if fmt == "parquet":
+    """Turn one raw record (bytes for jsonl/txt, str-or-None for parquet/arrow) into text or a reject."""
+    if fmt in ("parquet", "arrow"):
         if raw is None:
             return Extracted(reason="missing_field", detail=f"null '{field}'", has_field=False)
         if not isinstance(raw, str):

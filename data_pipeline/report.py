@@ -31,14 +31,17 @@ class Progress:
         self.busy = self.cpu = 0.0
         self.first_ready = self.last_done = None  # worker wall clocks, for the steady-state rate
         self.last_tokens = 0
+        self.by_worker: dict = {}  # worker pid -> units: shows whether every worker had work
 
     def add(self, docs: int, tokens: int, rejected: int, busy_s: float, ready_t=None, done_t=None, cpu_s=0.0,
-            pos: int = 0, unit: bool = True) -> None:
+            pos: int = 0, unit: bool = True, worker=None) -> None:
         self.cpu += cpu_s
         if ready_t is not None:
             self.first_ready = ready_t if self.first_ready is None else min(self.first_ready, ready_t)
             self.last_done = done_t if self.last_done is None else max(self.last_done, done_t)
         self.units += unit
+        if worker is not None:
+            self.by_worker[worker] = self.by_worker.get(worker, 0) + 1
         self.docs, self.tokens, self.rejected = self.docs + docs, self.tokens + tokens, self.rejected + rejected
         self.bytes += pos
         self.busy += busy_s

@@ -163,7 +163,7 @@ def _schedule(ray, actors: list, tasks: list[dict], progress: Progress) -> None:
             if "error" in rec:
                 raise PipelineError(rec["error"])
             progress.add(rec.get("docs", 0), rec.get("tokens", 0), rec.get("rejected", 0), rec["busy_s"],
-                         rec.get("ready_t"), rec.get("done_t"), rec["cpu_s"], rec["pos"], unit="unit" in rec)
+                         rec.get("ready_t"), rec.get("done_t"), rec["cpu_s"], rec["pos"], unit="unit" in rec, worker=rec.get("worker"))
         progress.tick()
 
 
@@ -310,7 +310,7 @@ def _run_locked(a, prefix: str) -> dict:
     steady = progress.last_done - progress.first_ready if progress.first_ready is not None else 0.0
     manifest["_run"] = {"seconds": el, "ray_seconds": ray_seconds, "steady_seconds": steady,
                         "tokens_this_run": progress.tokens, "worker_busy_s": progress.busy,
-                        "worker_cpu_s": progress.cpu}
+                        "worker_cpu_s": progress.cpu, "units_by_worker": sorted(progress.by_worker.values())}
     return manifest
 
 

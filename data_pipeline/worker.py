@@ -111,7 +111,7 @@ class TokenizeWorker:
             t1, c1 = time.perf_counter(), time.process_time()  # includes reading: bench compares to raw
             yield {"unit": name, "docs": rec["docs_written"], "tokens": rec["tokens"], "lines": rec["lines"],
                    "rejected": sum(rec["rejected"].values()), "pos": reader.pos - pos0, "busy_s": t1 - t0,
-                   "cpu_s": c1 - c0, "ready_t": self.ready_t, "done_t": time.time()}
+                   "cpu_s": c1 - c0, "ready_t": self.ready_t, "done_t": time.time(), "worker": os.getpid()}
             t0, c0, pos0 = t1, c1, reader.pos
         store.write_json(os.path.join(self.work, store.part_name(fi, pi) + ".done.json"), {"chunks": n_chunks})
         yield {"part_done": True, "pos": task["part"]["bytes"] - pos0, "busy_s": time.perf_counter() - t0,
