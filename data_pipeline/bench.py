@@ -104,18 +104,47 @@ def measure(cmd: list[str], env=None, log: str | None = None) -> dict:
 # ---- contenders that need a process of their own (run as `python -m data_pipeline.bench --_peer ...`)
 
 def _peer_raw(inp: str, tok: str) -> None:
-    import sentencepiece as spm
+    """The loop a user would write: read, json.loads, encode in batches (SentencePiece or HF, one thread)."""
+    if tok.endswith(".json"):
+        os.environ["RAYON_NUM_THREADS"] = "1"
+        from tokenizers import Tokenizer
 
-    sp = spm.SentencePieceProcessor(model_file=tok)
+        hf = Tokenizer.from_file(tok)
+        encode = lambda batch: [e.ids for e in hf.encode_batch_fast(batch, add_special_tokens=False)]
+    else:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=tok)
+        encode = lambda batch: sp.encode(batch, out_type=int, num_threads=1)
     n, batch = 0, []
     with open(inp, "rb") as f:
         for line in f:
             batch.append(json.loads(line)["text"])
             if len(batch) == 256:
-                n += sum(map(len, sp.encode(batch, out_type=int, num_threads=1)))
+                n += sum(map(len, encode(batch)))
                 batch = []
-    n += sum(map(len, sp.encode(batch, out_type=int, num_threads=1))) if batch else 0
+    n += sum(map(len, encode(batch))) if batch else 0
     print(f"tokens {n}")
+
+
+def train_hf_bpe(inp: str, out_json: str, vocab_size: int = 32000, sample_docs: int = 3000) -> str:
+    """A byte-level BPE tokenizer.json (HF tokenizers) trained on the first documents of the corpus,
+    so the HF path can be compared per core with SentencePiece's on the same text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    docs = []
+    with open(inp, "rb") as f:
+        for line in f:
+            docs.append(json.loads(line)["text"])
+            if len(docs) >= sample_docs:
+                break
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(out_json)
+    return out_json
 
 
 def _peer_hf(inp: str, tok: str, out: str, procs: int) -> None:
@@ -172,6 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"),
                    help="Megatron-LM source tree (its tools/preprocess_data.py); default $MEGATRON_LM")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--hf-tokenizer", default=None, help="also run raw and ours (1 worker) with this tokenizer.json; "
+                   "'train' trains a byte-level BPE 32k on the corpus")
     p.add_argument("--workdir", default=None)
     a = p.parse_args(argv)
     work = a.workdir or tempfile.mkdtemp(prefix="dp_bench_")
@@ -215,6 +246,16 @@ def main(argv=None) -> int:
                          [py, os.path.join(a.megatron_lm, "tools", "preprocess_data.py"), "--input", inp,
                           "--output-prefix", out, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
                           tok, "--json-keys", "text", "--append-eod", "--workers", str(w)], menv))
+    if a.hf_tokenizer:
+        hf = a.hf_tokenizer if a.hf_tokenizer != "train" else os.path.join(work, "hf_bpe32k.json")
+        if not os.path.exists(hf):
+            train_hf_bpe(inp, hf)
+        out = os.path.join(work, "ours_hf_w1")
+        runs += [("raw HF tokenizers, 1 process 1 thread", 1, "", [py, "-m", "data_pipeline.bench", "--_peer", "raw",
+                                                                    inp, hf], env),
+                 ("ours --workers 1, HF tokenizer.json", 1, out, [py, "-m", "data_pipeline.tokenize", "--input", inp,
+                                                                  "--tokenizer", hf, "--output-prefix", out,
+                                                                  "--workers", "1", "--progress-interval", "10"], env)]
     results = {}
     for name, procs, out, cmd, cenv in runs:
         rs = []
@@ -238,7 +279,7 @@ def main(argv=None) -> int:
     for name, (procs, out, rs) in results.items():
         walls = [m["wall"] for m in rs]
         cpu = min(m["cpu"] for m in rs)
-        same = "" if not out else ("yes" if ref and _same_files(out, ref) else "NO")
+        same = "" if not out or "HF tokenizer" in name else ("yes" if ref and _same_files(out, ref) else "NO")
         print(f"| {name} | {min(walls):.1f} / {statistics.median(walls):.1f} | {cpu:.1f} | "
               f"{cpu / raw_cpu if raw_cpu else float('nan'):.2f} | {max(m['peak_tree'] for m in rs) / 1e9:.2f} / "
               f"{max(m['peak_one'] for m in rs) / 1e9:.2f} | {same} |")
