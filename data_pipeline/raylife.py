@@ -14,6 +14,16 @@ import signal
 import subprocess
 import sys
 
+# Environment of every tokenize worker: see tokenize._run_ray for why one malloc arena pair.
+WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
+_STATE = {"workers_have_env": False}
+
+
+def actor_options() -> dict:
+    """Ray options for a tokenize actor: WORKER_ENV unless every worker of our local Ray already has it
+    (asking again would make Ray start fresh worker processes instead of its prestarted ones)."""
+    return {"num_cpus": 1, **({} if _STATE["workers_have_env"] else {"runtime_env": {"env_vars": WORKER_ENV}})}
+
 _WATCHDOG = r"""
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -66,14 +76,23 @@ def connect(address: str | None, workers: int | None):
     import ray
 
     if ray.is_initialized():
+        _STATE["workers_have_env"] = False
         yield ray
         return
     # workers import data_pipeline from this checkout (shared filesystem, like the outputs)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     local = {} if address else {"num_cpus": max(workers or 1, os.cpu_count() or 1)}
-    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}}, **local)
+    saved = {k: os.environ.get(k) for k in WORKER_ENV}
+    if not address:  # raylet and the workers it starts inherit this process's environment
+        os.environ.update(WORKER_ENV)
+    try:
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}}, **local)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    _STATE["workers_have_env"] = not address
     dog = None if address else _start_watchdog(ray.get_runtime_context().get_node_id())
     try:
         yield ray

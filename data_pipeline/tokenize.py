@@ -170,12 +170,14 @@ def _schedule(ray, actors: list, tasks: list[dict], progress: Progress) -> None:
 def _run_ray(a, tasks: list[dict], cfg: dict, progress: Progress) -> None:
     import ray
 
+    from data_pipeline.raylife import actor_options
     from data_pipeline.worker import TokenizeWorker
 
     # glibc gives each thread of a Ray worker (gRPC, the task thread) its own malloc arena and keeps
     # freed memory in them: measured, a worker grew 64 -> 416 MB anonymous memory over 25 parts of 1 MiB
-    # with the default and stayed flat at ~110 MB with one arena. Two arenas bound it the same way.
-    remote = ray.remote(num_cpus=1, runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}})(TokenizeWorker)
+    # with the default and stayed flat at ~110 MB with one arena. Two arenas bound it the same way
+    # (raylife.WORKER_ENV: MALLOC_ARENA_MAX=2).
+    remote = ray.remote(**actor_options())(TokenizeWorker)
     actors = [remote.remote(cfg) for _ in range(min(a.workers, len(tasks)))]
     try:
         _schedule(ray, actors, tasks, progress)
