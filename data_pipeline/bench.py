@@ -28,6 +28,8 @@ import threading
 import time
 
 _TICK = os.sysconf("SC_CLK_TCK")
+# the peers keep documents of any length: so must we, for the same work and byte-identical outputs
+_SAME_WORK = ["--max-doc-chars", str(10**9)]
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
             out = os.path.join(work, f"ours_w{w}")
             runs.append((f"ours --workers {w}", w, out, [py, "-m", "data_pipeline.tokenize", "--input", inp,
                                                           "--tokenizer", tok, "--output-prefix", out, "--workers",
-                                                          str(w), "--progress-interval", "10"], env))
+                                                          str(w), "--progress-interval", "10", *_SAME_WORK], env))
         if "hf" in a.only:
             out = os.path.join(work, f"hf_w{w}")
             runs.append((f"HF datasets .map(num_proc={w}) + IndexedDatasetBuilder", w, out,
@@ -255,7 +257,8 @@ def main(argv=None) -> int:
                                                                     inp, hf], env),
                  ("ours --workers 1, HF tokenizer.json", 1, out, [py, "-m", "data_pipeline.tokenize", "--input", inp,
                                                                   "--tokenizer", hf, "--output-prefix", out,
-                                                                  "--workers", "1", "--progress-interval", "10"], env)]
+                                                                  "--workers", "1", "--progress-interval", "10",
+                                                                  *_SAME_WORK], env)]
     results = {}
     for name, procs, out, cmd, cenv in runs:
         rs = []
