@@ -1,4 +1,4 @@
-"""CLI: tokenize jsonl[.gz] / parquet / txt shards into a megatron-core indexed dataset on Ray Data.
+"""CLI: tokenize jsonl[.gz] / parquet / txt / Arrow shards into a megatron-core indexed dataset on Ray.
 
     python -m data_pipeline.tokenize --input data/*.jsonl.gz --tokenizer tok.model \
         --output-prefix out/biomed_text_document [--field text] [--dedup] [--workers 8] [--address auto]
