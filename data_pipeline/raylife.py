@@ -91,7 +91,7 @@ def connect(address: str | None, workers: int | None):
                  runtime_env={"env_vars": {"PYTHONPATH": path}}, **local)
     finally:
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     _STATE["workers_have_env"] = not address
     dog = None if address else _start_watchdog(ray.get_runtime_context().get_node_id())
     try:
