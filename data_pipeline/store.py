@@ -2,6 +2,7 @@
 
 <prefix>.bin/.idx            merged dataset        <prefix>.manifest.json  plan + counts
 <prefix>.rejects.jsonl       every rejected line   <prefix>.work/          per-unit shards (deleted at the end)
+<prefix>.lock                flock of the running run (guard.output_lock; the file stays, the lock does not)
 A unit counts as done only once its `<unit>.json` exists, and that file is renamed into place
 after the unit's shard, rejects and hashes, so a kill can never leave a half-recorded unit.
 """
