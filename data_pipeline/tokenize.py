@@ -245,6 +245,12 @@ def _run_locked(a, prefix: str) -> dict:
     dtype = indexed.token_dtype(tok.vocab_size)
     print(f"[tokenize] tokenizer {tok.kind} vocab_size={tok.vocab_size} eod_id={tok.eod_id} dtype={dtype.name}",
           flush=True)
+    mpath = prefix + ".manifest.json"
+    if a.part_bytes is None and os.path.exists(mpath):  # resume with the part size the run was planned with
+        try:
+            a.part_bytes = int(store.read_json(mpath)["settings"]["part_bytes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     files = _plan(a)
     for f in files:
         if f["format"] in ("parquet", "arrow") and a.field not in f["columns"]:
@@ -252,7 +258,6 @@ def _run_locked(a, prefix: str) -> dict:
                              "pass --field")
     _warn_missing_field(files, a.field, a.txt_mode)
     settings = _settings(a, tok)
-    mpath = prefix + ".manifest.json"
     old = _check_resume(mpath, settings, files)
     if old is not None and old.get("complete"):
         problems = verify_outputs(prefix, old)

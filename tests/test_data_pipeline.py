@@ -333,6 +333,15 @@ def test_default_plan_keeps_both_workers_busy_and_streams_progress(ray_session, 
     lines = [line for line in buf.getvalue().splitlines() if " MB/s)" in line]
     assert lines and all("tok/s" in line and "ETA" in line for line in lines)
     assert lines[-1].split(" MB (")[0].endswith(f"/{os.path.getsize(src) / 1e6:.1f}")
+    # a re-run without --part-bytes keeps the part size the output was planned with (an older default)
+    mpath = str(tmp_path / "o.manifest.json")
+    m = json.load(open(mpath))
+    m["settings"]["part_bytes"] = 3 << 20
+    json.dump(m, open(mpath, "w"))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        dp_tokenize.run(["--input", src, "--tokenizer", corpus.tokenizer, "--output-prefix", str(tmp_path / "o")])
+    assert "is complete (outputs verified); nothing to do" in buf.getvalue()
 
 
 def test_no_torch_or_megatron_in_driver_or_workers(ray_session, corpus, tmp_path):
