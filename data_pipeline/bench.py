@@ -1,131 +1,301 @@
-"""Benchmark: raw single-process SentencePiece encode vs the pipeline's per-worker rate at 1 and 2 workers.
+"""Benchmark: our pipeline against raw SentencePiece and its peers, same corpus, same tokenizer.
 
-    python -m data_pipeline.bench [--input X.jsonl ... --tokenizer tok.model] [--copies 20] [--cores 64 512]
+    python -m data_pipeline.bench [--input corpus.jsonl --tokenizer tok.model] [--corpus-mb 460]
+        [--workers 1 2] [--megatron-lm PATH/TO/Megatron-LM] [--repeat 1] [--only raw ours hf megatron]
 
-Without --input it builds a corpus from real offline text (stdlib docstrings) and trains a BPE
-tokenizer on it. Per-worker pipeline rate is reported two ways: "in-worker" (tokens / summed unit
-busy time: read + parse + normalise + encode + write), "steady" (tokens / wall time from the first
-actor ready to the last unit / workers: includes scheduling, driver and Ray overhead) and
-"end-to-end" (tokens / Ray Data wall time / workers, also including actor start-up). Per CPU-second
-figures (worker process CPU time vs the raw loop's) show the pipeline's own overhead even when
-other jobs share the machine.
+Without --input it builds a corpus of real text from this machine (data_pipeline.corpus) and
+trains a SentencePiece BPE 32k on it. Every contender runs as its own process tree:
+
+  raw       one process: read the JSONL, json.loads, SentencePiece encode (no output): the per-core ceiling
+  ours      `python -m data_pipeline.tokenize --workers N` (local Ray started by the run)
+  hf        HF `datasets`: load_dataset("json") + .map(num_proc=N) + megatron's IndexedDatasetBuilder
+  megatron  Megatron-LM's tools/preprocess_data.py --workers N from a source tree (--megatron-lm)
+
+Whole-tree CPU seconds and memory are sampled from /proc every 0.2 s (every descendant, also
+after it is re-parented). Outputs are compared byte for byte. Ratios printed: CPU per MB vs raw,
+wall vs each peer at the same process count, 2 vs 1 worker throughput.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 
-from data_pipeline import tokenize as dp_tokenize
-from data_pipeline.report import human
-from data_pipeline.train_tokenizer import iter_documents, train
-
-_MODULES = ("json os re collections argparse email.message http.client logging pathlib subprocess asyncio.tasks "
-            "statistics textwrap decimal fractions csv difflib heapq bisect functools itertools inspect "
-            "unittest.case zipfile tarfile typing dataclasses enum threading socket ssl sqlite3 urllib.request "
-            "xml.etree.ElementTree datetime calendar random string struct codecs io shutil tempfile").split()
+_TICK = os.sysconf("SC_CLK_TCK")
+# the peers keep documents of any length: so must we, for the same work and byte-identical outputs
+_SAME_WORK = ["--max-doc-chars", str(10**9)]
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def stdlib_docstrings() -> list[str]:
-    out = []
-    for m in _MODULES:
+class TreeMonitor:
+    """Samples CPU time and RSS of a process and all its descendants from /proc."""
+
+    def __init__(self, pid: int, period: float = 0.2):
+        self.root, self.period = pid, period
+        self.cpu: dict[int, float] = {}
+        self.peak_tree = self.peak_one = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _stat(self, pid: int):
         try:
-            mod = importlib.import_module(m)
-        except ImportError:
-            continue
-        for name in sorted(dir(mod)):
-            obj = getattr(mod, name, None)
-            members = [getattr(obj, n, None) for n in sorted(vars(obj))] if isinstance(obj, type) else []
-            for o in [obj] + members:
-                d = getattr(o, "__doc__", None)
-                if isinstance(d, str) and len(d) > 60:
-                    out.append(d)
-    return list(dict.fromkeys(out))
+            with open(f"/proc/{pid}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        # fields after "comm)": state ppid ... utime(12) stime(13) ... rss(22)
+        return int(rest[1]), (int(rest[11]) + int(rest[12])) / _TICK, int(rest[21]) * _PAGE, rest[0]
+
+    def _loop(self):
+        while not self._stop.is_set():
+            stats = {}
+            for p in os.listdir("/proc"):
+                if p.isdigit():
+                    s = self._stat(int(p))
+                    if s is not None:
+                        stats[int(p)] = s
+            tree, frontier = {self.root}, [self.root]
+            children: dict[int, list[int]] = {}
+            for pid, (ppid, *_rest) in stats.items():
+                children.setdefault(ppid, []).append(pid)
+            while frontier:
+                for c in children.get(frontier.pop(), []):
+                    if c not in tree:
+                        tree.add(c)
+                        frontier.append(c)
+            tree |= set(self.cpu) & set(stats)  # re-parented descendants stay ours
+            rss = 0
+            for pid in tree:
+                if pid in stats and stats[pid][3] != "Z":
+                    self.cpu[pid] = max(self.cpu.get(pid, 0.0), stats[pid][1])
+                    rss += stats[pid][2]
+                    self.peak_one = max(self.peak_one, stats[pid][2])
+            self.peak_tree = max(self.peak_tree, rss)
+            self._stop.wait(self.period)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return sum(self.cpu.values())
 
 
-def make_corpus(root: str, copies: int, n_files: int = 8) -> list[str]:
-    texts = stdlib_docstrings()
-    paths = [os.path.join(root, f"bench{i:02d}.jsonl") for i in range(n_files)]
-    files = [open(p, "w") for p in paths]
-    for c in range(copies):
-        for i, t in enumerate(texts):
-            files[(c * len(texts) + i) % n_files].write(json.dumps({"text": t}) + "\n")
-    for f in files:
-        f.close()
-    return paths
+def measure(cmd: list[str], env=None, log: str | None = None) -> dict:
+    """Run cmd; wall, whole-tree CPU (max of /proc sampling and wait4 rusage), peak memory."""
+    t0 = time.perf_counter()
+    out = open(log, "w") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    mon = TreeMonitor(proc.pid)
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    time.sleep(0.5)  # let orphaned descendants be sampled once more before they exit
+    sampled = mon.stop()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if log:
+        out.close()
+    return {"wall": wall, "cpu": max(sampled, ru.ru_utime + ru.ru_stime), "peak_tree": mon.peak_tree,
+            "peak_one": mon.peak_one, "rc": proc.returncode}
 
 
-def raw_rate(tokenizer: str, docs: list[str], repeat: int = 2) -> tuple[float, float, int]:
-    """Best-of-`repeat` single-process, single-thread batch encode rate: (tokens/wall s, tokens/CPU s, tokens)."""
+# ---- contenders that need a process of their own (run as `python -m data_pipeline.bench --_peer ...`)
+
+def _peer_raw(inp: str, tok: str) -> None:
+    """The loop a user would write: read, json.loads, encode in batches (SentencePiece or HF, one thread)."""
+    if tok.endswith(".json"):
+        os.environ["RAYON_NUM_THREADS"] = "1"
+        from tokenizers import Tokenizer
+
+        hf = Tokenizer.from_file(tok)
+        encode = lambda batch: [e.ids for e in hf.encode_batch_fast(batch, add_special_tokens=False)]
+    else:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=tok)
+        encode = lambda batch: sp.encode(batch, out_type=int, num_threads=1)
+    n, batch = 0, []
+    with open(inp, "rb") as f:
+        for line in f:
+            batch.append(json.loads(line)["text"])
+            if len(batch) == 256:
+                n += sum(map(len, encode(batch)))
+                batch = []
+    n += sum(map(len, encode(batch))) if batch else 0
+    print(f"tokens {n}")
+
+
+def train_hf_bpe(inp: str, out_json: str, vocab_size: int = 32000, sample_docs: int = 3000) -> str:
+    """A byte-level BPE tokenizer.json (HF tokenizers) trained on the first documents of the corpus,
+    so the HF path can be compared per core with SentencePiece's on the same text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    docs = []
+    with open(inp, "rb") as f:
+        for line in f:
+            docs.append(json.loads(line)["text"])
+            if len(docs) >= sample_docs:
+                break
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(out_json)
+    return out_json
+
+
+def _peer_hf(inp: str, tok: str, out: str, procs: int) -> None:
+    import datasets
+    import numpy as np
     import sentencepiece as spm
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    sp = spm.SentencePieceProcessor(model_file=tokenizer)
-    best, best_cpu, n = 0.0, 0.0, 0
-    for _ in range(repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        n = 0
-        for i in range(0, len(docs), 2000):
-            n += sum(map(len, sp.encode(docs[i:i + 2000], out_type=int, num_threads=1)))
-        best = max(best, n / (time.perf_counter() - t0))
-        best_cpu = max(best_cpu, n / (time.process_time() - c0))
-    return best, best_cpu, n
+    sp = spm.SentencePieceProcessor(model_file=tok)
+    eod = sp.eos_id()
+
+    def enc(batch):
+        return {"ids": [ids + [eod] for ids in sp.encode(batch["text"], out_type=int, num_threads=1)]}
+
+    ds = datasets.load_dataset("json", data_files=inp, split="train", cache_dir=out + ".cache")
+    ds = ds.map(enc, batched=True, batch_size=256, num_proc=procs, remove_columns=ds.column_names)
+    builder = IndexedDatasetBuilder(out + ".bin", dtype=np.uint16 if sp.get_piece_size() < 65500 else np.int32)
+    for batch in ds.iter(batch_size=1024):
+        for ids in batch["ids"]:
+            builder.add_document(np.asarray(ids), [len(ids)])
+    builder.finalize(out + ".idx")
+
+
+def _same_files(a: str, b: str) -> bool:
+    for ext in (".bin", ".idx"):
+        if not (os.path.exists(a + ext) and os.path.exists(b + ext)):
+            return False
+        if os.path.getsize(a + ext) != os.path.getsize(b + ext):
+            return False
+        with open(a + ext, "rb") as fa, open(b + ext, "rb") as fb:
+            while True:
+                x, y = fa.read(16 << 20), fb.read(16 << 20)
+                if x != y:
+                    return False
+                if not x:
+                    break
+    return True
 
 
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--_peer":
+        kind, *rest = sys.argv[2:]
+        if kind == "raw":
+            _peer_raw(*rest)
+        else:
+            _peer_hf(rest[0], rest[1], rest[2], int(rest[3]))
+        return 0
     p = argparse.ArgumentParser(prog="python -m data_pipeline.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--input", nargs="*", default=None)
-    p.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: train one on the corpus)")
-    p.add_argument("--field", default="text")
-    p.add_argument("--copies", type=int, default=20, help="built-in corpus: copies of the stdlib docstrings")
-    p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--unit-lines", type=int, default=2000)
-    p.add_argument("--cores", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--input", default=None, help="one JSONL file ({'text': ...} per line)")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: BPE 32k trained on the corpus)")
+    p.add_argument("--corpus-mb", type=float, default=460)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--only", nargs="+", default=["raw", "ours", "hf", "megatron"])
+    p.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"),
+                   help="Megatron-LM source tree (its tools/preprocess_data.py); default $MEGATRON_LM")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--hf-tokenizer", default=None, help="also run raw and ours (1 worker) with this tokenizer.json; "
+                   "'train' trains a byte-level BPE 32k on the corpus")
     p.add_argument("--workdir", default=None)
     a = p.parse_args(argv)
-    import ray
+    work = a.workdir or tempfile.mkdtemp(prefix="dp_bench_")
+    os.makedirs(work, exist_ok=True)
+    py, here = sys.executable, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (here, os.environ.get("PYTHONPATH")) if x))
+    inp = a.input
+    if inp is None:
+        from data_pipeline import corpus
 
-    tmp = a.workdir or tempfile.mkdtemp(prefix="dp_bench_")
-    inputs = a.input or make_corpus(tmp, a.copies)
-    docs = list(iter_documents(inputs, a.field))
-    tok = a.tokenizer or train(docs[: max(1, len(docs) // a.copies if not a.input else 20000)],
-                               os.path.join(tmp, "tok"), a.vocab_size)
-    raw, raw_cpu, n_tok = raw_rate(tok, docs)
-    print(f"[bench] corpus: {len(inputs)} files, {len(docs)} docs, {human(n_tok)} tokens; tokenizer {tok}")
-    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
-    rows = []
-    try:
-        for w in (1, 2):
-            man = dp_tokenize.run(["--input", *inputs, "--tokenizer", tok, "--field", a.field, "--output-prefix",
-                                   os.path.join(tmp, f"out_w{w}"), "--workers", str(w), "--unit-lines",
-                                   str(a.unit_lines), "--progress-interval", "1e9"])
-            r = man["_run"]
-            tokens = r["tokens_this_run"]
-            rows.append((w, tokens / r["worker_busy_s"], tokens / r["steady_seconds"] / w,
-                         tokens / r["ray_seconds"] / w, tokens / r["worker_cpu_s"]))
-    finally:
-        ray.shutdown()
-    print("\n| measurement | tokens/s per worker | vs raw |\n|---|---:|---:|")
-    print(f"| raw SentencePiece encode, 1 process 1 thread | {human(raw)} | 100% |")
-    print(f"| raw, per CPU-second (contention-free) | {human(raw_cpu)} | 100% |")
-    for w, busy, steady, e2e, cpu in rows:
-        print(f"| pipeline {w} worker(s), in-worker per CPU-second | {human(cpu)} | {cpu / raw_cpu:.0%} (of CPU) |")
-        print(f"| pipeline {w} worker(s), in-worker | {human(busy)} | {busy / raw:.0%} |")
-        print(f"| pipeline {w} worker(s), steady wall (first actor ready -> last unit) | {human(steady)} | "
-              f"{steady / raw:.0%} |")
-        print(f"| pipeline {w} worker(s), end-to-end wall (incl. actor start) | {human(e2e)} | {e2e / raw:.0%} |")
-    _, busy2, steady2, e2e2, cpu2 = rows[1]
-    print(f"\nratio pipeline/raw per worker at 2 workers: per CPU-second {cpu2 / raw_cpu:.2f}, in-worker wall "
-          f"{busy2 / raw:.2f}, steady wall {steady2 / raw:.2f}, end-to-end wall {e2e2 / raw:.2f} (target >= 0.85); "
-          f"machine has {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    print("\nestimated wall for 1e9 tokens, one worker per core (2-worker rates):")
-    print("| cores | per CPU-second rate | in-worker wall rate | steady wall rate |\n|---:|---:|---:|---:|")
-    for n in a.cores:
-        print(f"| {n} | {1e9 / (cpu2 * n) / 60:.1f} min | {1e9 / (busy2 * n) / 60:.1f} min | "
-              f"{1e9 / (steady2 * n) / 60:.1f} min |")
+        inp = os.path.join(work, "corpus.jsonl")
+        if not os.path.exists(inp):
+            corpus.main(["--output", inp, "--target-mb", str(a.corpus_mb)])
+    tok = a.tokenizer
+    if tok is None:
+        tok = os.path.join(work, "tok32k.model")
+        if not os.path.exists(tok):
+            from data_pipeline import train_tokenizer
+
+            train_tokenizer.main(["--input", inp, "--model-prefix", tok[:-6], "--vocab-size", "32000",
+                                  "--sample-docs", "3000"])
+    mb = os.path.getsize(inp) / 1e6
+    runs: list[tuple[str, int, str, list[str], dict]] = []  # name, procs, output prefix, cmd, env
+    if "raw" in a.only:
+        runs.append(("raw SentencePiece, 1 process", 1, "", [py, "-m", "data_pipeline.bench", "--_peer", "raw", inp,
+                                                             tok], env))
+    for w in a.workers:
+        if "ours" in a.only:
+            out = os.path.join(work, f"ours_w{w}")
+            runs.append((f"ours --workers {w}", w, out, [py, "-m", "data_pipeline.tokenize", "--input", inp,
+                                                          "--tokenizer", tok, "--output-prefix", out, "--workers",
+                                                          str(w), "--progress-interval", "10", *_SAME_WORK], env))
+        if "hf" in a.only:
+            out = os.path.join(work, f"hf_w{w}")
+            runs.append((f"HF datasets .map(num_proc={w}) + IndexedDatasetBuilder", w, out,
+                         [py, "-m", "data_pipeline.bench", "--_peer", "hf", inp, tok, out, str(w)], env))
+        if "megatron" in a.only and a.megatron_lm:
+            out = os.path.join(work, f"mlm_w{w}")
+            menv = dict(env, PYTHONPATH=os.pathsep.join((os.path.abspath(a.megatron_lm), env["PYTHONPATH"])))
+            runs.append((f"Megatron-LM preprocess_data.py --workers {w}", w, out + "_text_document",
+                         [py, os.path.join(a.megatron_lm, "tools", "preprocess_data.py"), "--input", inp,
+                          "--output-prefix", out, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                          tok, "--json-keys", "text", "--append-eod", "--workers", str(w)], menv))
+    if a.hf_tokenizer:
+        hf = a.hf_tokenizer if a.hf_tokenizer != "train" else os.path.join(work, "hf_bpe32k.json")
+        if not os.path.exists(hf):
+            train_hf_bpe(inp, hf)
+        out = os.path.join(work, "ours_hf_w1")
+        runs += [("raw HF tokenizers, 1 process 1 thread", 1, "", [py, "-m", "data_pipeline.bench", "--_peer", "raw",
+                                                                    inp, hf], env),
+                 ("ours --workers 1, HF tokenizer.json", 1, out, [py, "-m", "data_pipeline.tokenize", "--input", inp,
+                                                                  "--tokenizer", hf, "--output-prefix", out,
+                                                                  "--workers", "1", "--progress-interval", "10",
+                                                                  *_SAME_WORK], env)]
+    results = {}
+    for name, procs, out, cmd, cenv in runs:
+        rs = []
+        for r in range(a.repeat):
+            for ext in (".bin", ".idx", ".manifest.json"):
+                if out and os.path.exists(out + ext):
+                    os.remove(out + ext)
+            m = measure(cmd, cenv, os.path.join(work, f"log_{len(results)}_{r}.txt"))
+            print(f"[bench] {name}: wall {m['wall']:.1f}s cpu {m['cpu']:.1f}s peak {m['peak_tree'] / 1e9:.2f}/"
+                  f"{m['peak_one'] / 1e9:.2f} GB rc {m['rc']}", flush=True)
+            rs.append(m)
+        results[name] = (procs, out, rs)
+    raw = results.get("raw SentencePiece, 1 process")
+    raw_cpu = min(m["cpu"] for m in raw[2]) if raw else None
+    ref = next((out for name, (_, out, _) in results.items() if name.startswith("ours")), None)
+    print(f"\ncorpus {inp}: {mb:.1f} MB; tokenizer {tok}; machine {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
+    print("| contender | wall s (best / median) | CPU s (min) | CPU per MB vs raw | peak memory GB (tree / largest) "
+          "| output = ours |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, (procs, out, rs) in results.items():
+        walls = [m["wall"] for m in rs]
+        cpu = min(m["cpu"] for m in rs)
+        same = "" if not out or "HF tokenizer" in name else ("yes" if ref and _same_files(out, ref) else "NO")
+        print(f"| {name} | {min(walls):.1f} / {statistics.median(walls):.1f} | {cpu:.1f} | "
+              f"{cpu / raw_cpu if raw_cpu else float('nan'):.2f} | {max(m['peak_tree'] for m in rs) / 1e9:.2f} / "
+              f"{max(m['peak_one'] for m in rs) / 1e9:.2f} | {same} |")
+    print()
+    best = {name: min(m["wall"] for m in rs) for name, (_, _, rs) in results.items()}
+    for w in a.workers:
+        ours = best.get(f"ours --workers {w}")
+        for name in best:
+            if ours and not name.startswith(("ours", "raw")) and results[name][0] == w:
+                print(f"wall ours/{name} at {w} process(es): {ours / best[name]:.2f} (target <= 0.90)")
+    if "ours --workers 1" in best and "ours --workers 2" in best:
+        print(f"throughput 2 workers / 1 worker: {best['ours --workers 1'] / best['ours --workers 2']:.2f} "
+              "(target >= 1.7 on 2 cores)")
     return 0
 
 

@@ -7,11 +7,16 @@ nothing stronger (NFKC, whitespace collapsing) so that decode(encode(doc)) retur
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 
 # Reasons a line can be rejected; the manifest counts each, the rejects file records each line.
 REASONS = ("invalid_utf8", "bad_json", "not_object", "missing_field", "bad_field_type",
-           "invalid_unicode", "empty", "oversize")
+           "invalid_unicode", "binary", "empty", "oversize")
+# Characters that do not occur in text: C0/C1 controls other than tab, newline, vertical tab, form feed
+# and escape (man pages and source files use those), DEL, and U+FFFD (a decoder already gave up).
+_NON_TEXT = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f-\x9f\ufffd]")
+BINARY_SHARE = 0.10  # more than this share of non-text characters: the "document" is binary data
 
 
 def normalise(text: str) -> str:
@@ -42,12 +47,17 @@ def _finish(text: str, max_chars: int) -> Extracted:
         return Extracted(reason="empty", detail="empty after normalisation")
     if len(text) > max_chars:
         return Extracted(reason="oversize", detail=f"{len(text)} chars > --max-doc-chars {max_chars}")
+    if _NON_TEXT.search(text):  # clean text: one C-speed scan, no match
+        bad = len(_NON_TEXT.findall(text))
+        if bad > BINARY_SHARE * len(text):
+            return Extracted(reason="binary", detail=f"{bad} of {len(text)} characters are control or "
+                                                     "replacement characters: binary data, not text")
     return Extracted(text=text)
 
 
 def extract(raw, fmt: str, field: str, max_chars: int) -> Extracted:
-    """Turn one raw record (bytes for jsonl/txt, str-or-None for parquet) into text or a reject."""
-    if fmt == "parquet":
+    """Turn one raw record (bytes for jsonl/txt, str-or-None for parquet/arrow) into text or a reject."""
+    if fmt in ("parquet", "arrow"):
         if raw is None:
             return Extracted(reason="missing_field", detail=f"null '{field}'", has_field=False)
         if not isinstance(raw, str):

@@ -12,25 +12,42 @@ def human(n: float) -> str:
     return f"{n:.0f}"
 
 
-class Progress:
-    """Accumulates unit results and prints a line at most every `interval` seconds."""
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
-    def __init__(self, interval: float = 5.0, out=None):
-        self.interval, self.out = interval, out
+
+class Progress:
+    """Accumulates unit results; `tick()` prints a line once `interval` seconds have passed.
+
+    The driver calls tick() at least every interval even when no unit finished, so a long run
+    always shows it is alive: documents, input MB done of the total, tokens/s (recent and
+    average), MB/s and an ETA from the bytes still to read."""
+
+    def __init__(self, interval: float = 5.0, out=None, total_bytes: int = 0):
+        self.interval, self.out, self.total_bytes = interval, out, total_bytes
         self.t0 = self.last = time.perf_counter()
-        self.units = self.docs = self.tokens = self.rejected = 0
+        self.units = self.docs = self.tokens = self.rejected = self.bytes = 0
         self.busy = self.cpu = 0.0
         self.first_ready = self.last_done = None  # worker wall clocks, for the steady-state rate
         self.last_tokens = 0
+        self.by_worker: dict = {}  # worker pid -> units: shows whether every worker had work
 
-    def add(self, docs: int, tokens: int, rejected: int, busy_s: float, ready_t=None, done_t=None, cpu_s=0.0) -> None:
+    def add(self, docs: int, tokens: int, rejected: int, busy_s: float, ready_t=None, done_t=None, cpu_s=0.0,
+            pos: int = 0, unit: bool = True, worker=None) -> None:
         self.cpu += cpu_s
         if ready_t is not None:
             self.first_ready = ready_t if self.first_ready is None else min(self.first_ready, ready_t)
             self.last_done = done_t if self.last_done is None else max(self.last_done, done_t)
-        self.units += 1
+        self.units += unit
+        if worker is not None:
+            self.by_worker[worker] = self.by_worker.get(worker, 0) + 1
         self.docs, self.tokens, self.rejected = self.docs + docs, self.tokens + tokens, self.rejected + rejected
+        self.bytes += pos
         self.busy += busy_s
+        self.tick()
+
+    def tick(self) -> None:
         if time.perf_counter() - self.last >= self.interval:
             self.print()
 
@@ -43,8 +60,12 @@ class Progress:
         recent = (self.tokens - self.last_tokens) / max(now - self.last, 1e-9)
         self.last, self.last_tokens = now, self.tokens
         el = max(self.elapsed, 1e-9)
+        mb_s = self.bytes / el / 1e6
+        left = max(0, self.total_bytes - self.bytes)
+        eta = _duration(left / (self.bytes / el)) if self.bytes else "?"
         print(f"[tokenize] {el:7.1f}s units {self.units}  docs {human(self.docs)}  rejected {self.rejected}  "
-              f"tokens {human(self.tokens)}  {human(recent)} tok/s (avg {human(self.tokens / el)})",
+              f"{self.bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB ({mb_s:.2f} MB/s)  tokens {human(self.tokens)}  "
+              f"{human(recent)} tok/s (avg {human(self.tokens / el)})  ETA {eta}",
               file=self.out or sys.stdout, flush=True)
 
 

@@ -2,17 +2,19 @@
 
 <prefix>.bin/.idx            merged dataset        <prefix>.manifest.json  plan + counts
 <prefix>.rejects.jsonl       every rejected line   <prefix>.work/          per-unit shards (deleted at the end)
+<prefix>.lock                flock of the running run (guard.output_lock; the file stays, the lock does not)
 A unit counts as done only once its `<unit>.json` exists, and that file is renamed into place
 after the unit's shard, rejects and hashes, so a kill can never leave a half-recorded unit.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import uuid
 
 import numpy as np
+
+from data_pipeline import indexed
 
 
 def unit_name(file_i: int, part_i: int, chunk_i: int) -> str:
@@ -32,12 +34,21 @@ def _tmp(path: str) -> str:
     return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
 
 
-def write_json(path: str, obj) -> None:
+def _publish(path: str, data: bytes) -> None:
+    """Write to a temp name, then rename; a failed write (full disk) leaves no temp file behind."""
     tmp = _tmp(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    _publish(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: str):
@@ -46,31 +57,36 @@ def read_json(path: str):
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    _publish(path, data)
 
 
-def token_dtype(vocab_size: int):
-    """Smallest dtype megatron reads that holds every id (its own rule)."""
-    from megatron.core.datasets.indexed_dataset import DType
+def write_shard(prefix: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    """Write documents (flat tokens + per-document lengths) as `prefix`.bin/.idx via tmp files + rename."""
+    _publish(prefix + ".bin", np.ascontiguousarray(tokens).tobytes())
+    _publish(prefix + ".idx", indexed.idx_bytes(lengths, tokens.dtype))
 
-    return DType.optimal_dtype(vocab_size)
+
+class OutputError(Exception):
+    """An output-side write failed (read-only or full disk, ...): the message names the output path."""
+
+    def __init__(self, path: str, err: OSError):
+        super().__init__(f"{path}: cannot write output ({err.strerror or err}); check free space and permissions "
+                         "of the output folder or choose another --output-prefix")
+        self.path = path
 
 
-def write_shard(prefix: str, docs: list[list[int]], dtype) -> None:
-    """Write docs as a megatron indexed dataset at `prefix`.bin/.idx via tmp files + rename."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+def output_errors(fn):
+    """Decorator: OSError from a writer becomes OutputError naming the file being written."""
+    def wrapped(path, *a, **k):
+        try:
+            return fn(path, *a, **k)
+        except OSError as e:
+            name = e.filename if isinstance(e.filename, str) and e.filename else path
+            raise OutputError(name.split(".tmp-")[0], e) from e
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
 
-    tmp = _tmp(prefix)
-    lengths = [len(d) for d in docs]
-    # one list->array conversion for the whole unit; per-document Python->numpy copies cost ~15%
-    flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=sum(lengths))
-    ends = np.cumsum(lengths).tolist()
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
-    for n, e in zip(lengths, ends):
-        builder.add_document(flat[e - n:e], [n])
-    builder.finalize(tmp + ".idx")
-    os.replace(tmp + ".bin", prefix + ".bin")
-    os.replace(tmp + ".idx", prefix + ".idx")
+
+write_json = output_errors(write_json)
+write_bytes = output_errors(write_bytes)
+write_shard = output_errors(write_shard)

@@ -1,7 +1,10 @@
 """data_pipeline pieces without Ray: normalisation, planning into parts, record extraction, tokenizer training."""
 import gzip
 import json
+import os
 import unicodedata
+
+import numpy as np
 
 import pytest
 
@@ -101,3 +104,162 @@ def test_txt_file_mode_and_file_uri(tmp_path):
     assert recs == [(1, body.encode())] and extract(recs[0][1], "txt", "text", 100).text == "Title\n\nSecond paragraph"
     assert [extract(r, "jsonl", "text", 9).text for _, r in _lines_of(None, plan_file(uris[1], "auto", 4, "line"))] \
         == ["x", "y"]
+
+
+# ---- issue 21 / 18: own indexed writer, numpy tokens, binary rejects, HF layouts, guards
+
+def _megatron_write(prefix, docs, dtype):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.dtype(dtype).type)
+    for d in docs:
+        b.add_document(np.asarray(d, dtype=dtype), [len(d)])
+    b.finalize(prefix + ".idx")
+
+
+@pytest.mark.parametrize("vocab", [1200, 70000])
+def test_own_indexed_writer_is_byte_identical_to_megatron(tmp_path, vocab):
+    """Our shard writer vs megatron's IndexedDatasetBuilder: same .bin/.idx bytes; megatron reads ours back."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
+
+    from data_pipeline import indexed, store
+
+    dtype = indexed.token_dtype(vocab)
+    assert dtype == np.dtype(DType.optimal_dtype(vocab))
+    for v in (1, 65499, 65500, 200000):
+        assert indexed.token_dtype(v) == np.dtype(DType.optimal_dtype(v))
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, vocab, size=n).tolist() for n in [1, 7, 300, 2, 4096, 33]]
+    _megatron_write(str(tmp_path / "m"), docs, dtype)
+    store.write_shard(str(tmp_path / "o"), np.concatenate([np.asarray(d, dtype=dtype) for d in docs]),
+                      np.array([len(d) for d in docs]))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"o{ext}").read_bytes() == (tmp_path / f"m{ext}").read_bytes(), ext
+    ds = IndexedDataset(str(tmp_path / "o"))
+    assert [ds[i].tolist() for i in range(len(ds))] == docs
+    assert os.path.getsize(tmp_path / "o.idx") == indexed.idx_size(len(docs))
+    got_dtype, lens = indexed.read_index(str(tmp_path / "o.idx"))
+    assert got_dtype == dtype and lens.tolist() == [len(d) for d in docs]
+    (tmp_path / "t.idx").write_bytes((tmp_path / "o.idx").read_bytes()[:40])
+    with pytest.raises(ValueError, match="t.idx: truncated"):
+        indexed.read_index(str(tmp_path / "t.idx"))
+    _megatron_write(str(tmp_path / "e"), [], dtype)  # empty dataset: same bytes too
+    store.write_shard(str(tmp_path / "f"), np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64))
+    assert (tmp_path / "f.idx").read_bytes() == (tmp_path / "e.idx").read_bytes()
+
+
+def test_encode_to_array_matches_lists_over_several_batches(monkeypatch, tmp_path):
+    """Tokens go to numpy per encode batch; the flat array + lengths equal encode() + EOD per document."""
+    from data_pipeline import worker
+    from data_pipeline.tokenizer import Tokenizer
+
+    model = _tiny_sp(tmp_path)
+    tok = Tokenizer(model)
+    texts = [f"kinase {i} binds protein number {i * 7} in cell line {i % 5}" * (1 + i % 4) for i in range(60)]
+    monkeypatch.setattr(worker, "ENCODE_BATCH_CHARS", 300)  # many batches, some of one long text
+    flat, lens = worker.encode_to_array(tok, texts, tok.eod_id, np.dtype(np.uint16))
+    want = [ids + [tok.eod_id] for ids in tok.encode_batch(texts)]
+    assert flat.dtype == np.uint16 and lens.tolist() == [len(w) for w in want]
+    assert flat.tolist() == [t for w in want for t in w]
+    flat0, lens0 = worker.encode_to_array(tok, [], tok.eod_id, np.dtype(np.uint16))
+    assert len(flat0) == len(lens0) == 0
+
+
+def _tiny_sp(tmp_path):
+    from data_pipeline import train_tokenizer
+
+    corpus = tmp_path / "sp.jsonl"
+    words = ["alpha", "beta", "gamma", "delta", "protein", "kinase", "binding", "cell", "number", "line", "in"]
+    corpus.write_text("".join(json.dumps({"text": " ".join(words[(i * 7 + j) % 11] for j in range(12))}) + "\n"
+                              for i in range(300)))
+    assert train_tokenizer.main(["--input", str(corpus), "--model-prefix", str(tmp_path / "sp"), "--vocab-size",
+                                 "400", "--sample-docs", "300"]) == 0
+    return str(tmp_path / "sp.model")
+
+
+def test_binary_documents_are_rejected_with_reason():
+    """Binary data that happens to decode (controls, NULs, U+FFFD) is 'binary'; text with tabs/form feeds is not."""
+    blob = bytes(range(32)) * 40 + b"PK\x03\x04"
+    ex = extract(blob, "txt", "text", 10**6)
+    assert ex.reason == "binary" and "control or replacement characters" in ex.detail
+    ex = extract(json.dumps({"text": "\u0000\u0001\u0002abc\ufffd\ufffd"}).encode(), "jsonl", "text", 100)
+    assert ex.reason == "binary" and ex.detail.startswith("5 of 8 characters")
+    man = "NAME\n\tls - list\x0cdirectory contents\x1b[1m bold\x1b[0m " + "words " * 30
+    assert extract(man.encode(), "txt", "text", 10**6).reason is None
+    assert extract(b"one \x00 nul in a long enough line of ordinary text", "txt", "text", 100).reason is None
+
+
+def test_auto_part_bytes_depends_on_size_only():
+    from data_pipeline.sources import auto_part_bytes
+
+    assert auto_part_bytes(0) == auto_part_bytes(10 << 20) == 1 << 20
+    assert auto_part_bytes(2 << 30) == 4 << 20 and auto_part_bytes(1 << 40) == 32 << 20
+
+
+def test_parquet_and_arrow_split_into_row_group_parts(tmp_path):
+    """Parquet row groups / Arrow record batches become several parts; reading them gives every row once."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [f"document {i} " + "text " * (i % 50) for i in range(3000)]
+    pq.write_table(pa.table({"text": rows}), tmp_path / "a.parquet", row_group_size=250)
+    info = plan_file(str(tmp_path / "a.parquet"), "auto", 20000, "line")
+    assert len(info["parts"]) > 4 and info["rows"] == 3000
+    assert sum(p["bytes"] for p in info["parts"]) == info["size"]
+    assert [v for _, v in _lines_of(None, info)] == rows
+    assert [n for _, n in [(0, n) for n, _ in _lines_of(None, info)]] == list(range(1, 3001))
+    datasets.Dataset.from_dict({"text": rows, "id": list(range(3000))}).save_to_disk(str(tmp_path / "hf"),
+                                                                                     max_shard_size="100KB")
+    files = list_inputs([str(tmp_path / "hf")])
+    assert files and all(f.endswith(".arrow") for f in files)  # state.json / dataset_info.json skipped
+    got = []
+    for f in files:
+        info = plan_file(f, "auto", 20000, "line")
+        got += [v for _, v in _lines_of(None, info)]
+    assert got == rows
+
+
+def test_hub_snapshot_layout_and_split(tmp_path):
+    """A hub snapshot (symlinks into blobs/, README, .gitattributes, .cache/) lists only its data files;
+    --split keeps one split of folder- or prefix-named layouts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "0a1b2c"
+    blobs.mkdir()
+    (snap / "data").mkdir(parents=True)
+    (snap / ".cache" / "huggingface").mkdir(parents=True)
+    (snap / ".cache" / "huggingface" / "x.json").write_text("{}")
+    (snap / "README.md").write_text("---\nlicense: mit\n---\n")
+    (snap / ".gitattributes").write_text("*.parquet filter=lfs\n")
+    (snap / "dataset_infos.json").write_text("{}")
+    for name in ["train-00000-of-00002", "train-00001-of-00002", "test-00000-of-00001"]:
+        pq.write_table(pa.table({"text": [name]}), blobs / name)
+        (snap / "data" / f"{name}.parquet").symlink_to(blobs / name)
+    got = [os.path.basename(p) for p in list_inputs([str(snap)])]
+    assert got == ["test-00000-of-00001.parquet", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    assert [os.path.basename(p) for p in list_inputs([str(snap)], split="train")] == got[1:]
+    with pytest.raises(FileNotFoundError, match="of split 'validation'"):
+        list_inputs([str(snap)], split="validation")
+
+
+def test_verify_outputs_catches_truncation_and_deletion(tmp_path):
+    from data_pipeline import store
+    from data_pipeline.guard import verify_outputs
+
+    prefix = str(tmp_path / "ds")
+    store.write_shard(prefix, np.arange(10, dtype=np.uint16), np.array([4, 6]))
+    (tmp_path / "ds.rejects.jsonl").write_text("")
+    man = {"dtype": "uint16", "totals": {"tokens": 10, "docs_written": 2},
+           "output": {"bytes": {"rejects": 0}}}
+    assert verify_outputs(prefix, man) == []
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(18)
+    assert verify_outputs(prefix, man) == [f"{prefix}.bin: 18 bytes, manifest expects 20"]
+    os.remove(prefix + ".idx")
+    assert f"{prefix}.idx: missing (manifest says complete)" in verify_outputs(prefix, man)
+    man["totals"]["docs_written"] = 3
+    store.write_shard(prefix, np.arange(10, dtype=np.uint16), np.array([4, 6]))
+    assert verify_outputs(prefix, man) == [f"{prefix}.idx: {os.path.getsize(prefix + '.idx')} bytes, manifest "
+                                           f"expects {os.path.getsize(prefix + '.idx') + 20}"]
