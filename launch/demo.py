@@ -2,7 +2,7 @@
 
 1. corpus: a "domain" (docstrings of the torch package) and "general" text (docstrings of Python's
    standard library), made into jsonl, split train / held-out;
-2. a SentencePiece tokenizer trained on a sample, and the Ray Data pipeline writing megatron
+2. a SentencePiece tokenizer trained on a sample, and the Ray tokenize pipeline writing megatron
    indexed datasets;
 3. a tiny Llama-style base model (random init, saved as an HF checkpoint: a stand-in for a
    pretrained model);
@@ -107,7 +107,7 @@ def main() -> int:
         write_jsonl(corpus / f"{name}_train.jsonl", docs[cut:])
         print(f"  {name}: {len(docs) - cut} train / {cut} held-out documents, {sum(map(len, docs)):,} chars")
 
-    print("== 2. tokenizer + Ray Data tokenisation", flush=True)
+    print("== 2. tokenizer + Ray tokenisation", flush=True)
     tok = out / "tokenizer"
     sh(PY, "-m", "data_pipeline.train_tokenizer", "--input", corpus / "domain_train.jsonl",
        corpus / "general_train.jsonl", "--model-prefix", tok, "--vocab-size", 2000, "--sample-docs", 20000, env=env)
