@@ -260,25 +260,36 @@ def spawn(cfg: dict, timeout: int = 300) -> dict:
 TRAIN_ROWS = ("lora", "mora-sharing", "mora-rotation", "vera", "allora")
 
 
+def random_tokens(prefix: str, vocab: int, n_tokens: int) -> str:
+    """A megatron indexed dataset of uniform random token ids (seed 0, documents of 4,096), written
+    afresh at `prefix`; uint16 where the vocabulary fits."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16 if vocab < 65500 else np.int32)
+    for _ in range(-(-n_tokens // 4096)):
+        b.add_document(torch.from_numpy(rng.integers(3, vocab, 4096).astype(np.int64)), [4096])
+    b.finalize(prefix + ".idx")
+    return prefix
+
+
+def model_overrides(size: str) -> list:
+    """launch/train.py overrides for the bench shape `size` with a bf16 base."""
+    return [f"model.{k}={v}" for k, v in SIZES[size].items()] + ["model.dtype=bf16"]
+
+
 def train_rows(names, steps: int, mbs: int, seq: int, workdir: str, timeout: int = 300, size: str = "1b",
                modes=(False, True)) -> list:
     """What `launch/train.py` itself achieves (megatron DDP, schedules, grad norm/clip, AdamW,
     metrics) on the 1.1B model, eager and with `train.cuda_graph=true`: random tokens (a megatron
     indexed dataset written here), global batch 2 micro-batches, one process per run. Returns
     rows with the loop's own throughput summary (post-warm-up mean) and the per-step losses."""
-    import numpy as np
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     os.makedirs(workdir, exist_ok=True)
-    prefix = os.path.join(workdir, "random_tokens")
-    rng = np.random.default_rng(0)
     sz = SIZES[size]
-    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16 if sz["vocab_size"] < 65500 else np.int32)
-    n_tok = (steps + 2) * 2 * mbs * (seq + 1) * 2
-    for _ in range(-(-n_tok // 4096)):
-        b.add_document(torch.from_numpy(rng.integers(3, sz["vocab_size"], 4096).astype(np.int64)), [4096])
-    b.finalize(prefix + ".idx")
+    prefix = random_tokens(os.path.join(workdir, "random_tokens"), sz["vocab_size"],
+                           (steps + 2) * 2 * mbs * (seq + 1) * 2)
     out = []
     for name in names:
         row = ROWS[name]
@@ -288,9 +299,7 @@ def train_rows(names, steps: int, mbs: int, seq: int, workdir: str, timeout: int
         for graph in modes:
             tag = f"{name}{'+graph' if graph else ''}"
             run_dir = os.path.join(workdir, tag)
-            ov = [f"model.{k}={v}" for k, v in dict(num_layers=sz["num_layers"], hidden_size=sz["hidden_size"],
-                  ffn_hidden_size=sz["ffn_hidden_size"], num_attention_heads=sz["num_attention_heads"],
-                  num_query_groups=sz["num_query_groups"], vocab_size=sz["vocab_size"], dtype="bf16").items()]
+            ov = model_overrides(size)
             ov += adapter + [f"data.train=[{{path: {prefix}}}]", f"data.seq_length={seq}", "data.eod_id=0",
                              f"train.steps={steps}", f"train.micro_batch={mbs}", f"train.global_batch={2 * mbs}",
                              "train.lr=1e-4", "train.warmup=2", f"train.cuda_graph={str(graph).lower()}",

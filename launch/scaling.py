@@ -24,7 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from launch.bench import NCCL_ENV, ROWS, SIZES  # noqa: E402
+from launch.bench import NCCL_ENV, ROWS, SIZES, model_overrides, random_tokens  # noqa: E402
 
 
 def parse_layout(name: str) -> dict:
@@ -53,21 +53,6 @@ def write_hf_checkpoint(size: str, out: str, seq: int) -> str:
     return out
 
 
-def random_tokens(prefix: str, vocab: int, n_tokens: int) -> str:
-    import numpy as np
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    if os.path.exists(prefix + ".idx"):
-        return prefix
-    rng = np.random.default_rng(0)
-    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16 if vocab < 65500 else np.int32)
-    for _ in range(-(-n_tokens // 4096)):
-        b.add_document(torch.from_numpy(rng.integers(3, vocab, 4096).astype(np.int64)), [4096])
-    b.finalize(prefix + ".idx")
-    return prefix
-
-
 def run_layout(a, method: str, layout: str, data: str, hf: str | None, port: int) -> dict:
     lay = parse_layout(layout)
     row = ROWS[method]
@@ -80,12 +65,9 @@ def run_layout(a, method: str, layout: str, data: str, hf: str | None, port: int
           f"train.global_batch={gb}", f"run.name={tag}", "train.lr=1e-4", "train.warmup=2", "train.log_every=1",
           f"train.cuda_graph={str(a.graph and lay['pp'] == 1).lower()}", f"run.out_dir={run_dir}",
           f"run.peak_tflops={a.peak_tflops}", f"parallel.tp={lay['tp']}", f"parallel.pp={lay['pp']}",
-          f"parallel.sp={str(lay['sp']).lower()}", "model.dtype=bf16"]
+          f"parallel.sp={str(lay['sp']).lower()}"]
     ov += [f"adapter.mora_type={row['mora_type']}"] if "mora_type" in row else []
-    s = SIZES[a.size]  # the shape also with hf_dir (the same values): config validation reads model.*
-    ov += [f"model.{k}={v}" for k, v in dict(num_layers=s["num_layers"], hidden_size=s["hidden_size"],
-           ffn_hidden_size=s["ffn_hidden_size"], num_attention_heads=s["num_attention_heads"],
-           num_query_groups=s["num_query_groups"], vocab_size=s["vocab_size"]).items()]
+    ov += model_overrides(a.size)  # the shape also with hf_dir (the same values)
     if hf:
         ov.append(f"model.hf_dir={hf}")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={lay['gpus']}", f"--master_port={port}",

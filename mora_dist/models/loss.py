@@ -93,7 +93,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse[a:b], loss[a:b] = _lse_and_loss(z, tgt[a:b], hit[a:b], group)
             if keep_d:
                 torch.mm(_fn("grad")(z, lse[a:b], tgt[a:b], hit[a:b]), weight, out=D[a:b])
-        ctx.group, ctx.chunk_elems = group, chunk_elems
+        ctx.group, ctx.chunk_elems, ctx.keep_d = group, chunk_elems, keep_d
         if keep_d:
             ctx.save_for_backward(D)
         elif any(ctx.needs_input_grad[:2]):
@@ -103,7 +103,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         g = g.contiguous()
-        if len(ctx.saved_tensors) == 1:  # frozen W: dx = g * D
+        if ctx.keep_d:  # frozen W: dx = g * D
             (D,) = ctx.saved_tensors
             return D * g[:, None].to(D.dtype), None, None, None, None, None
         x, weight, lse, tgt, hit = ctx.saved_tensors
