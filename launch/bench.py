@@ -23,6 +23,7 @@ default on a GPU) and the whole step as one CUDA graph. Results: docs/performanc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -121,6 +122,8 @@ def build(cfg: dict):
 def run_one(cfg: dict) -> dict:
     import torch
 
+    from mora_dist.parallel.inject import fixed_adapters
+
     os.environ.update(NCCL_ENV)
     for k, v in cfg.get("env", {}).items():
         os.environ[k] = v
@@ -142,16 +145,28 @@ def run_one(cfg: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    def step():
+    accum = cfg.get("accum", 1)  # micro-batches per optimizer step (gradient accumulation)
+
+    def micro():
         loss = model(tokens, pos, None, labels=tokens).mean()
-        loss.backward()
+        (loss / accum if accum > 1 else loss).backward()
+        return loss
+
+    def step():
+        # with accumulation the merged weights are built once a step and read by every micro-batch;
+        # a one-micro-batch step builds them in its forward (inside the whole-step graph)
+        with fixed_adapters(model) if accum > 1 else contextlib.nullcontext():
+            for _ in range(accum):
+                loss = micro()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         return loss
 
     t_c = time.perf_counter()
-    if graph:
+    if graph and accum > 1:
+        step = capture_accum_step(model, opt, micro, accum, cfg.get("warm", 3))
+    elif graph:
         step = capture_step(model, opt, tokens, pos, step, cfg.get("warm", 3))
     else:
         for _ in range(cfg.get("warm", 3)):
@@ -172,7 +187,7 @@ def run_one(cfg: dict) -> dict:
     sync()
     dt = (time.perf_counter() - t0) / steps
     per = sorted(ev[i].elapsed_time(ev[i + 1]) for i in range(steps)) if cuda else [dt * 1e3]
-    tok_s = mbs * seq / dt
+    tok_s = mbs * seq * accum / dt
     fpt = flops_per_token(size, seq, cfg["method"] == "full")
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     extra = {}
@@ -180,6 +195,7 @@ def run_one(cfg: dict) -> dict:
         extra = profile_steps(step, cfg["profile"], f"{cfg.get('name')}: mean step {dt * 1e3:.1f} ms",
                               cpu=bool(cfg.get("profile_cpu")))
     return dict(**extra, graph=graph, name=cfg.get("name"), method=cfg["method"], size=cfg.get("size", "1b"), mbs=mbs,
+                accum=accum,
                 seq=seq, trainable=ntrain,
                 step_ms=round(dt * 1e3, 2), step_ms_median=round(per[len(per) // 2], 2),
                 step_ms_min=round(per[0], 2), tokens_per_s=round(tok_s), model_tflops=round(tok_s * fpt / 1e12, 1),
@@ -214,6 +230,44 @@ def capture_step(model, opt, tokens, pos, eager_step, warm: int):
 
     def replay():
         g.replay()
+        return loss
+
+    return replay
+
+
+def capture_accum_step(model, opt, micro, accum: int, warm: int):
+    """A step of `accum` micro-batches: the merged weights built eagerly once (fixed_adapters), one
+    micro-batch's forward and backward replayed `accum` times from a CUDA graph (gradients
+    allocated before capture, so the replayed backward accumulates into them), the fused AdamW
+    step eagerly: what the Trainer does under `train.cuda_graph` with gradient accumulation."""
+    import torch
+
+    from mora_dist.parallel.inject import fixed_adapters
+    from mora_dist.training.cuda_graph import skip_single_rank_collectives
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), skip_single_rank_collectives(), fixed_adapters(model):
+        for _ in range(warm):
+            micro()
+    torch.cuda.current_stream().wait_stream(s)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    g = torch.cuda.CUDAGraph()
+    with fixed_adapters(model):
+        with skip_single_rank_collectives(), torch.cuda.graph(g, capture_error_mode="thread_local"):
+            loss = micro()
+    for p in params:
+        p.grad.zero_()
+
+    def replay():
+        with fixed_adapters(model):
+            for _ in range(accum):
+                g.replay()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=False)
         return loss
 
     return replay
@@ -598,6 +652,8 @@ def main():
     ap.add_argument("--modes", default="eager,graph", help="eager and/or graph (whole step as one CUDA graph)")
     ap.add_argument("--mbs", default="4", help="micro-batch size(s), comma list: every row at each")
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--accum", default="1", help="micro-batches per optimizer step, comma list: every row at each "
+                    "(the merged weights are built once a step)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-compile", action="store_true", help="without the compiled RMSNorm/RoPE (MORA_DIST_COMPILE=0)")
     ap.add_argument("--no-fuse", action="store_true", help="without megatron's fused SwiGLU/residual/CE")
@@ -647,11 +703,12 @@ def main():
     else:
         cfgs = []
         for mbs in mbs_list:
-            for mode in a.modes.split(","):
-                for n in a.rows.split(","):
-                    if n:
-                        cfgs.append(dict(base, mbs=mbs, name=n + ("+graph" if mode == "graph" else ""),
-                                         graph=mode == "graph", **ROWS[n]))
+            for accum in [int(x) for x in a.accum.split(",")]:
+                for mode in a.modes.split(","):
+                    for n in a.rows.split(","):
+                        if n:
+                            tag = ("+graph" if mode == "graph" else "") + (f"+accum{accum}" if accum > 1 else "")
+                            cfgs.append(dict(base, mbs=mbs, accum=accum, name=n + tag, graph=mode == "graph", **ROWS[n]))
     rows = []
     results.update(head=head, rows=rows)
 

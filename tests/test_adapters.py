@@ -220,8 +220,14 @@ def test_merged_layer_matches_dense(d_in, shapes):
     plan = merged.Plan(2, terms, tuple(blocks))
     if os.environ.get("TRITON_INTERPRET") == "1":  # test_merged_layer_triton_kernels: the kernels must serve
         assert all(blockdiag._kernels(x, b.plan[0]) is not None for b in blocks)
-    out = merged.MergedLinear.apply(x, W0, plan, P, P2, mid, Q, mid2, Q2, *Ms)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the one-pass factor build (kernels/build.py) too
+        assert merged._kernel_build(W0) is not None
+    out = merged.MergedLinear.apply(x, W0, None, plan, P, P2, mid, Q, mid2, Q2, *Ms)
     (out * gout).sum().backward()
+    # the weight built once for the step (inject.fixed_adapters) and passed in: the same output
+    W = merged.build_weight(W0, plan, [P, P2, mid, Q, mid2, Q2, *Ms])
+    torch.testing.assert_close(merged.MergedLinear.apply(x.detach(), W0, W, plan, P, P2, mid, Q, mid2, Q2, *Ms),
+                               out.detach(), rtol=1e-12, atol=1e-12)
 
     params = [P, mid, Q, mid2, Q2, *Ms]
     refs = [t.detach().clone().requires_grad_(True) for t in params]
@@ -241,13 +247,35 @@ def test_merged_layer_matches_dense(d_in, shapes):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("n,d,k", [(70, 50, 3), (130, 90, 40), (16, 300, 17)])
+def test_factor_build_matches_float64(n, d, k):
+    """W = W0 + Q R (merged._build's one product over all factor terms) against float64 addmm, into a
+    new tensor and into a given buffer (a layer's step buffer). Under TRITON_INTERPRET=1
+    (test_merged_layer_triton_kernels) the one-pass Triton kernel (kernels/build.py) computes it,
+    with K = 40 spanning several K blocks and shapes that cut every tile."""
+    from mora_dist.parallel import merged
+
+    gen = torch.Generator().manual_seed(n + d + k)
+    W0, Q, P = (torch.randn(*sh, generator=gen, dtype=D) for sh in ((n, d), (n, k), (k, d)))
+    plan = merged.Plan(1, (merged.Term(merged.RowRange(0, n), 0, None),), ())
+    assert (merged._kernel_build(W0) is not None) == (os.environ.get("TRITON_INTERPRET") == "1")
+    want = W0 + Q @ P
+    torch.testing.assert_close(merged.build_weight(W0, plan, [P, None, Q]), want, rtol=1e-12, atol=1e-12)
+    buf = torch.full_like(W0, float("nan"))
+    got = merged.build_weight(W0, plan, [P, None, Q], out=buf)
+    assert got.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.integration
 def test_merged_layer_triton_kernels():
-    """test_merged_layer_matches_dense and test_block_grads_many_tokens with the MoRA blocks' weight
-    add and M gradient done by the Triton kernels (mora_dist/adapters/blockdiag_kernels.py, what a
+    """test_merged_layer_matches_dense, test_block_grads_many_tokens and test_factor_build_matches_float64
+    with the factor build (kernels/build.py) and MoRA blocks' weight add and M gradient done by the
+    Triton kernels (mora_dist/kernels/blockdiag.py, what a
     GPU runs), executed by Triton's interpreter on the CPU in float64 (TRITON_INTERPRET=1 must be
     set before triton is imported: a subprocess)."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        f"{__file__}::test_merged_layer_matches_dense", f"{__file__}::test_block_grads_many_tokens"],
+                        f"{__file__}::test_merged_layer_matches_dense", f"{__file__}::test_block_grads_many_tokens",
+                        f"{__file__}::test_factor_build_matches_float64"],
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "7 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "10 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

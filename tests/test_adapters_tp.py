@@ -111,6 +111,31 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT, fast=True):
     for n, p in adapter.named_parameters():
         diffs[f"grad_{n}"] = _rel(p.grad, adapter.shard_of(n, ref_params[n].grad))
 
+    # inside inject.fixed_adapters (an optimizer step's micro-batches): the merged weight is built
+    # once, on entry, and two micro-batches read it; their output and accumulated gradients are
+    # twice the single pass's
+    from mora_dist.parallel import merged as merged_mod
+    from mora_dist.parallel.inject import fixed_adapters
+
+    grads1 = {n: p.grad.clone() for n, p in adapter.named_parameters()}
+    for p in adapter.parameters():
+        p.grad = None
+    builds, build = [], merged_mod.build_weight
+    merged_mod.build_weight = lambda *a, **k: (builds.append(1), build(*a, **k))[1]
+    try:
+        x_f = x_in.detach().clone().requires_grad_(True)
+        with fixed_adapters(layer):
+            for _ in range(2):
+                out_f, _ = layer(x_f)
+                (out_f * g_out.float()).sum().backward()
+    finally:
+        merged_mod.build_weight = build
+    diffs["fixed_out"] = _rel(out_f, out)
+    diffs["fixed_xgrad"] = _rel(x_f.grad / 2, x_in.grad)
+    diffs["fixed_builds"] = float(len(builds) != (1 if fast and not block_row else 0))
+    for n, p in adapter.named_parameters():
+        diffs[f"fixed_grad_{n}"] = _rel(p.grad / 2, grads1[n])
+
     # merge: the merged layer alone gives the adapted output; unmerge restores W0
     w_before = base.weight.detach().clone()
     with torch.no_grad():

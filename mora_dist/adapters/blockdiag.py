@@ -13,7 +13,7 @@ operations serve the merged path, taking M and the rotation tables (cos, sin):
 - `block_grads`: d loss / d M = sum_c dW_c R_c^T, with dW_c the block-diagonal part of g^T x'
   (never the dense g^T x).
 
-On the GPU each is one Triton launch per adapter (`blockdiag_kernels`, driven by `items`). The
+On the GPU each is one Triton launch per adapter (`mora_dist.kernels.blockdiag`, driven by `items`). The
 torch forms (CPU, and rh > d_in) follow `operations`: the add puts the chunk matrices on strided
 diagonal-block views of W, partial chunks at a piece's ends as small dense adds, wrapped input
 columns folded back by index; the gradient runs strided batched GEMMs over `superblocks` of
@@ -135,7 +135,7 @@ def _kernels(t: torch.Tensor, geo: Geometry):
     if geo.rh > geo.d_in or not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
     try:
-        from mora_dist.adapters import blockdiag_kernels
+        from mora_dist.kernels import blockdiag as blockdiag_kernels
     except ImportError:
         return None
     return blockdiag_kernels

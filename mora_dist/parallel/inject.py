@@ -8,6 +8,7 @@ local output (`mora_dist.parallel.fused`).
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
 import zlib
@@ -148,6 +149,22 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, vera_shapes: tuple | No
 
 def adapted_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+
+
+@contextlib.contextmanager
+def fixed_adapters(model: nn.Module):
+    """A scope in which the adapter parameters do not change (an optimizer step's micro-batches, an
+    evaluation): each adapted layer on the merged-weight path builds W0 + dW once, on entry, and
+    every forward inside reads it (`AdaptedLinear.begin_fixed`). Changing adapter parameters or
+    base weights inside the scope is an error the scope cannot see: step the optimizer outside."""
+    layers = adapted_layers(model)
+    for m in layers:
+        m.begin_fixed()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.end_fixed()
 
 
 def named_adapters(model: nn.Module):

@@ -17,7 +17,11 @@ frozen base costs. The parameter gradients come from (g, x) without the dense g^
 
 Precision: W0 + dW is rounded once to W0's dtype (addmm/add accumulate in fp32), as the bf16
 weights of mixed-precision full fine-tuning are; dW's gradients and the fp32 masters are exact.
-W is kept for the backward: one extra copy of the adapted weights at peak memory.
+W is kept for the backward: one extra copy of the adapted weights at peak memory. The adapters do
+not change between an optimizer step's micro-batches, so inside `inject.fixed_adapters` (the
+Trainer's step, evaluation, the bench) each layer builds W once into a step buffer and every
+micro-batch reads it: one build a step instead of one a micro-batch (17 ms each at the 8B shape),
+and one copy of W however many micro-batches are in flight (PP).
 
 TP: the same Function serves a rank's shard (wrappers.py gives it the local weight, the local
 factors and the gathered input of a column shard); replicated trainables arrive through
@@ -26,6 +30,7 @@ factors and the gathered input of a column shard); replicated trainables arrive 
 from __future__ import annotations
 
 import itertools
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -113,15 +118,46 @@ def _stacked_q(n: int, parts, like: torch.Tensor) -> torch.Tensor:
     return Qf
 
 
-def _build(W0: torch.Tensor, plan: Plan, Ps, pairs) -> torch.Tensor:
-    """W0 + Q mid P of every factor term as one addmm over all rows with a block-sparse
-    [n_out, sum k] Q (one pass over the weight, one rounding), or a copy of W0 without terms."""
+def _kernel_build(W0: torch.Tensor):
+    """The one-pass Triton build (`kernels/build.py`) when it serves W0: a CUDA half-precision
+    weight (or TRITON_INTERPRET=1 for the CPU checks), else None (torch's addmm)."""
+    on = W0.is_cuda and W0.dtype in (torch.bfloat16, torch.float16)
+    if not (on or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    try:
+        from mora_dist.kernels import build
+    except ImportError:
+        return None
+    return build
+
+
+def _build(W0: torch.Tensor, plan: Plan, Ps, pairs, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W0 + Q mid P of every factor term as one product over all rows with a block-sparse
+    [n_out, sum k] Q (one rounding; on the GPU one pass over the weight), or a copy of W0 without
+    terms. `out`: where to write it (a layer's step buffer), else a new tensor."""
+    W0 = W0.detach()
     if not plan.terms:
-        return W0.detach().clone()
+        return W0.clone() if out is None else out.copy_(W0)
     Rs = [Ps[t.slot] if mid is None else (mid[:, None] * Ps[t.slot] if mid.dim() == 1 else mid @ Ps[t.slot])
           for t, (mid, _) in zip(plan.terms, pairs)]
     Qf = _stacked_q(W0.shape[0], [(t.rows, Q) for t, (_, Q) in zip(plan.terms, pairs)], W0)
-    return torch.addmm(W0.detach(), Qf, torch.cat(Rs) if len(Rs) > 1 else Rs[0])
+    R = torch.cat(Rs) if len(Rs) > 1 else Rs[0]
+    kern = _kernel_build(W0)
+    if kern is not None:
+        return kern.addmm(W0, Qf, R, out)
+    return torch.addmm(W0, Qf, R) if out is None else torch.addmm(W0, Qf, R, out=out)
+
+
+@torch.no_grad()
+def build_weight(W0: torch.Tensor, plan: Plan, ts, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The layer's effective weight W0 + every adapter's dW (factor terms, then MoRA blocks added
+    in place), rounded once to W0's dtype. `ts` as MergedLinear takes them."""
+    if not plan.terms and not plan.blocks and out is None:
+        return W0.detach()
+    Ps, pairs, Ms = _split(plan, ts)
+    W = _build(W0, plan, Ps, pairs, out)
+    blockdiag.add_blocks_(W, [b.plan for b in plan.blocks], Ms, [b.rot for b in plan.blocks])
+    return W
 
 
 def _split(plan: Plan, ts):
@@ -197,13 +233,14 @@ def _block_output_grad(g2: torch.Tensor, blocks) -> torch.Tensor:
 
 
 class MergedLinear(torch.autograd.Function):
-    """y2 = x2 @ (W0 + every adapter's dW)^T for x2 [T, d_in] and the frozen W0 [n_out, d_in]."""
+    """y2 = x2 @ W^T, W = W0 + every adapter's dW, for x2 [T, d_in] and the frozen W0 [n_out, d_in].
+    `W`: that weight already built for this optimizer step (`AdaptedLinear`'s step buffer), or None
+    to build it here."""
 
     @staticmethod
-    def forward(ctx, x2, W0, plan: Plan, *ts):
-        Ps, pairs, Ms = _split(plan, ts)
-        W = _build(W0, plan, Ps, pairs)
-        blockdiag.add_blocks_(W, [b.plan for b in plan.blocks], Ms, [b.rot for b in plan.blocks])
+    def forward(ctx, x2, W0, W, plan: Plan, *ts):
+        if W is None:
+            W = build_weight(W0, plan, ts)
         ctx.plan = plan
         ctx.save_for_backward(x2, W, *ts)
         return x2 @ W.t()
@@ -212,7 +249,7 @@ class MergedLinear(torch.autograd.Function):
     def backward(ctx, g):
         plan = ctx.plan
         x2, W, *ts = ctx.saved_tensors
-        need = ctx.needs_input_grad[3:]
+        need = ctx.needs_input_grad[4:]
         nf = plan.n_p + 2 * len(plan.terms)
         grads = [None] * len(ts)
         if any(need[:nf]):
@@ -221,4 +258,4 @@ class MergedLinear(torch.autograd.Function):
             grads[nf:] = blockdiag.block_grads(_block_output_grad(g, plan.blocks), x2, [b.plan for b in plan.blocks],
                                                ts[nf:], [b.rot for b in plan.blocks], need[nf:])
         dx = g @ W if ctx.needs_input_grad[0] else None
-        return (dx, None, None, *grads)
+        return (dx, None, None, None, *grads)

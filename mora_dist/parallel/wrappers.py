@@ -117,14 +117,10 @@ class AdaptedLinear(nn.Module):
         return (weight is None and not self.base.weight.requires_grad
                 and all(a.fast for a in self.adapters.values()))
 
-    def _merged_out(self, x, x_local=None):
-        """The layer's output (local rows; a partial sum for row-parallel) with every adapter merged
-        into the weight shard for this step: one GEMM forward, one GEMM input gradient, skinny GEMMs
-        for the parameter gradients (`merged.MergedLinear`). `x` is the whole input the GEMM reads
-        (column-parallel: gathered over TP), `x_local` what the layer was given. Adapters with
-        neither `Factors` nor a block operator (MoRA's block types on a row-parallel shard) are
-        added by their own forward, from `x_local`."""
-        x_local = x if x_local is None else x_local
+    def _merged_plan(self):
+        """(merged.Plan, its tensors, names of adapters added by their own forward) for this layer's
+        adapters as they are now. Adapters with neither `Factors` nor a block operator (MoRA's
+        block types on a row-parallel shard) go to the third list."""
         dt = self.base.weight.dtype
         keys, Ps, pairs, terms, Ms, blocks, extra = {}, [], [], [], [], [], []
         for name, adapter in self.adapters.items():
@@ -151,8 +147,41 @@ class AdaptedLinear(nn.Module):
             geo, M, rot = block
             blocks.append(merged.Block((geo, segments), c, rot))
             Ms.append(M)
-        plan = merged.Plan(len(Ps), tuple(terms), tuple(blocks))
-        out = merged.MergedLinear.apply(x.reshape(-1, x.shape[-1]), self.base.weight, plan, *Ps, *pairs, *Ms)
+        return merged.Plan(len(Ps), tuple(terms), tuple(blocks)), [*Ps, *pairs, *Ms], extra
+
+    # --- one build a step (inject.fixed_adapters) -----------------------------------------------
+    @torch.no_grad()
+    def begin_fixed(self) -> None:
+        """The adapters stay fixed until `end_fixed` (an optimizer step's micro-batches): build
+        W0 + dW once, into a buffer kept across steps (a stable address for CUDA graphs), and let
+        every forward read it."""
+        if self.merged or not self.adapters or not self._use_merged(None):
+            self._fixed = None
+            return
+        W0 = self.base.weight
+        plan, ts, _ = self._merged_plan()
+        if not plan.terms and not plan.blocks:  # only adapters with their own forward: W0 itself
+            self._fixed = W0.detach()
+            return
+        buf = getattr(self, "_step_weight", None)
+        if buf is None or buf.shape != W0.shape or buf.dtype != W0.dtype or buf.device != W0.device:
+            buf = torch.empty_like(W0, requires_grad=False)
+        self._step_weight = merged.build_weight(W0, plan, ts, out=buf)
+        self._fixed = self._step_weight
+
+    def end_fixed(self) -> None:
+        self._fixed = None
+
+    def _merged_out(self, x, x_local=None):
+        """The layer's output (local rows; a partial sum for row-parallel) with every adapter merged
+        into the weight shard for this step: one GEMM forward, one GEMM input gradient, skinny GEMMs
+        for the parameter gradients (`merged.MergedLinear`). `x` is the whole input the GEMM reads
+        (column-parallel: gathered over TP), `x_local` what the layer was given. The weight is the
+        step's (built once by `begin_fixed`) inside `inject.fixed_adapters`, else built here."""
+        x_local = x if x_local is None else x_local
+        plan, ts, extra = self._merged_plan()
+        W = getattr(self, "_fixed", None)
+        out = merged.MergedLinear.apply(x.reshape(-1, x.shape[-1]), self.base.weight, W, plan, *ts)
         out = out.view(*x.shape[:-1], out.shape[-1])
         for name in extra:
             out = self._add_delta(out, x_local, name)

@@ -14,7 +14,13 @@ gradients are discarded), then capture. Reductions over one-rank groups (megatro
 vocab-parallel loss at TP=1) are identities and are skipped so that only kernels are captured.
 A graph records tensor addresses: anything that replaces a tensor the forward reads (a ReMoRA
 type switch rebuilds MoRA's index maps, merging changes the path) must call `invalidate()`; the
-Trainer does after every restart.
+Trainer does after every restart. The merged adapter weights are built outside the graph, once a
+step, into buffers whose addresses stay fixed (`inject.fixed_adapters`).
+
+Under pipeline parallelism a stage interleaves micro-batches (1F1B: several forwards in flight), so
+one micro-batch's graph does not fit; `ScheduleGraph` captures the whole schedule of a step instead
+(every micro-batch's forward and backward and the P2P transfers between stages), as megatron's
+full-iteration graph does.
 """
 from __future__ import annotations
 
@@ -97,4 +103,45 @@ class MicrobatchGraph:
         _register_rng_states(graph)
         with skip_single_rank_collectives(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.loss = self.fwd_bwd(self.static)
+        self.graph = graph
+
+
+class ScheduleGraph:
+    """`losses = run(batches)` (a step's whole pipeline schedule over the list of micro-batches) as
+    one replayable graph. The first `warmup` steps run eagerly (they are real steps; NCCL's P2P
+    communicators, compiled kernels and cuBLAS workspaces are made there, outside the capture); the
+    next is captured (capture runs no kernel, so no gradient is counted twice) and replayed."""
+
+    def __init__(self, run, warmup: int = 2):
+        self.run, self.warmup = run, warmup
+        self.graph = self.static = self.out = None
+        self.eager_steps = 0
+
+    def invalidate(self) -> None:
+        self.graph = self.static = self.out = None
+        self.eager_steps = 0
+
+    def __call__(self, batches: list) -> list:
+        if self.graph is None and self.eager_steps < self.warmup:
+            self.eager_steps += 1
+            return self.run(batches)
+        if self.graph is None:
+            self._capture(batches)
+        else:
+            for st, b in zip(self.static, batches):
+                for k, v in b.items():
+                    st[k].copy_(v, non_blocking=True)
+        self.graph.replay()
+        return [{k: v.clone() for k, v in d.items()} for d in self.out]
+
+    def _capture(self, batches: list) -> None:
+        dev = torch.cuda.current_device()
+        self.static = [{k: v.to(dev).clone() for k, v in b.items()} for b in batches]
+        torch.cuda.synchronize()
+        dist.barrier()  # every stage captures the same schedule of matching sends and receives
+        graph = torch.cuda.CUDAGraph()
+        _register_rng_states(graph)
+        with skip_single_rank_collectives(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.out = self.run(self.static)
+        torch.cuda.synchronize()
         self.graph = graph

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from mora_dist.parallel.inject import adapted_layers
+from mora_dist.parallel.inject import adapted_layers, fixed_adapters
 
 from mora_dist.training.config import Config
 from mora_dist.training.schedule import jagged_cosine_lr
@@ -107,14 +107,17 @@ class Trainer:
         if t.cuda_graph:
             if not torch.cuda.is_available():
                 raise ValueError("train.cuda_graph: true needs a GPU")
-            if ps.get_pipeline_model_parallel_world_size() > 1:
-                raise ValueError("train.cuda_graph: true is implemented for parallel.pp=1 (tensor and data "
-                                 "parallel are fine: their NCCL collectives are captured); use the eager step for PP")
-            from mora_dist.training.cuda_graph import MicrobatchGraph, graph_safe_rng
+            from mora_dist.training.cuda_graph import MicrobatchGraph, ScheduleGraph, graph_safe_rng
 
-            if ps.get_tensor_model_parallel_world_size() > 1:
+            if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() > 1:
                 graph_safe_rng(cfg.model.seed)
-            self.graph = MicrobatchGraph(self._graph_fwd_bwd, self._zero_grads)
+            if ps.get_pipeline_model_parallel_world_size() > 1:
+                # megatron synchronises the device after batched P2P transfers (an old torch race);
+                # a capture cannot contain a device sync, and the transfers are ordered on the stream
+                model.config.batch_p2p_sync = False
+                self.graph = ScheduleGraph(lambda batches: self._schedule(iter(batches), len(batches), False))
+            else:
+                self.graph = MicrobatchGraph(self._graph_fwd_bwd, self._zero_grads)
 
     # --- one step ---------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -122,13 +125,16 @@ class Trainer:
         return jagged_cosine_lr(step, t.lr, t.warmup, t.steps, t.min_lr_ratio, r.every, r.warmup)
 
     def _run_schedule(self, source, step: int, forward_only: bool):
+        return self._schedule(source.microbatches(step), source.num_microbatches, forward_only)
+
+    def _schedule(self, batches, n: int, forward_only: bool):
+        """megatron's schedule (1F1B under PP) over `n` micro-batches from the iterator `batches`."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        t = self.cfg.train
         return get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=source.microbatches(step), model=[self.ddp],
-            num_microbatches=source.num_microbatches, seq_length=self.cfg.data.seq_length,
-            micro_batch_size=t.micro_batch, forward_only=forward_only)
+            forward_step_func=_forward_step, data_iterator=batches, model=[self.ddp], num_microbatches=n,
+            seq_length=self.cfg.data.seq_length, micro_batch_size=self.cfg.train.micro_batch,
+            forward_only=forward_only)
 
     def _graph_fwd_bwd(self, b: dict) -> torch.Tensor:
         """One micro-batch as the no-pipelining schedule does it: loss / num_microbatches, backward."""
@@ -143,6 +149,10 @@ class Trainer:
             p.grad = None
 
     def _run_graphed(self, step: int) -> list:
+        from mora_dist.training.cuda_graph import ScheduleGraph
+
+        if isinstance(self.graph, ScheduleGraph):
+            return self.graph(list(self.batches.microbatches(step)))
         return [{"loss": self.graph(b, first_of_step=(i == 0))}
                 for i, b in enumerate(self.batches.microbatches(step))]
 
@@ -184,10 +194,11 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.opt.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        if self.graph is not None:
-            losses = self._run_graphed(step)
-        else:
-            losses = self._run_schedule(self.batches, step, forward_only=False)
+        with fixed_adapters(self.model):  # merged weights built once for the step's micro-batches
+            if self.graph is not None:
+                losses = self._run_graphed(step)
+            else:
+                losses = self._run_schedule(self.batches, step, forward_only=False)
         self.ddp.finish_grad_sync()
         for p in self.params:
             p.grad = p.main_grad
@@ -204,8 +215,9 @@ class Trainer:
         out = {}
         for name, src in self.eval_sets.items():
             vals = []
-            for i in range(self.cfg.data.eval_batches):
-                vals.append(self._mean_loss(self._run_schedule(src, i, forward_only=True)))
+            with fixed_adapters(self.model):
+                for i in range(self.cfg.data.eval_batches):
+                    vals.append(self._mean_loss(self._run_schedule(src, i, forward_only=True)))
             loss = sum(vals) / len(vals)
             out[f"eval/{name}_loss"] = loss
             out[f"eval/{name}_ppl"] = math.exp(loss)

@@ -36,14 +36,16 @@ ADD_TILE = 64  # chunk rows x chunk columns per program of the add
 NF = tl.constexpr(7)  # fields of a work item
 
 
-def grad_config(rh: int) -> dict:
+def grad_config(rh: int, itemsize: int = 2) -> dict:
     """block_grad's tiling (dM tile BI x BK, tokens per dot BT, tokens per unit TB, units per
     program UPP, launch options), picked on the H100 in a CUDA graph over the 1.1B model's seven
     adapters (docs/performance.md): 128 x 128 tiles with 8 warps for rh > 160 (11.4 ms a step for
     all 154 adapters vs 13.8 with 64 x 64), 64 x 64 for small rh (k/v, rh 136: 0.51 vs 0.87 ms)."""
     if rh <= 160:
         return dict(BI=64, BK=64, BT=64, TB=1024, UPP=4, num_warps=4, num_stages=3)
-    return dict(BI=128, BK=128, BT=64, TB=2048, UPP=2, num_warps=8, num_stages=4)
+    # 4-byte inputs (fp32 checks) need twice the shared memory a stage: 4 stages of 128-wide fp32
+    # tiles ask 256 KiB, over the H100/H200 limit (227 KiB)
+    return dict(BI=128, BK=128, BT=64, TB=2048, UPP=2, num_warps=8, num_stages=4 if itemsize <= 2 else 2)
 
 
 @triton.jit
@@ -174,7 +176,7 @@ def add_blocks_(W: torch.Tensor, M: torch.Tensor, rot, items: tuple, rh: int) ->
 
 def block_grad(g2: torch.Tensor, x2: torch.Tensor, rot, items: tuple, rh: int, dtype, cfg: dict | None = None):
     """dM [rh, rh] (in `dtype`) of one block adapter from the layer's output gradient g2 and input x2."""
-    cfg = cfg or grad_config(rh)
+    cfg = cfg or grad_config(rh, g2.element_size())
     tab, align = _table(items, rh, g2.device)
     T = g2.shape[0]
     TB = min(cfg["TB"], triton.next_power_of_2(max(T, cfg["BT"])))
