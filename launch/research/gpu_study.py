@@ -267,7 +267,9 @@ def _records(d: Path):
 def method_label(cfg: dict) -> str:
     m = cfg["method"]
     if "restart_every" in cfg:  # pretrain_relora.py
-        return {"full": "full-rank", "lora": "ReLoRA", "mora": "ReMoRA"}.get(m, m)
+        names = {"full": "full-rank", "lora": "ReLoRA", "mora": "ReMoRA"} if cfg["restart_every"] else {
+            "full": "full-rank", "lora": "LoRA", "mora": "MoRA"}
+        return names.get(m, m)
     if m == "mora":
         return f"MoRA-{cfg.get('mora_type')}"
     if m == "vera":
@@ -286,7 +288,7 @@ def collect(root) -> list[dict]:
         recs = _records(d)
         row = dict(run=str(d.relative_to(root)), method=method_label(cfg), lr=cfg["lr"],
                    trainable=cfg.get("trainable"), truncated=any(r.get("truncated") for r in recs))
-        ev = [r for r in recs if "eval/exact_match" in r]
+        ev = [r for r in recs if "eval/exact_match" in r and "epoch" in r]  # per-epoch evaluations
         if ev:  # UUID run
             tr = [r for r in recs if "epoch" in r and r["epoch"] > 0]
             best = max(ev, key=lambda r: (r["eval/exact_match"], -r["epoch"]))
