@@ -512,7 +512,8 @@ def round2_plots(root, out) -> None:
             grid = sorted((r for r in rs if r["seed"] == 0), key=lambda r: r["lr"])
             ax[1].plot([r["lr"] for r in grid], [_ppl(r) for r in grid], "o-", label=PT_NAMES[g])
         ax[0].set(xlabel="step", ylabel="held-out ppl (per byte)", yscale="log")
-        ax[1].set(xlabel="adapter LR (full-rank: its LR)", ylabel="final held-out ppl, seed 0", xscale="log", yscale="log")
+        ax[1].set(xlabel="adapter LR (full-rank: its LR)", ylabel="final held-out ppl, seed 0", yscale="log")
+        _lr_axis(ax[1], sorted({r["lr"] for r in pt}))
         for a in ax:
             a.legend(fontsize=7)
         fig.tight_layout()
