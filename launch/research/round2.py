@@ -4,7 +4,7 @@ memorisation with the paper's metric (LoRA, MoRA decouple / rotation / sharing a
 all as parallel processes on one GPU (gpu_study.run_jobs), in two phases per method: an LR grid at
 seed 0, then seeds 1 and 2 at that method's best LR (queued as soon as its grid has ended).
 
-    python launch/research/round2.py OUT                  # the study (one H200, about 8 minutes)
+    python launch/research/round2.py OUT                  # the study: one H200, ~7 min expected, stops by --budget
     python launch/research/round2.py OUT --smoke          # the same driver on a CPU: tiny models, 20 steps
 
 OUT gets ROOT/pretrain/<group>_lr<lr>_seed<s>/ and ROOT/uuid/... (metrics.jsonl, run.json, log per
@@ -16,6 +16,13 @@ Pretraining keeps the paper's proportions at a tenth of its length (--pt-steps, 
 and norms at full-rank's best LR of round 1 (5e-4, --full-rank-lr) on a plain cosine, and delete the
 adapters' Adam state at restarts, as the authors do. UUID runs 63 epochs of 16 steps (1008 steps),
 evaluated every 100 steps (per-character accuracy and exact match at 300/500/700/900).
+
+Time (from round 1's runs on one H100, 27 processes at once: a pretraining step with adapters took
+~7.5 ms of the shared GPU, full-rank ~6.2 ms, a UUID step ~4.6 ms (LoRA, sharing) to ~6.7 ms (rotation),
+evaluations included): 49 pretraining runs x 500 steps ~ 190 s, 25 UUID runs x 1008 steps ~ 130 s, plus
+~40 s of start-up (50 processes import, build the corpus, compile) and ~40 s for the last groups' seeds:
+~6.5 minutes. Every run gets a deadline (start + --budget - --stop-margin) and marks itself "truncated"
+("(cut)" in the tables) if it passes it; no seed run starts with less than 60 s left.
 """
 from __future__ import annotations
 
