@@ -153,7 +153,8 @@ def test_round2_driver_grid_then_seeds_at_the_best_lr(tmp_path):
     for x in recs:  # a record at step s logs the LR of step s - 1
         s = x["step"] - 1
         assert x["lr_full_rank"] == pytest.approx(cosine_lr(s, 5e-4, c["warmup"], steps, 0.1))
-        assert x["lr"] == pytest.approx(jagged_cosine_lr(s, c["lr"], c["warmup"], steps, 0.1, every, c["restart_warmup"]))
+        rw = c["restart_warmup"]
+        assert x["lr"] == pytest.approx(jagged_cosine_lr(s, c["lr"], c["warmup"], steps, 0.1, every, rw))
     assert any(x["lr"] != pytest.approx(x["lr_full_rank"] * c["lr"] / 5e-4) for x in recs)  # re-warm-ups differ
     u = uu[0]
     assert u["cfg"]["adapter_scale"] == 2.0  # LoRA's default alpha = 2r

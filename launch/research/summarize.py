@@ -432,7 +432,8 @@ def round2_tables(root) -> str:
             lrs = [r["lr"] for r in grid]
             cells = ", ".join((f"**{r['lr']:g}: {_ppl(r):.3f}**" if r["lr"] == lr else f"{r['lr']:g}: {_ppl(r):.3f}")
                               + (" (cut)" if r["truncated"] else "") for r in grid)
-            where = "-" if lr is None else f"{lr:g}" + (" (grid edge)" if len(lrs) > 1 and lr in (lrs[0], lrs[-1]) else "")
+            edge = len(lrs) > 1 and lr in (lrs[0], lrs[-1])
+            where = "-" if lr is None else f"{lr:g}" + (" (grid edge)" if edge else "")
             c = (grid or rs)[0]["cfg"]
             steps = max((r.get("step", 0) for r in (grid or rs)[0]["recs"]), default=0)
             sc = c.get("adapter_scale")
@@ -495,7 +496,8 @@ def _band(ax, runs, key, lab, at_step=False):
     if not steps:
         return
     line, = ax.plot(steps, [statistics.mean(per[s]) for s in steps], label=f"{lab}, {len(runs)} seeds")
-    ax.fill_between(steps, [min(per[s]) for s in steps], [max(per[s]) for s in steps], color=line.get_color(), alpha=0.2)
+    ax.fill_between(steps, [min(per[s]) for s in steps], [max(per[s]) for s in steps], color=line.get_color(),
+                    alpha=0.2)
 
 
 def round2_plots(root, out) -> None:

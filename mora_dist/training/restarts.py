@@ -8,7 +8,8 @@ by default; [1, 2, 3, 4] is the authors' released ResetReloraCallback) so succes
 different groupings, and the adapters' Adam states are either magnitude-pruned (ReLoRA: zero every
 entry below the `prune` quantile of |state|, computed over the whole TP-sharded tensor; prune = 1.0
 zeroes the moments, the MoRA authors' pretraining setting) with the step count kept, or, with
-`restarts.reset_optimizer: delete`, deleted with their step count (Adam's bias correction starts over). The jagged LR schedule (schedule.py) re-warms after each restart. The model output is
+`restarts.reset_optimizer: delete`, deleted with their step count (Adam's bias correction starts
+over). The jagged LR schedule (schedule.py) re-warms after each restart. The model output is
 unchanged at the moment of the restart: W + dW before, (W + dW) + 0 after.
 """
 from __future__ import annotations
