@@ -112,3 +112,52 @@ def test_vera_equal_budget_rank():
     dims = [(256, 256)] * 4 + [(256, 688)] * 2 + [(688, 256)]
     r = common.vera_equal_budget_r(dims, 39_040)  # one layer's LoRA r=8 count (hidden 256, FFN 688)
     assert r == 5198 and abs(r * len(dims) + sum(o for _, o in dims) - 39_040) <= len(dims) / 2
+
+
+@pytest.mark.integration  # runs the study scripts as subprocesses
+def test_round2_driver_grid_then_seeds_at_the_best_lr(tmp_path):
+    """round2.py --smoke on two groups: the seed-0 grid runs, the driver picks each group's best LR from
+    the real numbers (lowest held-out ppl; highest value accuracy at the last paper step) and runs seeds
+    1 and 2 there. The pretraining runs train the full-rank parts as their own group on a plain cosine
+    from --full-rank-lr, the adapters on the jagged schedule at scale alpha / r = 0.5; the UUID runs
+    evaluate every --eval-steps steps."""
+    import json
+    import math
+
+    import round2
+    import summarize
+    from mora_dist.training.schedule import cosine_lr, jagged_cosine_lr
+
+    out = tmp_path / "r2"
+    rc = round2.main([str(out), "--smoke", "--parallel", "4", "--groups", "relora_s0.5", "lora_r8",
+                      "--progress-every", "1000"])
+    status = json.loads((out / "status.json").read_text())
+    assert rc == 0 and len(status) == 8 and all(v.startswith("rc 0") for v in status.values()), status
+    sel = {s["group"]: s for s in json.loads((out / "selection.json").read_text())}
+    pt = [r for r in summarize.round2_runs(out, "pretrain")]
+    uu = [r for r in summarize.round2_runs(out, "uuid")]
+    grid_pt = {r["lr"]: summarize._ppl(r) for r in pt if r["seed"] == 0}
+    last = max(x["eval_at_step"] for x in uu[0]["recs"] if "eval_at_step" in x)  # < 900 in the smoke runs
+    grid_uu = {r["lr"]: summarize._at(r, last, "eval/value_token_acc") for r in uu if r["seed"] == 0}
+    assert len(grid_pt) == len(grid_uu) == 2 and all(math.isfinite(v) for v in grid_pt.values())
+    assert float(sel["relora_s0.5"]["best_lr"]) == min(grid_pt, key=grid_pt.get)
+    assert float(sel["lora_r8"]["best_lr"]) == max(grid_uu, key=grid_uu.get)
+    for runs, best in ((pt, sel["relora_s0.5"]["best_lr"]), (uu, sel["lora_r8"]["best_lr"])):
+        assert sorted(r["seed"] for r in runs if r["lr"] == float(best)) == [0, 1, 2]
+    r = pt[0]
+    c = r["cfg"]
+    assert c["adapter_scale"] == 0.5 and c["full_rank_lr"] == 5e-4 and c["reset_optimizer"] == "delete"
+    steps, every = c["steps"], c["restart_every"]
+    recs = [x for x in r["recs"] if "lr_full_rank" in x]
+    assert recs[-1]["restarts"] == (steps - 1) // every
+    for x in recs:  # a record at step s logs the LR of step s - 1
+        s = x["step"] - 1
+        assert x["lr_full_rank"] == pytest.approx(cosine_lr(s, 5e-4, c["warmup"], steps, 0.1))
+        rw = c["restart_warmup"]
+        assert x["lr"] == pytest.approx(jagged_cosine_lr(s, c["lr"], c["warmup"], steps, 0.1, every, rw))
+    assert any(x["lr"] != pytest.approx(x["lr_full_rank"] * c["lr"] / 5e-4) for x in recs)  # re-warm-ups differ
+    u = uu[0]
+    assert u["cfg"]["adapter_scale"] == 2.0  # LoRA's default alpha = 2r
+    assert [x["eval_at_step"] for x in u["recs"] if "eval_at_step" in x] == list(range(4, u["cfg"]["steps"] + 1, 4))
+    text = summarize.round2_tables(out)
+    assert "ReLoRA, scale 0.5" in text and "LoRA r=8" in text and "±" in text

@@ -158,3 +158,98 @@ def test_relora_reinit_does_not_depend_on_pipeline_layout(tmp_path):
     assert sorted(got) == sorted(ref) and len(ref) == 12
     for name, a in ref.items():
         assert torch.equal(got[name], a), name
+
+
+def test_remora_type_schedule_paper_default_and_released_option():
+    """`restarts.mora_types`: the default is the paper's 1 -> 2 -> 1 alternation (Appendix B), [1, 2, 3, 4]
+    the released code's cycle; a resumed adapter takes the type of n restarts; a type outside the
+    schedule (rotation) stays; cycling off keeps the type."""
+    from mora_dist.adapters import AdapterConfig, Shard, build_adapter
+    from mora_dist.training.config import RestartConfig
+
+    def types(cycle, n, mora_type="sharing"):
+        a = build_adapter(AdapterConfig("mora", r=4, mora_type=mora_type), Shard(48, 32))
+        out = []
+        for k in range(n):
+            a.on_restart(torch.Generator().manual_seed(k), cycle)
+            out.append(a.type)
+        return out
+
+    paper = RestartConfig().mora_cycle
+    assert paper == (1, 2)
+    assert types(paper, 4) == [2, 1, 2, 1]
+    released = RestartConfig(mora_types=["type1", 2, "type3", 4]).mora_cycle
+    assert released == (1, 2, 3, 4) and types(released, 5) == [2, 3, 4, 1, 2]
+    assert types(RestartConfig(cycle_mora_types=False).mora_cycle, 2) == [1, 1]
+    assert types(paper, 2, "rotation") == [6, 6]
+    fresh = build_adapter(AdapterConfig("mora", r=4), Shard(48, 32))
+    fresh.after_restarts(3, paper)
+    assert fresh.type == 2
+    fresh = build_adapter(AdapterConfig("mora", r=4), Shard(48, 32))
+    fresh.after_restarts(3, released)
+    assert fresh.type == 4
+
+
+def _adapted_model():
+    from mora_dist.adapters import AdapterConfig, Shard, build_adapter
+    from mora_dist.parallel.wrappers import AdaptedLinear
+
+    class Base(torch.nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.weight = torch.nn.Parameter(w, requires_grad=False)
+
+    layer = AdaptedLinear(Base(torch.randn(16, 24, generator=torch.Generator().manual_seed(0))), "column", "l0")
+    layer.add_adapter("q", build_adapter(AdapterConfig("lora", r=2), Shard(24, 16)))
+    return torch.nn.ModuleList([layer])
+
+
+@pytest.mark.parametrize("delete", [False, True])
+def test_restart_zeroes_or_deletes_adam_state(delete):
+    """prune 1.0 zeroes the moments and keeps Adam's step count (bias correction stays small); delete
+    drops the state with the count, so the first step after the restart is Adam's first step again:
+    every entry moves by exactly lr (|m_hat / sqrt(v_hat)| = 1)."""
+    from mora_dist.training.restarts import restart_model
+
+    torch.manual_seed(0)
+    model = _adapted_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.01, betas=(0.9, 0.999), weight_decay=0.0)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    restart_model(model, opt, 1, 0, (), 1.0, delete_state=delete)
+    if delete:
+        assert all(p not in opt.state for p in params)
+    else:
+        assert all(float(opt.state[p]["step"]) == 3 for p in params)
+        assert all(not opt.state[p]["exp_avg"].any() and not opt.state[p]["exp_avg_sq"].any() for p in params)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    moved = torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(params, before)])
+    if delete:
+        assert float(opt.state[params[0]]["step"]) == 1
+        assert torch.allclose(moved, torch.full_like(moved, 0.01), rtol=1e-3)
+    else:  # step 4 with zero moments: m_hat / sqrt(v_hat) = (0.1 / (1 - 0.9^4)) / sqrt(0.001 / (1 - 0.999^4))
+        ratio = (0.1 / (1 - 0.9 ** 4)) / math.sqrt(0.001 / (1 - 0.999 ** 4))
+        assert torch.allclose(moved, torch.full_like(moved, 0.01 * ratio), rtol=1e-3)
+        assert ratio < 0.6
+
+
+def test_restart_options_validated_naming_the_key(tmp_path):
+    from mora_dist.training.config import ConfigError, validate
+
+    for over, key in ((["restarts.mora_types=[1, 5]"], "restarts.mora_types"),
+                      (["restarts.mora_types=[1, 1]"], "restarts.mora_types"),
+                      (["restarts.mora_types=[]"], "restarts.mora_types"),
+                      (["restarts.mora_types=[rotation, 1]"], "restarts.mora_types"),
+                      (["restarts.reset_optimizer=drop"], "restarts.reset_optimizer")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
+            tiny_config(tmp_path, **dict(o.split("=", 1) for o in over))  # load_config validates
+        assert "\n" not in str(e.value)
+    cfg = tiny_config(tmp_path, **{"restarts.mora_types": "[type1, 2, 3, 4]", "restarts.reset_optimizer": "delete"})
+    validate(cfg)
+    assert cfg.restarts.mora_cycle == (1, 2, 3, 4)

@@ -75,18 +75,43 @@ def attach(model, method: str, r: int, mora_type: str = "sharing", seed: int = 0
     return apply_adapters(model, cfg).trainable
 
 
+def adapter_scale(model):
+    """The scale of the model's adapters as built (LoRA: alpha / r), None without adapters."""
+    from mora_dist.parallel.inject import adapted_layers
+
+    for layer in adapted_layers(model):
+        for a in layer.adapters.values():
+            return a.cfg.scale
+    return None
+
+
 def adamw(params, lr: float, betas, weight_decay: float):
-    """torch AdamW; the fused CUDA kernel on a GPU (one launch for all parameters)."""
-    cuda = all(p.is_cuda for p in params)
+    """torch AdamW over a list of parameters or of param groups (dicts with "params"); the fused CUDA
+    kernel on a GPU (one launch for all parameters)."""
+    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    cuda = all(p.is_cuda for p in flat)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, **({"fused": True} if cuda else {}))
 
 
+def is_full_rank_part(name: str) -> bool:
+    """Embeddings, output layer and norms: trained in full next to the adapters in ReLoRA/ReMoRA."""
+    return any(k in name for k in ("embedding", "output_layer", "layernorm", "final_norm"))
+
+
+def mora_types(spec: str) -> tuple:
+    """'1,2' -> ReMoRA's type schedule as operator types (mora_dist.adapters.mora.cycle_of); '' -> ()."""
+    from mora_dist.adapters.mora import cycle_of
+
+    return cycle_of([int(x) if x.strip().isdigit() else x.strip() for x in spec.split(",")]) if spec.strip() else ()
+
+
 @torch.no_grad()
-def restart_adapters(model, opt, n_restart: int, cycle_mora_types: bool, prune: float, seed: int = 0) -> None:
+def restart_adapters(model, opt, n_restart: int, types: tuple, prune: float, delete_state: bool = False,
+                     seed: int = 0) -> None:
     """ReLoRA/ReMoRA restart for a plain loop (mora_dist/training/restarts.py)."""
     from mora_dist.training.restarts import restart_model
 
-    restart_model(model, opt, n_restart, seed, cycle_mora_types, prune)
+    restart_model(model, opt, n_restart, seed, types, prune, delete_state)
 
 
 def vera_equal_budget_r(layer_dims, budget: int) -> int:

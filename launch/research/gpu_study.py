@@ -189,24 +189,30 @@ def last_line(path: Path) -> str:
 
 
 def run_jobs(jobs, root: Path, budget: float, parallel: int, stop_margin: float, progress_every: float,
-             repo: Path, min_run: float = 30) -> dict:
+             repo: Path, min_run: float = 30, followup=None) -> dict:
     """Run `jobs` (dicts from job()) under root, `parallel` at a time; a queued job starts only while
-    at least `min_run` seconds are left before the jobs' deadline. Returns {group/name: how it ended}."""
+    at least `min_run` seconds are left before the jobs' deadline. `followup(key, done)`, called when
+    a job ends, returns more jobs to queue (a study's second phase). Returns {group/name: how it ended}."""
     root.mkdir(parents=True, exist_ok=True)
     start = time.time()
     deadline = start + budget - stop_margin
     env0 = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1",
                 PYTHONUNBUFFERED="1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
-    cmds = {}
-    for j in jobs:
-        (root / j["group"]).mkdir(parents=True, exist_ok=True)
-        cmds[j["group"] + "/" + j["name"]] = command(j, root, deadline)
-    with open(root / "commands.txt", "w") as f:
-        for j in jobs:
+    cmds, queue = {}, []
+    cmd_file = open(root / "commands.txt", "w")
+
+    def enqueue(new):
+        for j in new:
             key = j["group"] + "/" + j["name"]
+            (root / j["group"]).mkdir(parents=True, exist_ok=True)
+            cmds[key] = command(j, root, deadline)
             envs = " ".join(f"{k}={v}" for k, v in j["env"].items())
-            f.write((envs + " " if envs else "") + shlex.join(["python"] + cmds[key][1:]) + "\n")
-    queue, running, done = list(jobs), {}, {}
+            cmd_file.write((envs + " " if envs else "") + shlex.join(["python"] + cmds[key][1:]) + "\n")
+            queue.append(j)
+        cmd_file.flush()
+
+    enqueue(jobs)
+    running, done = {}, {}
     next_report = start
     print(f"[study] {len(jobs)} jobs, {parallel} at a time, budget {budget:.0f}s, job deadline "
           f"+{deadline - start:.0f}s", flush=True)
@@ -218,16 +224,18 @@ def run_jobs(jobs, root: Path, budget: float, parallel: int, stop_margin: float,
             log = open(root / j["group"] / (j["name"] + ".log"), "w")
             running[key] = (subprocess.Popen(cmds[key], cwd=repo, env=dict(env0, **j["env"]), stdout=log,
                                              stderr=subprocess.STDOUT, start_new_session=True), log, now)
-        if queue and now >= deadline - min_run:
-            for j in queue:
-                done[j["group"] + "/" + j["name"]] = "not started"
-            queue = []
         for key, (proc, log, t0) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
                 done[key] = f"rc {proc.returncode} after {time.time() - t0:.0f}s"
                 print(f"[study +{time.time() - start:.0f}s] {key}: {done[key]}", flush=True)
                 del running[key]
+                if followup:
+                    enqueue(followup(key, done))
+        if queue and now >= deadline - min_run:
+            for j in queue:
+                done[j["group"] + "/" + j["name"]] = "not started"
+            queue.clear()
         if now >= start + budget and running:
             for key, (proc, log, t0) in running.items():
                 print(f"[study] {key}: still running at the budget, terminating", flush=True)
@@ -248,6 +256,7 @@ def run_jobs(jobs, root: Path, budget: float, parallel: int, stop_margin: float,
                 g, n = key.split("/")
                 print(f"    {key}: {last_line(root / g / (n + '.log'))}", flush=True)
         time.sleep(1)
+    cmd_file.close()
     print(f"[study] all jobs ended after {time.time() - start:.0f}s", flush=True)
     (root / "status.json").write_text(json.dumps(done, indent=1) + "\n")
     return done
@@ -267,7 +276,9 @@ def _records(d: Path):
 def method_label(cfg: dict) -> str:
     m = cfg["method"]
     if "restart_every" in cfg:  # pretrain_relora.py
-        return {"full": "full-rank", "lora": "ReLoRA", "mora": "ReMoRA"}.get(m, m)
+        names = {"full": "full-rank", "lora": "ReLoRA", "mora": "ReMoRA"} if cfg["restart_every"] else {
+            "full": "full-rank", "lora": "LoRA", "mora": "MoRA"}
+        return names.get(m, m)
     if m == "mora":
         return f"MoRA-{cfg.get('mora_type')}"
     if m == "vera":
@@ -286,7 +297,7 @@ def collect(root) -> list[dict]:
         recs = _records(d)
         row = dict(run=str(d.relative_to(root)), method=method_label(cfg), lr=cfg["lr"],
                    trainable=cfg.get("trainable"), truncated=any(r.get("truncated") for r in recs))
-        ev = [r for r in recs if "eval/exact_match" in r]
+        ev = [r for r in recs if "eval/exact_match" in r and "epoch" in r]  # per-epoch evaluations
         if ev:  # UUID run
             tr = [r for r in recs if "epoch" in r and r["epoch"] > 0]
             best = max(ev, key=lambda r: (r["eval/exact_match"], -r["epoch"]))

@@ -1,5 +1,6 @@
 """Small-scale pretraining from scratch: full-rank vs ReLoRA (LoRA + restarts) vs ReMoRA (MoRA +
-restarts with grouping-type cycling 1->2->3->4), same data, same steps, same model.
+restarts with grouping-type cycling, --mora-types: 1,2 = the paper's Appendix B, 1,2,3,4 = the released
+code), same data, same steps, same model. --restart-every 0 trains LoRA/MoRA without restarts.
 
     python launch/research/pretrain_relora.py --method mora --lr 2e-3 --out results/runs/pretrain/remora
 
@@ -11,7 +12,12 @@ hash of the path. Batches are random 128-token windows drawn from a generator se
 ReLoRA/ReMoRA follow the MoRA authors' pretraining setup: adapters on all 7 projections,
 embeddings, output layer and norms trained in full, merge + reset every --restart-every steps,
 Adam state of the adapters dropped (prune 1.0) at restarts, jagged cosine LR (min ratio 0.1,
-re-warm-up over --restart-warmup steps). No full-rank warm start.
+re-warm-up over --restart-warmup steps). No full-rank warm start. The full-rank parts are their own
+AdamW param group: --full-rank-lr (default: --lr) on --full-rank-schedule (jagged: the adapters'
+schedule; cosine: warm-up + cosine without re-warm-ups, as full-rank training). --reset-optimizer
+delete drops the adapters' Adam state with its step count at restarts (the ReLoRA authors);
+prune (default) prunes the moments by --prune (1.0: zeroed) and keeps the count. --alpha: LoRA's
+alpha (scale alpha / r; default 2r, scale 2; the authors' ReLoRA recipe is scale 0.5).
 Runs on the GPU when there is one (TF32 matmuls by default, fp32 parameters and optimizer state),
 else on the CPU in fp32. Train loss is logged as the mean over --log-every steps (one host sync per
 window). --deadline (unix time) stops the run cleanly (last record "truncated") once passed.
@@ -97,6 +103,11 @@ def main(argv=None):
     p.add_argument("--restart-warmup", type=int, default=20)
     p.add_argument("--prune", type=float, default=1.0)
     p.add_argument("--no-cycle", action="store_true", help="ReMoRA without type cycling")
+    p.add_argument("--mora-types", default="1,2", help="ReMoRA's type schedule: 1,2 (paper) or 1,2,3,4 (released code)")
+    p.add_argument("--reset-optimizer", choices=["prune", "delete"], default="prune")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
+    p.add_argument("--full-rank-lr", type=float, default=None, help="peak LR of embeddings/head/norms (default --lr)")
+    p.add_argument("--full-rank-schedule", choices=["jagged", "cosine"], default="jagged")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--hidden", type=int, default=128)
@@ -123,20 +134,29 @@ def main(argv=None):
     model = common.tiny_model(VOCAB, a.hidden, a.layers, a.heads, a.ffn, 256, seed=1234 + a.seed)
     if a.method == "full":
         trainable = common.attach(model, "fft", a.r)
+        groups = [{"params": [q for q in model.parameters() if q.requires_grad], "sched": "jagged", "peak": a.lr}]
     else:
-        common.attach(model, a.method, a.r, "sharing")  # MoRA starts at type 1 (sharing), as the authors
+        common.attach(model, a.method, a.r, "sharing", alpha=a.alpha)  # MoRA starts at type 1 (sharing), as the authors
+        full = []
         for n, q in model.named_parameters():
-            if "embedding" in n or "output_layer" in n or "layernorm" in n or "final_norm" in n:
+            if common.is_full_rank_part(n):
                 q.requires_grad_(True)
+                full.append(q)
         trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
-    params = [q for q in model.parameters() if q.requires_grad]
-    opt = common.adamw(params, a.lr, (0.9, 0.95), 0.01)
+        ids = {id(q) for q in full}
+        groups = [{"params": [q for q in model.parameters() if q.requires_grad and id(q) not in ids],
+                   "sched": "jagged", "peak": a.lr},
+                  {"params": full, "sched": a.full_rank_schedule, "peak": a.full_rank_lr or a.lr}]
+    params = [q for g in groups for q in g["params"]]
+    opt = common.adamw(groups, a.lr, (0.9, 0.95), 0.01)
+    types = () if a.no_cycle else common.mora_types(a.mora_types)
     every = 0 if a.method == "full" else a.restart_every
-    name = {"full": "full-rank", "lora": "ReLoRA", "mora": "ReMoRA"}[a.method] + f"_lr{a.lr:g}"
+    name = ({"full": "full-rank", "lora": "ReLoRA", "mora": "ReMoRA"} if every else
+            {"full": "full-rank", "lora": "LoRA", "mora": "MoRA"})[a.method] + f"_lr{a.lr:g}"
     print(f"{name}: trainable {trainable:,} / {sum(q.numel() for q in model.parameters()):,}; "
           f"train {train.numel():,} tokens, held-out {held.numel():,}", flush=True)
-    cfg = dict(vars(a), trainable=trainable, train_tokens=train.numel(), heldout_tokens=held.numel(),
-               device=str(dev))
+    cfg = dict(vars(a), trainable=trainable, adapter_scale=common.adapter_scale(model), train_tokens=train.numel(),
+               heldout_tokens=held.numel(), device=str(dev))
     t0, restarts = time.time(), 0
     pos = torch.arange(a.seq, device=dev)
     acc, nacc = torch.zeros((), device=dev), 0
@@ -146,11 +166,11 @@ def main(argv=None):
         for step in range(a.steps):
             if every and step > 0 and step % every == 0:
                 restarts += 1
-                common.restart_adapters(model, opt, restarts, cycle_mora_types=not a.no_cycle, prune=a.prune)
-            lr = (jagged_cosine_lr(step, a.lr, a.warmup, a.steps, 0.1, every, a.restart_warmup) if every
-                  else cosine_lr(step, a.lr, a.warmup, a.steps, 0.1))
+                common.restart_adapters(model, opt, restarts, types, a.prune, a.reset_optimizer == "delete")
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = (jagged_cosine_lr(step, g["peak"], a.warmup, a.steps, 0.1, every, a.restart_warmup)
+                           if every and g["sched"] == "jagged" else cosine_lr(step, g["peak"], a.warmup, a.steps, 0.1))
+            lr = opt.param_groups[0]["lr"]
             w = windows(train, a.batch, a.seq, torch.Generator().manual_seed(step + 1_000_003 * a.seed)).to(dev)
             t, l = w[:, :-1], w[:, 1:]
             loss = model(t, pos.expand_as(t), None, labels=l).mean()
@@ -164,8 +184,8 @@ def main(argv=None):
             truncated = bool(a.deadline) and time.time() > a.deadline and not last
             evaluate = (step + 1) % a.eval_every == 0 or last or truncated
             if (step + 1) % a.log_every == 0 or evaluate:
-                rec = {"loss": acc.item() / nacc, "lr": lr, "grad_norm": gn.item(), "restarts": restarts,
-                       "elapsed_s": time.time() - t0}
+                rec = {"loss": acc.item() / nacc, "lr": lr, "lr_full_rank": opt.param_groups[-1]["lr"],
+                       "grad_norm": gn.item(), "restarts": restarts, "elapsed_s": time.time() - t0}
                 acc.zero_()
                 nacc = 0
                 if evaluate:

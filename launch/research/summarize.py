@@ -11,15 +11,29 @@ note where the best LR is at the edge of the method's grid; plots of exact match
 accuracy per epoch at each method's best LR (uuid_curves.png), final exact match / value accuracy
 against LR (uuid_lr_sweep.png), held-out perplexity against step at each best LR and final
 perplexity against LR (pretrain_gpu.png).
+
+Round 2 (launch/research/round2.py layout, DIR/{pretrain,uuid}/<group>_lr<lr>_seed<s>/):
+
+    python launch/research/summarize.py --round2 DIR --out docs/results/round2
+
+prints the tables (LR grids at seed 0; mean +- sd over the seeds at each group's picked LR; per-character
+accuracy and exact match at steps 300/500/700/900; method gaps against the seed spread) and, with
+matplotlib, writes round2_pretrain.png and round2_uuid.png. `round2_tables` needs no matplotlib (the
+driver prints it on the device).
 """
 import argparse
 import json
+import math
+import statistics
 from pathlib import Path
 
-import matplotlib
+try:
+    import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: E402
+except ImportError:  # tables only (round2_tables on a device without matplotlib)
+    plt = None
 
 
 # value-token accuracy reachable from the UUID4 format alone: 4 dashes + version '4' exact, variant
@@ -325,13 +339,219 @@ def gpu_pretrain(rows, out):
     return lines + seed_lines
 
 
+# --- round 2 (issue 20) -----------------------------------------------------------------------------
+UUID_STEPS = (300, 500, 700, 900)  # the steps of the MoRA paper's Table 2
+PT_NAMES = {"full": "full-rank", "relora_s0.5": "ReLoRA, scale 0.5", "relora_s2": "ReLoRA, scale 2",
+            "remora_2type": "ReMoRA, types 1-2", "remora_4type": "ReMoRA, types 1-4",
+            "lora_norestart": "LoRA (no restarts), scale 2", "mora_norestart": "MoRA (no restarts)"}
+UUID_NAMES = {"lora_r8": "LoRA r=8", "mora_decouple_r8": "MoRA decouple r=8", "mora_rotation_r8": "MoRA rotation r=8",
+              "mora_sharing_r8": "MoRA sharing r=8", "mora_sharing_r64": "MoRA sharing r=64"}
+# (a, b): is a's seed-mean perplexity below b's by more than the seed spread?
+PT_PAIRS = [("remora_2type", "relora_s0.5"), ("remora_2type", "relora_s2"), ("remora_4type", "relora_s0.5"),
+            ("remora_4type", "relora_s2"), ("remora_2type", "remora_4type"), ("relora_s0.5", "relora_s2"),
+            ("mora_norestart", "lora_norestart"), ("remora_2type", "mora_norestart"), ("relora_s0.5", "lora_norestart")]
+
+
+def round2_runs(root, kind) -> list:
+    """[{group, lr, seed, cfg, recs, truncated}] of DIR/kind/<group>_lr<lr>_seed<s>/."""
+    out = []
+    for d in sorted((Path(root) / kind).glob("*_seed*")):
+        if not (d / "run.json").is_file() or not (d / "metrics.jsonl").is_file():
+            continue
+        cfg = json.loads((d / "run.json").read_text())["config"]
+        recs = []
+        for x in (d / "metrics.jsonl").read_text().splitlines():
+            try:
+                recs.append(json.loads(x))
+            except json.JSONDecodeError:
+                pass  # a line cut by a kill
+        out.append(dict(group=d.name.rsplit("_lr", 1)[0], lr=cfg["lr"], seed=cfg.get("seed", 0), cfg=cfg, recs=recs,
+                        truncated=any(r.get("truncated") for r in recs)))
+    return out
+
+
+def _ppl(run):
+    v = [r["eval/ppl"] for r in run["recs"] if "eval/ppl" in r and r.get("step", 0) > 0]
+    return v[-1] if v else math.nan
+
+
+def pt_rank(run):
+    v = _ppl(run)
+    return v if math.isfinite(v) else math.inf
+
+
+def _at(run, step, key):
+    """`key` of the evaluation at optimizer step `step` (uuid_memorize --eval-steps), nan if none."""
+    v = [r[key] for r in run["recs"] if r.get("eval_at_step") == step]
+    return v[-1] if v else math.nan
+
+
+def uuid_rank(run):
+    """The UUID ranking (lower is better): value accuracy at the last evaluation up to the paper's last step
+    (900; the smoke runs are shorter), exact match breaking ties; inf without one."""
+    ev = [r for r in run["recs"] if "eval_at_step" in r and r["eval_at_step"] <= UUID_STEPS[-1]]
+    if not ev:
+        return math.inf
+    return -(ev[-1]["eval/value_token_acc"] + 1e-3 * ev[-1]["eval/exact_match"])
+
+
+def _final(run, key):
+    v = [r[key] for r in run["recs"] if key in r]
+    return v[-1] if v else math.nan
+
+
+def _ms(xs, f=".3f") -> str:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return "-"
+    return format(xs[0], f) if len(xs) == 1 else f"{statistics.mean(xs):{f}} ± {statistics.stdev(xs):{f}}"
+
+
+def picked_lr(runs, group, score):
+    """(the group's LR, its runs): the LR with seeds > 0 (the driver's pick), else the grid's best by `score`."""
+    rs = [r for r in runs if r["group"] == group]
+    seeded = {r["lr"] for r in rs if r["seed"] > 0}
+    if seeded:
+        return seeded.pop(), rs
+    grid = [r for r in rs if r["seed"] == 0]
+    return (min(grid, key=score)["lr"] if grid else None), rs
+
+
+def round2_tables(root) -> str:
+    """Markdown tables of a round2.py directory (no matplotlib needed)."""
+    L = []
+    pt = round2_runs(root, "pretrain")
+    if pt:
+        L += ["## Pretraining: LR grid (seed 0), final held-out perplexity", "",
+              "| setting | trainable | adapter scale | lr: ppl (best in bold) | best | steps |",
+              "| --- | ---: | ---: | --- | --- | ---: |"]
+        seeds = {}
+        for g in [g for g in PT_NAMES if any(r["group"] == g for r in pt)]:
+            lr, rs = picked_lr(pt, g, pt_rank)
+            grid = sorted((r for r in rs if r["seed"] == 0), key=lambda r: r["lr"])
+            lrs = [r["lr"] for r in grid]
+            cells = ", ".join((f"**{r['lr']:g}: {_ppl(r):.3f}**" if r["lr"] == lr else f"{r['lr']:g}: {_ppl(r):.3f}")
+                              + (" (cut)" if r["truncated"] else "") for r in grid)
+            edge = len(lrs) > 1 and lr in (lrs[0], lrs[-1])
+            where = "-" if lr is None else f"{lr:g}" + (" (grid edge)" if edge else "")
+            c = (grid or rs)[0]["cfg"]
+            steps = max((r.get("step", 0) for r in (grid or rs)[0]["recs"]), default=0)
+            sc = c.get("adapter_scale")
+            L.append(f"| {PT_NAMES[g]} | {c.get('trainable', 0):,} | {'-' if sc is None else format(sc, 'g')} | {cells} "
+                     f"| {where} | {steps}/{c['steps']} |")
+            seeds[g] = (lr, sorted((r for r in rs if r["lr"] == lr), key=lambda r: r["seed"]))
+        L += ["", "## Pretraining: seeds at each best LR", "",
+              "| setting | lr | ppl per seed | mean ± sd | spread (max - min) |", "| --- | ---: | --- | ---: | ---: |"]
+        stats = {}
+        for g, (lr, rs) in seeds.items():
+            v = [_ppl(r) for r in rs]
+            stats[g] = v
+            per = " / ".join(f"{x:.3f}" + (" (cut)" if r["truncated"] else "") for x, r in zip(v, rs))
+            L.append(f"| {PT_NAMES[g]} | {lr:g} | {per} | {_ms(v)} | {max(v) - min(v):.3f} |")
+        rows = []
+        for a, b in PT_PAIRS:
+            if len(stats.get(a, [])) >= 2 and len(stats.get(b, [])) >= 2:
+                gap = statistics.mean(stats[b]) - statistics.mean(stats[a])
+                spread = max(max(stats[a]) - min(stats[a]), max(stats[b]) - min(stats[b]))
+                rows.append(f"| {PT_NAMES[a]} below {PT_NAMES[b]} | {gap:+.3f} | {spread:.3f} | "
+                            f"{'yes' if gap > spread else 'no'} |")
+        if rows:
+            L += ["", "## Pretraining: gaps of seed means against the seed spread", "",
+                  "| claim (a below b) | mean b - mean a | larger seed spread | gap > spread |",
+                  "| --- | ---: | ---: | --- |"] + rows
+    uu = round2_runs(root, "uuid")
+    if uu:
+        hdr = " | ".join(f"acc@{s}" for s in UUID_STEPS) + " | " + " | ".join(f"EM@{s}" for s in UUID_STEPS)
+        L += ["", "## UUID: LR grid (seed 0), per-character accuracy and exact match at the paper's steps", "",
+              f"| setting | trainable | lr | {hdr} | final EM |", "|" + " --- |" * (4 + 2 * len(UUID_STEPS))]
+        seeds = {}
+        for g in [g for g in UUID_NAMES if any(r["group"] == g for r in uu)]:
+            lr, rs = picked_lr(uu, g, uuid_rank)
+            for r in sorted((r for r in rs if r["seed"] == 0), key=lambda r: r["lr"]):
+                vals = [_at(r, s, "eval/value_token_acc") for s in UUID_STEPS]
+                vals += [_at(r, s, "eval/exact_match") for s in UUID_STEPS]
+                mark = "**" if r["lr"] == lr else ""
+                L.append(f"| {UUID_NAMES[g]} | {r['cfg'].get('trainable', 0):,} | {mark}{r['lr']:g}{mark} | "
+                         + " | ".join("-" if math.isnan(x) else f"{x:.3f}" for x in vals)
+                         + f" | {_final(r, 'eval/exact_match'):.3f}{' (cut)' if r['truncated'] else ''} |")
+            seeds[g] = (lr, sorted((r for r in rs if r["lr"] == lr), key=lambda r: r["seed"]))
+        L += ["", "## UUID: mean ± sd over the seeds at each best LR", "",
+              f"| setting | lr | seeds | {hdr} | final EM |", "|" + " --- |" * (4 + 2 * len(UUID_STEPS))]
+        for g, (lr, rs) in seeds.items():
+            cols = [_ms([_at(r, s, "eval/value_token_acc") for r in rs]) for s in UUID_STEPS]
+            cols += [_ms([_at(r, s, "eval/exact_match") for r in rs]) for s in UUID_STEPS]
+            L.append(f"| {UUID_NAMES[g]} | {lr:g} | {len(rs)} | " + " | ".join(cols)
+                     + f" | {_ms([_final(r, 'eval/exact_match') for r in rs])} |")
+    return "\n".join(L)
+
+
+def _band(ax, runs, key, lab, at_step=False):
+    """Seed mean (line) and min-max range (band) of `key` per step over `runs`."""
+    per = {}
+    for r in runs:
+        for x in r["recs"]:
+            if key in x and (("eval_at_step" in x) if at_step else x.get("step", 0) > 0):
+                per.setdefault(x["step"], []).append(x[key])
+    steps = sorted(s for s, v in per.items() if len(v) == len(runs))
+    if not steps:
+        return
+    line, = ax.plot(steps, [statistics.mean(per[s]) for s in steps], label=f"{lab}, {len(runs)} seeds")
+    ax.fill_between(steps, [min(per[s]) for s in steps], [max(per[s]) for s in steps], color=line.get_color(),
+                    alpha=0.2)
+
+
+def round2_plots(root, out) -> None:
+    """round2_pretrain.png (held-out ppl per step at each best LR, seed mean and range; final ppl against
+    LR at seed 0) and round2_uuid.png (per-character accuracy and exact match per step at each best LR)."""
+    if plt is None:
+        return
+    pt, uu = round2_runs(root, "pretrain"), round2_runs(root, "uuid")
+    if pt:
+        fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
+        for g in [g for g in PT_NAMES if any(r["group"] == g for r in pt)]:
+            lr, rs = picked_lr(pt, g, pt_rank)
+            _band(ax[0], [r for r in rs if r["lr"] == lr], "eval/ppl", f"{PT_NAMES[g]} ({lr:g})")
+            grid = sorted((r for r in rs if r["seed"] == 0), key=lambda r: r["lr"])
+            ax[1].plot([r["lr"] for r in grid], [_ppl(r) for r in grid], "o-", label=PT_NAMES[g])
+        ax[0].set(xlabel="step", ylabel="held-out ppl (per byte)", yscale="log")
+        ax[1].set(xlabel="adapter LR (full-rank: its LR)", ylabel="final held-out ppl, seed 0", yscale="log")
+        _lr_axis(ax[1], sorted({r["lr"] for r in pt}))
+        for a in ax:
+            a.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(Path(out) / "round2_pretrain.png", dpi=110)
+        plt.close(fig)
+    if uu:
+        fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
+        for g in [g for g in UUID_NAMES if any(r["group"] == g for r in uu)]:
+            lr, rs = picked_lr(uu, g, uuid_rank)
+            for a, key in zip(ax, ("eval/value_token_acc", "eval/exact_match")):
+                _band(a, [r for r in rs if r["lr"] == lr], key, f"{UUID_NAMES[g]} ({lr:g})", at_step=True)
+        ax[0].axhline(FORMAT_FLOOR, color="grey", ls=":", lw=1)
+        ax[0].set(xlabel="step", ylabel="per-character accuracy (value)")
+        ax[1].set(xlabel="step", ylabel="exact match")
+        for a in ax:
+            for s in UUID_STEPS:
+                a.axvline(s, color="grey", lw=0.5, alpha=0.5)
+        ax[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(Path(out) / "round2_uuid.png", dpi=110)
+        plt.close(fig)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("root", nargs="?", help="CPU runs (results/runs layout)")
     p.add_argument("--study", action="append", default=[], help="a gpu_study.py root (repeatable)")
+    p.add_argument("--round2", help="a round2.py output directory")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
+    if a.round2:
+        text = round2_tables(a.round2)
+        (Path(a.out) / "tables.md").write_text(text + "\n")
+        print(text)
+        round2_plots(a.round2, a.out)
     if a.study:
         rs = study_rows(a.study)
         print("\n".join(gpu_uuid(rs, a.out) + gpu_pretrain(rs, a.out)))

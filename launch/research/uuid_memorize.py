@@ -13,6 +13,8 @@ frozen for adapters; FFT trains every parameter. Runs on the GPU when there is o
 default, fp32 parameters and optimizer state), else on the CPU in fp32. --deadline (unix time)
 stops the run cleanly after the epoch that passes it; its last record then says "truncated".
 --vera-budget N picks VeRA's shared rank so that its trainable count is closest to N (--r ignored).
+--eval-steps K also evaluates every K optimizer steps (the paper's Table 2 reports character accuracy
+at steps 300/500/700/900); those records carry "eval_at_step". --alpha: LoRA's alpha (default 2r).
 """
 from __future__ import annotations
 
@@ -118,6 +120,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", choices=common.PRECISIONS, default="tf32", help="GPU matmul precision")
     p.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
+    p.add_argument("--eval-steps", type=int, default=0, help="also evaluate every K optimizer steps (0: off)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
     p.add_argument("--eval-batch", type=int, default=512, help="pairs per evaluation forward pass")
     p.add_argument("--vera-budget", type=int, default=0, help="VeRA: choose r for this trainable count")
     p.add_argument("--deadline", type=float, default=0.0, help="unix time: stop after the epoch past it")
@@ -131,7 +135,7 @@ def main(argv=None):
     model = common.tiny_model(VOCAB, a.hidden, a.layers, a.heads, a.ffn, 128, seed=1234)  # same base for all
     if a.method == "vera" and a.vera_budget:
         a.r = common.vera_equal_budget_r(adapted_dims(model), a.vera_budget)
-    trainable = common.attach(model, a.method, a.r, a.mora_type, seed=a.seed)
+    trainable = common.attach(model, a.method, a.r, a.mora_type, seed=a.seed, alpha=a.alpha)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = common.adamw(params, a.lr, (0.9, 0.999), 0.0)
     tokens, labels, mask = (x.to(dev) for x in batch_tensors(make_pairs(a.n_pairs, seed=42)))
@@ -139,7 +143,7 @@ def main(argv=None):
     total = steps_per_epoch * a.epochs
     warmup = max(1, int(a.warmup_frac * total))
     name = f"{a.method}{'_' + a.mora_type if a.method == 'mora' else ''}_lr{a.lr:g}"
-    cfg = dict(vars(a), trainable=trainable, steps=total, device=str(dev))
+    cfg = dict(vars(a), trainable=trainable, adapter_scale=common.adapter_scale(model), steps=total, device=str(dev))
     print(f"{name}: trainable {trainable:,}, {total} steps on {dev}", flush=True)
     g = torch.Generator().manual_seed(a.seed)
     step, t0 = 0, time.time()
@@ -164,6 +168,10 @@ def main(argv=None):
                 opt.step()
                 step += 1
                 tot += loss.detach()
+                if a.eval_steps and step % a.eval_steps == 0:
+                    em_s, acc_s = evaluate(model, tokens, labels, mask, a.eval_batch)
+                    log.log(step, {"eval_at_step": step, "eval/exact_match": em_s, "eval/value_token_acc": acc_s,
+                                   "elapsed_s": time.time() - t0})
             truncated = bool(a.deadline) and time.time() > a.deadline and epoch < a.epochs
             rec = {"epoch": epoch, "loss": tot.item() / steps_per_epoch, "lr": lr, "grad_norm": gn.item(),
                    "elapsed_s": time.time() - t0}

@@ -262,11 +262,12 @@ class Adapter(nn.Module):
         """`adapter.<key>` in one form, so that equal settings written differently compare equal."""
         return value
 
-    def on_restart(self, generator: torch.Generator, cycle_types: bool) -> None:
-        """A ReLoRA-style restart, after this adapter's dW was folded into the base: start again at dW = 0."""
+    def on_restart(self, generator: torch.Generator, cycle_types: tuple) -> None:
+        """A ReLoRA-style restart, after this adapter's dW was folded into the base: start again at dW = 0.
+        `cycle_types`: ReMoRA's type schedule (MoRA operator types; empty = no cycling)."""
         self.reset_parameters(generator)
 
-    def after_restarts(self, n: int, cycle_types: bool) -> None:
+    def after_restarts(self, n: int, cycle_types: tuple) -> None:
         """On resume: a freshly built adapter takes the settings it has after `n` restarts (not its weights)."""
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover

@@ -43,12 +43,24 @@ MORA_TYPES = {"sharing": 1, "type1": 1, "type2": 2, "type3": 3, "type4": 4, "rot
               "decouple": "decouple", "truncation": "truncation", 1: 1, 2: 2, 3: 3, 4: 4, ROTATION: ROTATION}
 GROUP_TYPES = {1: ("strided", "tile"), 2: ("contiguous", "interleave"), 3: ("contiguous", "tile"),
                4: ("strided", "interleave")}
-CYCLE_TYPES = (1, 2, 3, 4)  # the grouping types ReMoRA cycles through at restarts (1 -> 2 -> 3 -> 4 -> 1)
+# ReMoRA's type schedules at restarts (`restarts.mora_types`): the paper's Appendix B alternates two
+# groupings (1 -> 2 -> 1); the authors' released ResetReloraCallback cycles all four (1 -> 2 -> 3 -> 4 -> 1)
+PAPER_CYCLE = (1, 2)
+RELEASED_CYCLE = (1, 2, 3, 4)
 
 
-def cycled_type(t, n: int):
-    """The operator type `n` restarts after `t` (types outside the cycle stay)."""
-    return CYCLE_TYPES[(CYCLE_TYPES.index(t) + n) % len(CYCLE_TYPES)] if t in CYCLE_TYPES else t
+def cycle_of(types) -> tuple:
+    """`restarts.mora_types` (names or numbers) as operator types; ValueError for anything but distinct
+    grouping types 1-4."""
+    out = tuple(MORA_TYPES.get(t) if isinstance(t, (int, str)) and not isinstance(t, bool) else None for t in types)
+    if not out or any(t not in GROUP_TYPES for t in out) or len(set(out)) != len(out):
+        raise ValueError(f"restarts.mora_types must be distinct grouping types 1-4 (e.g. [1, 2]), got {list(types)!r}")
+    return out
+
+
+def cycled_type(t, n: int, cycle: tuple = PAPER_CYCLE):
+    """The operator type `n` restarts after `t` on `cycle` (types outside the cycle stay)."""
+    return cycle[(cycle.index(t) + n) % len(cycle)] if t in cycle else t
 
 
 def mora_rank(d_in: int, d_out: int, r: int) -> int:
@@ -81,15 +93,15 @@ class MoRA(Adapter):
     def canonical_value(cls, key: str, value):
         return MORA_TYPES.get(value, value) if key == "mora_type" else value
 
-    def on_restart(self, generator: torch.Generator, cycle_types: bool) -> None:
-        """ReMoRA: M back to zero and, with `cycle_types`, the next grouping (the authors' ResetReloraCallback)."""
+    def on_restart(self, generator: torch.Generator, cycle_types: tuple) -> None:
+        """ReMoRA: M back to zero and the next grouping on the `cycle_types` schedule (empty: keep the type)."""
         self.reset_parameters(generator)
-        if cycle_types and self.type in CYCLE_TYPES:
-            self.set_type(cycled_type(self.type, 1))
+        if self.type in cycle_types:
+            self.set_type(cycled_type(self.type, 1, cycle_types))
 
-    def after_restarts(self, n: int, cycle_types: bool) -> None:
-        if cycle_types and self.type in CYCLE_TYPES:
-            self.set_type(cycled_type(self.type, n))
+    def after_restarts(self, n: int, cycle_types: tuple) -> None:
+        if self.type in cycle_types:
+            self.set_type(cycled_type(self.type, n, cycle_types))
 
     def __init__(self, cfg: AdapterConfig, shard: Shard, seed: int = 0, rh: int | None = None):
         super().__init__(cfg, shard)

@@ -143,6 +143,6 @@ def load(trainer, path: str) -> None:
             st["step"] = torch.tensor(common["adam_steps"][f"{key}.{n}"], dtype=st["step"].dtype)
         if restarts:
             layer.load_base_rows(target, loaded.get(f"{key}.base"), loaded.get(f"{key}.base_residual"))
-            a.after_restarts(restarts, trainer.cfg.restarts.cycle_mora_types)
+            a.after_restarts(restarts, trainer.cfg.restarts.mora_cycle)
     trainer.step = int(common["step"])
     torch.set_rng_state(common["rng"])

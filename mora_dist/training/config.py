@@ -73,8 +73,20 @@ class TrainConfig:
 class RestartConfig:
     every: int = 0  # merge + re-init every N steps (ReLoRA / ReMoRA); 0 = off
     warmup: int = 5  # jagged schedule re-warm-up steps
-    prune: float = 0.99  # optimizer-state magnitude pruning quantile; 1.0 = full reset
-    cycle_mora_types: bool = True  # ReMoRA: 1 -> 2 -> 3 -> 4 -> 1 at each restart
+    prune: float = 0.99  # optimizer-state magnitude pruning quantile; 1.0 = moments zeroed
+    # the adapters' Adam state at a restart: prune = moments pruned by `prune`, step count kept;
+    # delete = the whole state dropped (moments and step count: bias correction starts over), as the ReLoRA authors
+    reset_optimizer: str = "prune"
+    cycle_mora_types: bool = True  # ReMoRA: next grouping type at each restart (false: keep adapter.mora_type)
+    # ReMoRA's type schedule: [1, 2] = the paper's Appendix B (1 -> 2 -> 1); [1, 2, 3, 4] = the released code's
+    mora_types: list = field(default_factory=lambda: [1, 2])
+
+    @property
+    def mora_cycle(self) -> tuple:
+        """The MoRA operator types a restart cycles through; () when cycling is off."""
+        from mora_dist.adapters.mora import cycle_of
+
+        return cycle_of(self.mora_types) if self.cycle_mora_types else ()
 
 
 @dataclass

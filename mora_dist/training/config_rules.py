@@ -57,6 +57,14 @@ def check_ranges(cfg, error) -> None:
     if cfg.data.eod_id >= m.vocab_size:
         raise error(f"data.eod_id={cfg.data.eod_id} is outside the model vocabulary (model.vocab_size="
                     f"{m.vocab_size}); set the eod id the data was tokenized with")
+    if cfg.restarts.reset_optimizer not in ("prune", "delete"):
+        raise error(f"restarts.reset_optimizer must be prune or delete, got {cfg.restarts.reset_optimizer!r}")
+    from mora_dist.adapters.mora import cycle_of
+
+    try:
+        cycle_of(cfg.restarts.mora_types)
+    except ValueError as e:
+        raise error(str(e)) from None
     if cfg.checkpoint.every and not cfg.checkpoint.dir:
         raise error(f"checkpoint.every={cfg.checkpoint.every} but checkpoint.dir is not set")
     for name in ("run.name", "run.out_dir"):

@@ -3,11 +3,13 @@
 At a restart (every `restarts.every` steps) each adapted layer adds its dW shard to its frozen
 weight shard (`AdaptedLinear.fold`, compensated when the base is bf16: see wrappers.py), the
 adapter is re-initialised (LoRA: A Kaiming-uniform from a new seed, B zero; MoRA: M zero; VeRA:
-d = d_init, b = 0), MoRA switches its grouping 1 -> 2 -> 3 -> 4 -> 1 (the authors'
-ResetReloraCallback) so successive updates use different groupings, and the adapters' Adam states
-are magnitude-pruned (ReLoRA: zero every entry below the `prune` quantile of |state|, computed
-over the whole TP-sharded tensor) or, with prune = 1.0, dropped (the MoRA authors' pretraining
-setting). The jagged LR schedule (schedule.py) re-warms after each restart. The model output is
+d = d_init, b = 0), MoRA moves to the next grouping of `restarts.mora_types` (the paper's 1 -> 2 -> 1
+by default; [1, 2, 3, 4] is the authors' released ResetReloraCallback) so successive updates use
+different groupings, and the adapters' Adam states are either magnitude-pruned (ReLoRA: zero every
+entry below the `prune` quantile of |state|, computed over the whole TP-sharded tensor; prune = 1.0
+zeroes the moments, the MoRA authors' pretraining setting) with the step count kept, or, with
+`restarts.reset_optimizer: delete`, deleted with their step count (Adam's bias correction starts
+over). The jagged LR schedule (schedule.py) re-warms after each restart. The model output is
 unchanged at the moment of the restart: W + dW before, (W + dW) + 0 after.
 """
 from __future__ import annotations
@@ -39,9 +41,10 @@ def _global_quantile(t: torch.Tensor, q: float, sharded: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prune_optimizer_states(model, opt, quantile: float) -> None:
+def prune_optimizer_states(model, opt, quantile: float, delete: bool = False) -> None:
     """Zero the adapters' Adam moments below the `quantile` of |state| (global over TP shards);
-    quantile >= 1 drops them entirely."""
+    quantile >= 1 zeroes them entirely; `delete` drops each adapter parameter's state (moments and
+    step count), so the optimizer builds it afresh at the next step."""
     from mora_dist.parallel.inject import adapted_layers
 
     owners = {}
@@ -53,6 +56,9 @@ def prune_optimizer_states(model, opt, quantile: float) -> None:
         state = opt.state.get(p)
         if not state:
             continue
+        if delete:
+            del opt.state[p]
+            continue
         for key in ("exp_avg", "exp_avg_sq"):
             s = state[key]
             if quantile >= 1.0:
@@ -62,23 +68,26 @@ def prune_optimizer_states(model, opt, quantile: float) -> None:
 
 
 @torch.no_grad()
-def restart_model(model, opt, n_restart: int, seed: int, cycle_mora_types: bool, prune: float) -> None:
+def restart_model(model, opt, n_restart: int, seed: int, mora_types: tuple, prune: float,
+                  delete_state: bool = False) -> None:
     """The restart itself, for any loop: fold, re-initialise (seeded by restart count, the layer's
-    global name and the target, so the new adapters do not depend on the pipeline layout), cycle MoRA
-    groupings, prune or drop the adapters' optimizer states."""
+    global name and the target, so the new adapters do not depend on the pipeline layout), move MoRA
+    to the next grouping of `mora_types` (operator types; () = keep), prune or delete the adapters'
+    optimizer states."""
     from mora_dist.parallel.inject import adapted_layers
 
     for layer in adapted_layers(model):
         layer.fold()
         for name, a in layer.adapters.items():
             s = seed * 1_000_003 + zlib.crc32(f"restart{n_restart}:{layer.global_name}:{name}".encode())
-            a.on_restart(torch.Generator().manual_seed(s), cycle_mora_types)
-    prune_optimizer_states(model, opt, prune)
+            a.on_restart(torch.Generator().manual_seed(s), mora_types)
+    prune_optimizer_states(model, opt, prune, delete_state)
 
 
 def restart(trainer, step: int) -> None:
     """A restart of the training loop (`Trainer`) at `step`."""
     cfg = trainer.cfg
     trainer.restarts += 1
-    restart_model(trainer.model, trainer.opt, trainer.restarts, cfg.adapter.seed, cfg.restarts.cycle_mora_types,
-                  cfg.restarts.prune)
+    r = cfg.restarts
+    restart_model(trainer.model, trainer.opt, trainer.restarts, cfg.adapter.seed, r.mora_cycle, r.prune,
+                  r.reset_optimizer == "delete")

@@ -1,0 +1,157 @@
+"""Issue 20's studies in one device call: pretraining (full-rank, ReLoRA at scale 0.5 and 2, ReMoRA with
+the paper's 2-type and the released 4-type schedule, LoRA and MoRA without restarts) and UUID
+memorisation with the paper's metric (LoRA, MoRA decouple / rotation / sharing at r=8, sharing at r=64),
+all as parallel processes on one GPU (gpu_study.run_jobs), in two phases per method: an LR grid at
+seed 0, then seeds 1 and 2 at that method's best LR (queued as soon as its grid has ended).
+
+    python launch/research/round2.py OUT                  # the study: one H200, ~7 min expected, stops by --budget
+    python launch/research/round2.py OUT --smoke          # the same driver on a CPU: tiny models, 20 steps
+
+OUT gets ROOT/pretrain/<group>_lr<lr>_seed<s>/ and ROOT/uuid/... (metrics.jsonl, run.json, log per
+run), commands.txt, status.json, selection.json (each group's grid and picked LR) and summary.json;
+`summarize.py --round2 OUT` makes the tables and plots.
+
+Pretraining keeps the paper's proportions at a tenth of its length (--pt-steps, default 500: warm-up
+10%, a restart every 20% with a re-warm-up of 2.5% of a cycle); ReLoRA/ReMoRA train embeddings, head
+and norms at full-rank's best LR of round 1 (5e-4, --full-rank-lr) on a plain cosine, and delete the
+adapters' Adam state at restarts, as the authors do. UUID runs 63 epochs of 16 steps (1008 steps),
+evaluated every 100 steps (per-character accuracy and exact match at 300/500/700/900).
+
+Time (from round 1's runs on one H100, 27 processes at once: a pretraining step with adapters took
+~7.5 ms of the shared GPU, full-rank ~6.2 ms, a UUID step ~4.6 ms (LoRA, sharing) to ~6.7 ms (rotation),
+evaluations included): 49 pretraining runs x 500 steps ~ 190 s, 25 UUID runs x 1008 steps ~ 130 s, plus
+~40 s of start-up (50 processes import, build the corpus, compile) and ~40 s for the last groups' seeds:
+~6.5 minutes. Every run gets a deadline (start + --budget - --stop-margin) and marks itself "truncated"
+("(cut)" in the tables) if it passes it; no seed run starts with less than 60 s left.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_study as gs  # noqa: E402
+import summarize  # noqa: E402  (the ranking of runs: one place for the driver and the tables)
+
+FULL_RANK_LR = "5e-4"  # full-rank's best LR in round 1 (docs/results/README.md); the full-rank grid re-checks it
+SEEDS = (1, 2)
+
+# group -> (script, its arguments, LR grid at seed 0); 5 points, x2 apart, around round 1's optima
+# (LoRA's scale 0.5 needs about 4x scale 2's LR: Adam moves A and B by ~lr, dW by scale * lr)
+PT_GROUPS = {
+    "full": ("--method full", ["1.25e-4", "2.5e-4", "5e-4", "1e-3", "2e-3"]),
+    "relora_s0.5": ("--method lora --alpha 16", ["2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2"]),
+    "relora_s2": ("--method lora --alpha 64", ["5e-4", "1e-3", "2e-3", "4e-3", "8e-3"]),
+    "remora_2type": ("--method mora --mora-types 1,2", ["2.5e-4", "5e-4", "1e-3", "2e-3", "4e-3"]),
+    "remora_4type": ("--method mora --mora-types 1,2,3,4", ["2.5e-4", "5e-4", "1e-3", "2e-3", "4e-3"]),
+    "lora_norestart": ("--method lora --alpha 64 --restart-every 0", ["5e-4", "1e-3", "2e-3", "4e-3", "8e-3"]),
+    "mora_norestart": ("--method mora --restart-every 0", ["2.5e-4", "5e-4", "1e-3", "2e-3", "4e-3"]),
+}
+UUID_GROUPS = {
+    "lora_r8": ("--method lora --r 8", ["5e-4", "1e-3", "2e-3"]),
+    "mora_decouple_r8": ("--method mora --mora-type decouple --r 8", ["1e-3", "2e-3", "4e-3"]),
+    "mora_rotation_r8": ("--method mora --mora-type rotation --r 8", ["1e-3", "2e-3", "4e-3"]),
+    "mora_sharing_r8": ("--method mora --mora-type sharing --r 8", ["3e-4", "6e-4", "1.2e-3"]),
+    "mora_sharing_r64": ("--method mora --mora-type sharing --r 64", ["3e-4", "6e-4", "1.2e-3"]),
+}
+
+
+def pt_args(steps: int, smoke: bool) -> str:
+    every = steps // 5
+    common = (f"--r 32 --steps {steps} --warmup {steps // 10} --restart-every {every} "
+              f"--restart-warmup {max(1, math.ceil(every / 40))} --eval-every {max(1, steps // 10)} "
+              f"--reset-optimizer delete --prune 1.0")
+    model = ("--hidden 32 --layers 1 --heads 2 --ffn 64 --seq 32 --batch 4 --eval-batches 1 --log-every 5 "
+             "--max-bytes 60000 --corpus docstrings" if smoke else gs.PT_MODEL)
+    return f"{common} {model}"
+
+
+def uuid_args(epochs: int, smoke: bool) -> str:
+    if smoke:
+        return f"--hidden 32 --layers 1 --heads 2 --ffn 64 --batch 8 --n-pairs 64 --epochs {epochs} --eval-steps 4"
+    return f"{gs.UUID_MODEL} --n-pairs 1024 --epochs {epochs} --eval-steps 100 --eval-every 1000"
+
+
+class Study:
+    """The jobs of both phases; `followup` queues a group's seeds once its grid has ended."""
+
+    def __init__(self, root: Path, pt_steps: int, uuid_epochs: int, smoke: bool, groups=None):
+        self.root, self.picked = root, {}
+        pt, uu = pt_args(pt_steps, smoke), uuid_args(uuid_epochs, smoke)
+        self.specs = {}
+        for g, (args, lrs) in PT_GROUPS.items():
+            extra = "" if g == "full" else f" --full-rank-lr {FULL_RANK_LR} --full-rank-schedule cosine"
+            self.specs[("pretrain", g)] = (gs.PRETRAIN, f"{pt} {args}{extra}", lrs)  # the group's args win
+        for g, (args, lrs) in UUID_GROUPS.items():
+            self.specs[("uuid", g)] = (gs.UUID, f"{uu} {args}", lrs)
+        if groups:
+            self.specs = {k: v for k, v in self.specs.items() if k[1] in groups}
+        if smoke:  # the same code path, two grid points per group
+            self.specs = {k: (s, a, lrs[1:3]) for k, (s, a, lrs) in self.specs.items()}
+
+    def job(self, kind, group, lr, seed):
+        script, args, _ = self.specs[(kind, group)]
+        return gs.job(kind, f"{group}_lr{lr}_seed{seed}", script, f"{args} --lr {lr} --seed {seed}")
+
+    def grid(self):
+        return [self.job(k, g, lr, 0) for (k, g), (_, _, lrs) in self.specs.items() for lr in lrs]
+
+    def followup(self, key, done):
+        kind, name = key.split("/")
+        group = name.rsplit("_lr", 1)[0]
+        if not name.endswith("_seed0") or (kind, group) in self.picked:
+            return []
+        lrs = self.specs[(kind, group)][2]
+        keys = [f"{kind}/{group}_lr{lr}_seed0" for lr in lrs]
+        if not all(k in done for k in keys):
+            return []
+        runs = [r for r in summarize.round2_runs(self.root, kind) if r["group"] == group and r["seed"] == 0]
+        rank = summarize.pt_rank if kind == "pretrain" else summarize.uuid_rank
+        scores = {f"{r['lr']:g}": rank(r) for r in runs}
+        best = next((lr for lr in lrs if float(lr) == summarize.picked_lr(runs, group, rank)[0]), None)
+        if best is None or not scores or not math.isfinite(min(scores.values())):
+            print(f"[round2] {kind}/{group}: no grid run has a result; no seeds", flush=True)
+            self.picked[(kind, group)] = dict(kind=kind, group=group, grid=lrs, scores=scores, best_lr=None)
+            return []
+        self.picked[(kind, group)] = dict(kind=kind, group=group, grid=lrs, scores=scores, best_lr=best,
+                                          at_edge=best in (lrs[0], lrs[-1]), picked_at=time.time())
+        (self.root / "selection.json").write_text(json.dumps(list(self.picked.values()), indent=1) + "\n")
+        print(f"[round2] {kind}/{group}: best lr {best} of {lrs} (scores {scores}); seeds {SEEDS} queued", flush=True)
+        return [self.job(kind, group, best, sd) for sd in SEEDS]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="output directory ($OUT on the device)")
+    p.add_argument("--smoke", action="store_true", help="tiny models, 20 steps, 2 grid points: a CPU check")
+    p.add_argument("--budget", type=float, default=480, help="seconds of wall clock for all jobs")
+    p.add_argument("--stop-margin", type=float, default=20, help="jobs stop themselves this long before the budget")
+    p.add_argument("--pt-steps", type=int, default=500)
+    p.add_argument("--uuid-epochs", type=int, default=63, help="16 steps each at 1024 pairs, batch 64")
+    p.add_argument("--parallel", type=int, default=64)
+    p.add_argument("--groups", nargs="*", help="only these groups (names in PT_GROUPS / UUID_GROUPS)")
+    p.add_argument("--progress-every", type=float, default=60)
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.pt_steps, a.uuid_epochs = 20, 3
+    root = Path(a.out).resolve()
+    study = Study(root, a.pt_steps, a.uuid_epochs, a.smoke, a.groups)
+    t0 = time.time()
+    done = gs.run_jobs(study.grid(), root, a.budget, a.parallel, a.stop_margin, a.progress_every,
+                       gs.HERE.parent.parent, min_run=60 if not a.smoke else 5, followup=study.followup)
+    failed = {k: v for k, v in done.items() if not v.startswith("rc 0")}
+    for k, v in failed.items():
+        print(f"[round2] FAILED {k}: {v}; log tail: {gs.last_line(root / (k + '.log'))}", flush=True)
+    rows = gs.collect(root)
+    (root / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(summarize.round2_tables(root), flush=True)
+    print(f"[round2] {len(done)} runs, {len(failed)} not clean, {time.time() - t0:.0f}s", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
