@@ -37,7 +37,8 @@ def _ours(rank, hf_dir, method, out):
 
     model = build_model(hf_dir, parallel_output=False).eval()
     load_hf_checkpoint(model, hf_dir)
-    cfg = AdapterConfig(method=method, r=4 if method == "lora" else 16, alpha=8, targets=TARGETS, seed=5)
+    kw = {"r": 4, "alpha": 8} if method == "lora" else {"r": 16}  # alpha is LoRA's key only
+    cfg = AdapterConfig(method=method, targets=TARGETS, seed=5, **kw)
     apply_adapters(model, cfg)
     # non-trivial adapter values, identical full tensors on every layout
     for i, layer in enumerate(adapted_layers(model)):

@@ -70,8 +70,8 @@ def attach(model, method: str, r: int, mora_type: str = "sharing", seed: int = 0
     from mora_dist.adapters import AdapterConfig
     from mora_dist.parallel.inject import apply_adapters
 
-    cfg = AdapterConfig(method=method, r=r, alpha=float(alpha if alpha is not None else 2 * r),
-                        mora_type=mora_type, seed=seed)
+    own = {"lora": {"alpha": float(alpha if alpha is not None else 2 * r)}, "mora": {"mora_type": mora_type}}
+    cfg = AdapterConfig(method=method, r=r, seed=seed, **own.get(method, {}))  # each method takes only its keys
     return apply_adapters(model, cfg).trainable
 
 

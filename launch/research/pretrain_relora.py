@@ -129,6 +129,7 @@ def main(argv=None):
     dev = common.setup_single_process(a.threads, 0, a.precision)
     from mora_dist.metrics.logger import MetricsLogger
     from mora_dist.training.schedule import cosine_lr, jagged_cosine_lr
+    from mora_dist.training.step import backward, optimizer_step
 
     train, held = build_corpus(a.max_bytes, a.corpus)
     model = common.tiny_model(VOCAB, a.hidden, a.layers, a.heads, a.ffn, 256, seed=1234 + a.seed)
@@ -173,11 +174,7 @@ def main(argv=None):
             lr = opt.param_groups[0]["lr"]
             w = windows(train, a.batch, a.seq, torch.Generator().manual_seed(step + 1_000_003 * a.seed)).to(dev)
             t, l = w[:, :-1], w[:, 1:]
-            loss = model(t, pos.expand_as(t), None, labels=l).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            loss, gn = optimizer_step(opt, params, lambda: backward(model(t, pos.expand_as(t), None, labels=l).mean()), 1.0)
             acc += loss.detach()
             nacc += 1
             last = step + 1 == a.steps

@@ -131,6 +131,7 @@ def main(argv=None):
     dev = common.setup_single_process(a.threads, a.seed, a.precision)
     from mora_dist.metrics.logger import MetricsLogger
     from mora_dist.training.schedule import cosine_lr
+    from mora_dist.training.step import backward, optimizer_step
 
     model = common.tiny_model(VOCAB, a.hidden, a.layers, a.heads, a.ffn, 128, seed=1234)  # same base for all
     if a.method == "vera" and a.vera_budget:
@@ -160,12 +161,8 @@ def main(argv=None):
                 lr = cosine_lr(step, a.lr, warmup, total, 0.1)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                per_tok = model(t, pos.expand_as(t), None, labels=l)
-                loss = (per_tok * m).sum() / m.sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
+                loss, gn = optimizer_step(opt, params, lambda: backward(
+                    (model(t, pos.expand_as(t), None, labels=l) * m).sum() / m.sum()), 1.0)
                 step += 1
                 tot += loss.detach()
                 if a.eval_steps and step % a.eval_steps == 0:

@@ -1,4 +1,5 @@
-"""What every adapter shares: its config, the description of the rank's shard, TP communication.
+"""What every adapter shares: the settings common to all methods (`MethodConfig`; each method
+subclasses it in its own module), the registry, the description of the rank's shard, TP communication.
 
 An adapter adds dW x to a frozen linear y = W0 x with W0 in R^{d_out x d_in}. Under tensor
 parallelism the rank owns a *shard* of the layer:
@@ -25,14 +26,18 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
 from torch import nn
 
-# method name -> Adapter subclass; each method's module registers itself (`@register("lora")`), and
-# importing this package imports every method module, so the registry is full before any config is built.
+from mora_dist.optim.allora import ALLoRA
+
+# method name -> Adapter subclass, whose `config_class` is the method's config dataclass; each method's
+# module registers both (`@register("lora", LoRAConfig)`), and importing this package imports every
+# method module, so the registry is full before any config is built.
 REGISTRY: dict = {}
 
 
@@ -43,39 +48,80 @@ def _fast_path_default() -> bool:
 
 
 @dataclass
-class AdapterConfig:
-    """One adapter setup for a model. `r` is the LoRA-equivalent rank (MoRA derives its square size
-    from it, VeRA uses it as the shared projection rank)."""
+class MethodConfig:
+    """The `adapter.*` keys every method has. A method subclasses it with its own keys, defaults and
+    checks (LoRAConfig in lora.py, MoRAConfig in mora.py, VeRAConfig in vera.py); `AdapterConfig(method,
+    **keys)` builds the right one. `r` is the LoRA-equivalent rank (MoRA derives its square size from
+    it, VeRA uses it as the shared projection rank)."""
 
-    method: str = "lora"
+    method: str = ""
     r: int = 8
-    alpha: float = 16.0
-    rslora: bool = False  # LoRA: scale alpha/sqrt(r) instead of alpha/r
-    mora_type: object = "sharing"  # sharing|rotation|decouple|truncation|type1..type4 (authors' numbering)
-    vera_d_init: float = 0.1
     seed: int = 0  # adapter init; VeRA's shared projections (PEFT's projection_prng_key)
-    allora_eta: Optional[float] = None  # ALLoRA gradient rule (mora_dist/optim/allora.py); LoRA then unscaled
     targets: list = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
     # the merged-weight fast paths (`Adapter.factors`, `block_operator`, `AdaptedLinear`'s merged path);
     # false: the per-adapter index-map path everywhere (a reference, and before/after in docs/performance.md)
     fast_path: bool = field(default_factory=_fast_path_default)
+    allora: Optional[ALLoRA] = None  # the ALLoRA gradient rule over this method (mora_dist/optim/allora.py)
 
     def __post_init__(self):
-        if self.method not in REGISTRY:
-            raise ValueError(f"adapter.method: unknown method {self.method!r}; choose one of {list(REGISTRY)}")
+        cls = config_class(self.method)
+        if type(self) is not cls:
+            raise ValueError(f"adapter.method: {self.method!r} is configured by {cls.__name__}, "
+                             f"not {type(self).__name__}")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"adapter.r: rank must be a positive integer, got {self.r!r}")
-        REGISTRY[self.method].check_config(self)
-        if self.allora_eta is not None and not self.allora_eta > 0:
-            raise ValueError(f"adapter.allora_eta must be > 0, got {self.allora_eta!r}")
         if not self.targets:
             raise ValueError("adapter.targets: empty target list")
+        if isinstance(self.allora, dict):
+            self.allora = ALLoRA(**self.allora)
 
     @property
-    def scale(self) -> float:
-        if self.allora_eta is not None:  # ALLoRA is scaling-free
-            return 1.0
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+    def allora_eta(self) -> Optional[float]:
+        """ALLoRA's eta, None without the rule (what parallel/wrappers.py reads)."""
+        return None if self.allora is None else self.allora.eta
+
+    @classmethod
+    def canonical_value(cls, key: str, value):
+        """`adapter.<key>` in one form, so that equal settings written differently compare equal."""
+        return value
+
+
+def config_class(method: str) -> type:
+    """The config dataclass of `adapter.method: method`."""
+    if method not in REGISTRY:
+        raise ValueError(f"adapter.method: unknown method {method!r}; choose one of {list(REGISTRY)}")
+    return REGISTRY[method].config_class
+
+
+def adapter_keys(data: dict, stored: bool = False) -> tuple[type, dict]:
+    """(config class, keys) for an `adapter` mapping: the class named by its `method` (default lora) and
+    its keys with the deprecated `allora_eta: eta` read as `allora: {eta: eta}`; a key the method does not
+    have is an error naming it. `stored`: a config a checkpoint wrote (older ones hold every method's
+    keys): keys of other methods are dropped, quietly."""
+    cls = config_class(data.get("method", "lora"))
+    data = dict(data)
+    eta = data.pop("allora_eta", None)
+    if eta is not None:
+        if data.get("allora") is not None:
+            raise ValueError("adapter.allora_eta: the old spelling of adapter.allora.eta; give only adapter.allora")
+        if not stored:
+            warnings.warn(f"adapter.allora_eta is deprecated: write adapter.allora: {{eta: {eta}}}", FutureWarning,
+                          stacklevel=3)
+        data["allora"] = {"eta": eta}
+    names = [f.name for f in fields(cls)]
+    if stored:
+        return cls, {k: v for k, v in data.items() if k in names}
+    for k in data:
+        if k not in names:
+            raise ValueError(f"adapter.{k}: not a key of adapter.method {cls.method!r} (its keys: {', '.join(names)})")
+    return cls, data
+
+
+def AdapterConfig(method: str = "lora", **keys) -> MethodConfig:  # noqa: N802 (a constructor by use)
+    """The config of adapter method `method`, e.g. `AdapterConfig("mora", r=8, mora_type="rotation")`:
+    an instance of that method's class. A key the method does not have is an error naming it."""
+    cls, keys = adapter_keys(dict(keys, method=method))
+    return cls(**keys)
 
 
 @dataclass
@@ -191,7 +237,9 @@ class Adapter(nn.Module):
 
     layout: dict = {}
 
-    def __init__(self, cfg: AdapterConfig, shard: Shard):
+    config_class: type = MethodConfig  # set by `register`
+
+    def __init__(self, cfg: MethodConfig, shard: Shard):
         super().__init__()
         self.cfg, self.shard = cfg, shard
         self.register_buffer("out_rows", shard.out_rows.clone(), persistent=False)
@@ -253,15 +301,6 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     # --- method hooks (defaults; a method overrides what it needs) ----------------------------
-    @classmethod
-    def check_config(cls, cfg: AdapterConfig) -> None:
-        """Raise ValueError naming the key for a setting this method cannot use."""
-
-    @classmethod
-    def canonical_value(cls, key: str, value):
-        """`adapter.<key>` in one form, so that equal settings written differently compare equal."""
-        return value
-
     def on_restart(self, generator: torch.Generator, cycle_types: tuple) -> None:
         """A ReLoRA-style restart, after this adapter's dW was folded into the base: start again at dW = 0.
         `cycle_types`: ReMoRA's type schedule (MoRA operator types; empty = no cycling)."""
@@ -301,13 +340,16 @@ class Adapter(nn.Module):
         return self.cfg.fast_path
 
 
-def register(name: str):
-    """Class decorator: make an Adapter subclass the method `adapter.method: name`."""
+def register(name: str, config: type):
+    """Class decorator: make an Adapter subclass the method `adapter.method: name`, configured by the
+    MethodConfig subclass `config` (whose `method` default is `name`)."""
     def deco(cls):
-        REGISTRY[name] = cls
+        if config.__dataclass_fields__["method"].default != name:
+            raise TypeError(f"{config.__name__}.method must default to {name!r}")
+        REGISTRY[name], cls.config_class = cls, config
         return cls
     return deco
 
 
-def build_adapter(cfg: AdapterConfig, shard: Shard, seed: int = 0, **kw) -> Adapter:
+def build_adapter(cfg: MethodConfig, shard: Shard, seed: int = 0, **kw) -> Adapter:
     return REGISTRY[cfg.method](cfg, shard, seed=seed, **kw)

@@ -1,21 +1,41 @@
 """LoRA (Hu et al. 2021): dW = s B A, A in R^{r x d_in} Kaiming-uniform, B in R^{d_out x r} zero,
-s = alpha/r (rsLoRA: alpha/sqrt(r)). Sharding: column-parallel keeps A replicated and B's rows;
+s = alpha/r (rsLoRA: alpha/sqrt(r); with the ALLoRA rule, `adapter.allora`, s = 1). Sharding: column-parallel keeps A replicated and B's rows;
 row-parallel keeps A's columns and B replicated."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mora_dist.adapters.base import Adapter, AdapterConfig, Factors, Shard, kaiming_uniform, register, to_rows
+from mora_dist.adapters.base import Adapter, Factors, MethodConfig, Shard, kaiming_uniform, register, to_rows
 
 
-@register("lora")
+@dataclass
+class LoRAConfig(MethodConfig):
+    method: str = "lora"
+    alpha: float = 16.0
+    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+
+    def __post_init__(self):
+        super().__post_init__()
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
+            raise ValueError(f"adapter.alpha must be > 0, got {a!r}")
+
+    @property
+    def scale(self) -> float:
+        if self.allora is not None:  # ALLoRA is scaling-free
+            return 1.0
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+@register("lora", LoRAConfig)
 class LoRA(Adapter):
     layout = {"A": "in", "B": "out"}
 
-    def __init__(self, cfg: AdapterConfig, shard: Shard, seed: int = 0, scale: float | None = None):
+    def __init__(self, cfg: LoRAConfig, shard: Shard, seed: int = 0, scale: float | None = None):
         super().__init__(cfg, shard)
         self.scale = cfg.scale if scale is None else scale
         self.A = nn.Parameter(torch.empty(cfg.r, shard.local_in))

@@ -30,12 +30,13 @@ authors' `get_delta_weight` does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mora_dist.adapters import blockdiag
-from mora_dist.adapters.base import Adapter, AdapterConfig, Factors, Shard, register, to_rows
+from mora_dist.adapters.base import Adapter, Factors, MethodConfig, Shard, register, to_rows
 
 ROTATION = 6  # the authors' number for the rotation operator
 # adapter.mora_type (names or the authors' numbers) -> the operator type used everywhere below
@@ -79,19 +80,25 @@ def contiguous_groups(d: int, rh: int) -> torch.Tensor:
     return torch.where(idx < big, idx // (nr + 1), m + (idx - big).clamp(min=0) // nr)
 
 
-@register("mora")
-class MoRA(Adapter):
-    layout = {"M": None}
+@dataclass
+class MoRAConfig(MethodConfig):
+    method: str = "mora"
+    mora_type: object = "sharing"  # sharing|rotation|decouple|truncation|type1..type4 or the authors' numbers
 
-    @classmethod
-    def check_config(cls, cfg: AdapterConfig) -> None:
-        if cfg.mora_type not in MORA_TYPES:
-            raise ValueError(f"adapter.mora_type: unknown MoRA type {cfg.mora_type!r}; "
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.mora_type, bool) or self.mora_type not in MORA_TYPES:
+            raise ValueError(f"adapter.mora_type: unknown MoRA type {self.mora_type!r}; "
                              f"choose one of {sorted(map(str, MORA_TYPES))}")
 
     @classmethod
     def canonical_value(cls, key: str, value):
         return MORA_TYPES.get(value, value) if key == "mora_type" else value
+
+
+@register("mora", MoRAConfig)
+class MoRA(Adapter):
+    layout = {"M": None}
 
     def on_restart(self, generator: torch.Generator, cycle_types: tuple) -> None:
         """ReMoRA: M back to zero and the next grouping on the `cycle_types` schedule (empty: keep the type)."""
@@ -103,7 +110,7 @@ class MoRA(Adapter):
         if self.type in cycle_types:
             self.set_type(cycled_type(self.type, n, cycle_types))
 
-    def __init__(self, cfg: AdapterConfig, shard: Shard, seed: int = 0, rh: int | None = None):
+    def __init__(self, cfg: MoRAConfig, shard: Shard, seed: int = 0, rh: int | None = None):
         super().__init__(cfg, shard)
         if rh is None:
             rh = mora_rank(shard.d_in, shard.d_out, cfg.r)

@@ -9,10 +9,13 @@ A's columns, B, d and b replicated.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from mora_dist.adapters.base import Adapter, AdapterConfig, Factors, Shard, kaiming_uniform, register, to_rows
+from mora_dist.adapters.base import Adapter, Factors, MethodConfig, Shard, kaiming_uniform, register, to_rows
 
 _SHARED: dict = {}
 
@@ -28,11 +31,23 @@ def shared_projections(seed: int, r: int, d_in_max: int, d_out_max: int):
     return _SHARED[key]
 
 
-@register("vera")
+@dataclass
+class VeRAConfig(MethodConfig):
+    method: str = "vera"
+    vera_d_init: float = 0.1  # initial value of every entry of d
+
+    def __post_init__(self):
+        super().__post_init__()
+        d = self.vera_d_init
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d):
+            raise ValueError(f"adapter.vera_d_init must be a finite number, got {d!r}")
+
+
+@register("vera", VeRAConfig)
 class VeRA(Adapter):
     layout = {"d": None, "b": "out"}
 
-    def __init__(self, cfg: AdapterConfig, shard: Shard, seed: int = 0, d_in_max: int | None = None,
+    def __init__(self, cfg: VeRAConfig, shard: Shard, seed: int = 0, d_in_max: int | None = None,
                  d_out_max: int | None = None):
         super().__init__(cfg, shard)
         d_in_max = d_in_max or shard.d_in

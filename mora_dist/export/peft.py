@@ -30,7 +30,7 @@ def _full(adapter, name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def export_peft(model, cfg, out_dir: str, base_model: str | None = None, overwrite: bool = False) -> None:
-    """Collective over all ranks. `cfg` is the AdapterConfig the model was adapted with. Atomic like
+    """Collective over all ranks. `cfg` is the adapter config (MethodConfig) the model was adapted with. Atomic like
     export_hf: staged beside `out_dir`; an existing non-empty `out_dir` is refused unless `overwrite`."""
     import re
 
@@ -75,8 +75,8 @@ def _write(out_dir, gathered, cfg, base_model) -> None:
                   target_modules=sorted(HF_NAMES[t].split(".")[1] for t in cfg.targets), r=cfg.r,
                   inference_mode=True)
     if cfg.method == "lora":
-        conf = dict(common, peft_type="LORA", lora_alpha=cfg.alpha if cfg.allora_eta is None else cfg.r,
-                    use_rslora=cfg.rslora and cfg.allora_eta is None, lora_dropout=0.0,
+        conf = dict(common, peft_type="LORA", lora_alpha=cfg.alpha if cfg.allora is None else cfg.r,
+                    use_rslora=cfg.rslora and cfg.allora is None, lora_dropout=0.0,
                     init_lora_weights=True, fan_in_fan_out=False)
     else:
         shapes = next(s for _, s in gathered if s)

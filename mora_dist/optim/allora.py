@@ -1,5 +1,11 @@
-"""ALLoRA (Huang & Balestriero 2024, arXiv 2410.09692): adaptive per-row learning rate, no dropout,
-no alpha/r scaling.
+"""ALLoRA (Huang & Balestriero 2024, arXiv 2410.09692): a gradient rule over any adapter method, an
+adaptive per-row learning rate; with it LoRA has no alpha/r scaling (and no dropout, as everywhere).
+
+Configured on its own, beside the method: `adapter.allora: {eta: 2.0}` (null: off), the `ALLoRA`
+dataclass below; the adapter config carries it (`MethodConfig.allora`) so every layer sees it. The
+old key `adapter.allora_eta: 2.0` still works and says it is deprecated. This module imports nothing
+from mora_dist: it reads an adapter only through `delta_weight()` and `shard`, so the layers above
+(adapters/ for the config, parallel/ for the forward) may import it.
 
 Checked against the paper (section 4.2 and its code listing in appendix F, 2026-11-24): for output
 row i of the adapter's update dW, the gradient *of the layer output* that reaches the adapter's
@@ -20,8 +26,24 @@ only). Values are identical; the extra cost is one adapter forward, no extra bac
 """
 from __future__ import annotations
 
+import math
+import numbers
+from dataclasses import dataclass
+
 import torch
 from torch.func import functional_call
+
+
+@dataclass(frozen=True)
+class ALLoRA:
+    """`adapter.allora`: c_i = 1/sqrt(||dW_i|| + 1/eta^2) scales the gradient reaching row i's parameters."""
+
+    eta: float = 2.0  # the paper listing's default (1/eta^2 = 1/4)
+
+    def __post_init__(self):
+        e = self.eta
+        if isinstance(e, bool) or not isinstance(e, numbers.Real) or not math.isfinite(e) or e <= 0:
+            raise ValueError(f"adapter.allora.eta must be a number > 0, got {e!r}")
 
 
 @torch.no_grad()

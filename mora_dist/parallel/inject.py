@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mora_dist.adapters.base import AdapterConfig, Shard, build_adapter
+from mora_dist.adapters.base import MethodConfig, Shard, build_adapter
 from mora_dist.parallel.wrappers import AdaptedLinear
 
 CANONICAL = {"q": "linear_qkv", "k": "linear_qkv", "v": "linear_qkv", "o": "linear_proj",
@@ -93,7 +93,7 @@ def _matches(name: str, module, target: str) -> bool:
     return fnmatch.fnmatchcase(name, target)
 
 
-def apply_adapters(model: nn.Module, cfg: AdapterConfig, vera_shapes: tuple | None = None) -> AdapterReport:
+def apply_adapters(model: nn.Module, cfg: MethodConfig, vera_shapes: tuple | None = None) -> AdapterReport:
     """Wrap every target of `cfg.targets` in `model` with an adapter; freeze all other parameters."""
     from mora_dist.parallel import fused
 

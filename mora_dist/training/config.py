@@ -10,7 +10,7 @@ from typing import Optional
 
 import yaml
 
-from mora_dist.adapters.base import AdapterConfig
+from mora_dist.adapters.base import AdapterConfig, MethodConfig, adapter_keys
 from mora_dist.metrics.throughput import H100_BF16_DENSE_PEAK
 
 
@@ -111,7 +111,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    adapter: MethodConfig = field(default_factory=AdapterConfig)  # the class of adapter.method
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     restarts: RestartConfig = field(default_factory=RestartConfig)
@@ -140,9 +140,14 @@ def _coerce(value, typ, key):
     return value
 
 
-def _build(cls, data: dict, prefix: str, source: str):
+def _build(cls, data: dict, prefix: str, source: str, stored: bool = False):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping in {source}, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping in {source}, got {data!r}")
+    if cls is MethodConfig:  # adapter.*: the keys of the class of adapter.method
+        try:
+            cls, data = adapter_keys(data, stored)
+        except ValueError as e:
+            raise ConfigError(f"{str(e)} (in {source})") from None
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -153,8 +158,10 @@ def _build(cls, data: dict, prefix: str, source: str):
         if f.name not in data:
             continue
         typ, key = hints[f.name], f"{prefix}{f.name}"
+        if typing.get_origin(typ) is typing.Union and data[f.name] is not None:  # Optional[X] given: X
+            typ = next(a for a in typing.get_args(typ) if a is not type(None))
         if dataclasses.is_dataclass(typ):
-            kwargs[f.name] = _build(typ, data[f.name], key + ".", source)
+            kwargs[f.name] = _build(typ, data[f.name], key + ".", source, stored)
         else:
             kwargs[f.name] = _coerce(data[f.name], typ, key)
     try:
@@ -206,8 +213,9 @@ def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config
 
 def config_from_dict(data: dict, source: str) -> Config:
     """A Config from a plain dict (e.g. the one a checkpoint stores), typed and checked key by key
-    like a YAML file; not validated against the launch environment."""
-    return _build(Config, data, "", source)
+    like a YAML file; not validated against the launch environment. Adapter keys of other methods
+    (older checkpoints stored every method's) are dropped."""
+    return _build(Config, data, "", source, stored=True)
 
 
 # model.* keys that describe the architecture: with model.hf_dir they are read from its config.json

@@ -17,7 +17,6 @@ RANGES = {
     "model.num_layers": _POS, "model.hidden_size": _POS, "model.ffn_hidden_size": _POS,
     "model.num_attention_heads": _POS, "model.num_query_groups": _POS, "model.vocab_size": _POS,
     "model.rope_theta": _POS, "model.norm_eps": _POS,
-    "adapter.alpha": _POS,
     "data.seq_length": _POS, "data.eod_id": _NONNEG, "data.eval_batches": _POS, "data.seed": _NONNEG,
     "train.steps": _POS, "train.micro_batch": _POS, "train.global_batch": _POS, "train.lr": _POS,
     "train.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "train.warmup": _NONNEG,

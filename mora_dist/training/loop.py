@@ -1,9 +1,9 @@
 """The training loop: megatron-core pipeline schedules over an adapter-wrapped GPTModel.
 
-Per step: the jagged/cosine LR; a ReLoRA/ReMoRA restart when due (restarts.py); micro-batches
-through `get_forward_backward_func` (1F1B under PP); megatron DistributedDataParallel reduces the
-adapter gradients over DP in its fp32 grad buffers; the global grad norm is completed over TP/PP
-and clipped; AdamW steps the fp32 adapter parameters.
+Per step: the jagged/cosine LR; a ReLoRA/ReMoRA restart when due (restarts.py); then the shared
+optimizer step (step.py): micro-batches through `get_forward_backward_func` (1F1B under PP);
+megatron DistributedDataParallel reduces the adapter gradients over DP in its fp32 grad buffers;
+the global grad norm is completed over TP/PP and clipped; AdamW steps the fp32 adapter parameters.
 
 Optimizer: megatron 0.16's optimizers (incl. the distributed optimizer) assert CUDA tensor types,
 so the adapter parameters are stepped by torch AdamW (fused on GPU). Adapter states are small
@@ -22,6 +22,7 @@ from mora_dist.parallel.inject import adapted_layers, fixed_adapters
 
 from mora_dist.training.config import Config
 from mora_dist.training.schedule import jagged_cosine_lr
+from mora_dist.training.step import optimizer_step
 
 
 def build_adapted_model(cfg: Config):
@@ -180,6 +181,18 @@ class Trainer:
         dist.all_reduce(total, group=ps.get_model_parallel_group())
         return math.sqrt(total.item())
 
+    def _forward_backward(self, step: int) -> list:
+        """Every micro-batch of `step` (graphed, or through the schedule), gradients reduced over DP into p.grad."""
+        with fixed_adapters(self.model):  # merged weights built once for the step's micro-batches
+            if self.graph is not None:
+                losses = self._run_graphed(step)
+            else:
+                losses = self._run_schedule(self.batches, step, forward_only=False)
+        self.ddp.finish_grad_sync()
+        for p in self.params:
+            p.grad = p.main_grad
+        return losses
+
     def train_step(self) -> dict:
         from mora_dist.training import restarts
 
@@ -191,21 +204,9 @@ class Trainer:
         lr = self.lr_at(step)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        self.ddp.zero_grad_buffer()
-        self.opt.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        with fixed_adapters(self.model):  # merged weights built once for the step's micro-batches
-            if self.graph is not None:
-                losses = self._run_graphed(step)
-            else:
-                losses = self._run_schedule(self.batches, step, forward_only=False)
-        self.ddp.finish_grad_sync()
-        for p in self.params:
-            p.grad = p.main_grad
-        gnorm = self.grad_norm()
-        if cfg.train.clip_grad and gnorm > cfg.train.clip_grad:
-            torch._foreach_mul_([p.grad for p in self.params], cfg.train.clip_grad / (gnorm + 1e-6))
-        self.opt.step()
+        losses, gnorm = optimizer_step(self.opt, self.params, lambda: self._forward_backward(step), cfg.train.clip_grad,
+                                       grad_norm=lambda _: self.grad_norm(), zero_grad=self._zero_grads)
         loss = self._mean_loss(losses)
         self.step += 1
         return dict(step=self.step, loss=loss, lr=lr, grad_norm=gnorm, step_time=time.perf_counter() - t0)

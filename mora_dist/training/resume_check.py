@@ -23,7 +23,7 @@ def _norm(section: str, key: str, value, method: str):
     if section == "adapter":
         from mora_dist.adapters.base import REGISTRY
 
-        value = REGISTRY[method].canonical_value(key, value) if method in REGISTRY else value
+        value = REGISTRY[method].config_class.canonical_value(key, value) if method in REGISTRY else value
     if section == "model" and key == "hf_dir" and value:
         return os.path.realpath(value)
     if section == "restarts" and key == "mora_types":
@@ -40,9 +40,13 @@ def _norm(section: str, key: str, value, method: str):
 
 def config_differences(saved: dict, current) -> list[str]:
     """'section.key: saved -> current' for every compared value that differs."""
+    from mora_dist.adapters.base import AdapterConfig, adapter_keys
     from mora_dist.training.config import SHAPE_KEYS, Config
 
-    cur, default = current.to_dict(), Config().to_dict()
+    cur = current.to_dict()
+    default = Config(adapter=AdapterConfig(cur["adapter"]["method"])).to_dict()
+    if isinstance(saved.get("adapter"), dict) and saved["adapter"].get("method") == cur["adapter"]["method"]:
+        saved = dict(saved, adapter=adapter_keys(saved["adapter"], stored=True)[1])  # older spellings
     pairs = [(s, k) for s in COMPARED_SECTIONS for k in cur[s] if (s, k) not in RUNTIME_KEYS] + list(COMPARED_KEYS)
     if cur["adapter"]["method"] == "mora":
         pairs += list(MORA_KEYS)
