@@ -76,12 +76,13 @@ def attach(model, method: str, r: int, mora_type: str = "sharing", seed: int = 0
 
 
 def adapter_scale(model):
-    """The scale of the model's adapters as built (LoRA: alpha / r), None without adapters."""
+    """The scale of the model's adapters as built (LoRA: alpha / r), None without adapters or for a
+    method without a scale (MoRA, VeRA)."""
     from mora_dist.parallel.inject import adapted_layers
 
     for layer in adapted_layers(model):
         for a in layer.adapters.values():
-            return a.cfg.scale
+            return getattr(a.cfg, "scale", None)
     return None
 
 
