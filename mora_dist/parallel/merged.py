@@ -118,10 +118,17 @@ def _stacked_q(n: int, parts, like: torch.Tensor) -> torch.Tensor:
     return Qf
 
 
-def _kernel_build(W0: torch.Tensor):
-    """The one-pass Triton build (`kernels/build.py`) when it serves W0: a CUDA half-precision
-    weight (or TRITON_INTERPRET=1 for the CPU checks), else None (torch's addmm)."""
-    on = W0.is_cuda and W0.dtype in (torch.bfloat16, torch.float16)
+# The one-pass build is memory-bound only while the summed rank is small; at K = 256 (VeRA r=256,
+# MoRA sharing's compressed width at 8B) its plain tiles compute slower than cuBLAS, which won there
+# (8B, H200, 2026-11-30: sharing 15,593 -> 15,193 tokens/s with the kernel at K = 256, LoRA held).
+BUILD_KERNEL_MAX_K = 64
+
+
+def _kernel_build(W0: torch.Tensor, K: int = 0):
+    """The one-pass Triton build (`kernels/build.py`) when it serves W0 + Q R with K = Q's columns:
+    a CUDA half-precision weight and K <= BUILD_KERNEL_MAX_K (or TRITON_INTERPRET=1 for the CPU
+    checks), else None (torch's addmm)."""
+    on = W0.is_cuda and W0.dtype in (torch.bfloat16, torch.float16) and K <= BUILD_KERNEL_MAX_K
     if not (on or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
     try:
@@ -142,7 +149,7 @@ def _build(W0: torch.Tensor, plan: Plan, Ps, pairs, out: Optional[torch.Tensor] 
           for t, (mid, _) in zip(plan.terms, pairs)]
     Qf = _stacked_q(W0.shape[0], [(t.rows, Q) for t, (_, Q) in zip(plan.terms, pairs)], W0)
     R = torch.cat(Rs) if len(Rs) > 1 else Rs[0]
-    kern = _kernel_build(W0)
+    kern = _kernel_build(W0, R.shape[0])
     if kern is not None:
         return kern.addmm(W0, Qf, R, out)
     return torch.addmm(W0, Qf, R) if out is None else torch.addmm(W0, Qf, R, out=out)
