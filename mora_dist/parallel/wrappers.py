@@ -75,6 +75,8 @@ class AdaptedLinear(nn.Module):
         self._rows: dict[str, tuple] = {}  # name -> merged.RowRange | RowBlocks | RowIndex
         self._segs: dict[str, tuple] = {}
         self.merged = False
+        self._step_weight: Optional[torch.Tensor] = None  # W0 + dW, kept across steps (begin_fixed)
+        self._fixed: Optional[torch.Tensor] = None  # the weight forwards read inside fixed_adapters
 
     def add_adapter(self, name: str, adapter: Adapter, positions: Optional[torch.Tensor] = None) -> None:
         """`positions`: the adapter's rows in the local output (None: all rows, in order)."""
@@ -163,7 +165,7 @@ class AdaptedLinear(nn.Module):
         if not plan.terms and not plan.blocks:  # only adapters with their own forward: W0 itself
             self._fixed = W0.detach()
             return
-        buf = getattr(self, "_step_weight", None)
+        buf = self._step_weight
         if buf is None or buf.shape != W0.shape or buf.dtype != W0.dtype or buf.device != W0.device:
             buf = torch.empty_like(W0, requires_grad=False)
         self._step_weight = merged.build_weight(W0, plan, ts, out=buf)
@@ -180,7 +182,7 @@ class AdaptedLinear(nn.Module):
         step's (built once by `begin_fixed`) inside `inject.fixed_adapters`, else built here."""
         x_local = x if x_local is None else x_local
         plan, ts, extra = self._merged_plan()
-        W = getattr(self, "_fixed", None)
+        W = self._fixed
         out = merged.MergedLinear.apply(x.reshape(-1, x.shape[-1]), self.base.weight, W, plan, *ts)
         out = out.view(*x.shape[:-1], out.shape[-1])
         for name in extra:
