@@ -161,3 +161,38 @@ def test_round2_driver_grid_then_seeds_at_the_best_lr(tmp_path):
     assert [x["eval_at_step"] for x in u["recs"] if "eval_at_step" in x] == list(range(4, u["cfg"]["steps"] + 1, 4))
     text = summarize.round2_tables(out)
     assert "ReLoRA, scale 0.5" in text and "LoRA r=8" in text and "±" in text
+
+
+def test_round2_runs_merge_directories_and_skip_failed(tmp_path):
+    """summarize --round2 DIR DIR: one set of runs over both directories; a run status.json lists as
+    failed or not started is skipped (even with records on disk); the same run in two directories is an error."""
+    import json
+
+    import summarize
+
+    def run(root, name, lr, seed, ppl, status):
+        d = root / "pretrain" / name
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({"config": {"lr": lr, "seed": seed, "steps": 10}}))
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/ppl": ppl}) + "\n")
+        st = root / "status.json"
+        old = json.loads(st.read_text()) if st.is_file() else {}
+        st.write_text(json.dumps(dict(old, **{f"pretrain/{name}": status})))
+
+    a, b = tmp_path / "call1", tmp_path / "call2"
+    run(a, "full_lr5e-4_seed0", 5e-4, 0, 3.7, "rc 0 after 9s")
+    run(a, "remora_2type_lr1e-3_seed0", 1e-3, 0, 99.0, "rc 1 after 3s")  # failed: must not count
+    run(b, "remora_2type_lr1e-3_seed0", 1e-3, 0, 3.8, "rc 0 after 9s")
+    st = json.loads((b / "status.json").read_text())
+    (b / "status.json").write_text(json.dumps(dict(st, **{"pretrain/remora_2type_lr1e-3_seed1": "not started"})))
+    runs = summarize.round2_runs([a, b], "pretrain")
+    assert sorted((r["group"], summarize._ppl(r)) for r in runs) == [("full", 3.7), ("remora_2type", 3.8)]
+    assert summarize.round2_runs(a, "pretrain")[0]["group"] == "full"  # one directory as before
+    skipped = summarize.round2_skipped([a, b])
+    assert skipped == ["call1, rc 1 (1 run): pretrain/remora_2type_lr1e-3_seed0",
+                       "call2, not started (1 run): pretrain/remora_2type_lr1e-3_seed1"]
+    text = summarize.round2_tables([a, b])
+    assert "ReMoRA, types 1-2" in text and "99.000" not in text and "Skipped" in text
+    run(tmp_path / "call3", "full_lr5e-4_seed0", 5e-4, 0, 3.6, "rc 0 after 9s")
+    with pytest.raises(ValueError, match="both"):
+        summarize.round2_runs([a, tmp_path / "call3"], "pretrain")

@@ -14,12 +14,13 @@ perplexity against LR (pretrain_gpu.png).
 
 Round 2 (launch/research/round2.py layout, DIR/{pretrain,uuid}/<group>_lr<lr>_seed<s>/):
 
-    python launch/research/summarize.py --round2 DIR --out docs/results/round2
+    python launch/research/summarize.py --round2 DIR [DIR ...] --out docs/results/round2
 
-prints the tables (LR grids at seed 0; mean +- sd over the seeds at each group's picked LR; per-character
-accuracy and exact match at steps 300/500/700/900; method gaps against the seed spread) and, with
-matplotlib, writes round2_pretrain.png and round2_uuid.png. `round2_tables` needs no matplotlib (the
-driver prints it on the device).
+reads the runs of every DIR as one set (a run that status.json lists as failed or not started is
+skipped; the same run in two directories is an error), prints the tables (LR grids at seed 0; mean +- sd
+over the seeds at each group's picked LR; per-character accuracy and exact match at steps 300/500/700/900;
+method gaps against the seed spread, with a verdict) and, with matplotlib, writes round2_pretrain.png and
+round2_uuid.png. `round2_tables` needs no matplotlib (the driver prints it on the device).
 """
 import argparse
 import json
@@ -349,25 +350,72 @@ UUID_NAMES = {"lora_r8": "LoRA r=8", "mora_decouple_r8": "MoRA decouple r=8", "m
 # (a, b): is a's seed-mean perplexity below b's by more than the seed spread?
 PT_PAIRS = [("remora_2type", "relora_s0.5"), ("remora_2type", "relora_s2"), ("remora_4type", "relora_s0.5"),
             ("remora_4type", "relora_s2"), ("remora_2type", "remora_4type"), ("relora_s0.5", "relora_s2"),
-            ("mora_norestart", "lora_norestart"), ("remora_2type", "mora_norestart"), ("relora_s0.5", "lora_norestart")]
+            ("mora_norestart", "lora_norestart"), ("remora_2type", "mora_norestart"), ("relora_s0.5", "lora_norestart"),
+            ("relora_s2", "lora_norestart"), ("full", "relora_s2"), ("full", "remora_2type")]
+# (a, b): is a's seed-mean per-character accuracy (exact match) above b's by more than the seed spread?
+UUID_PAIRS = [("mora_decouple_r8", "lora_r8"), ("mora_rotation_r8", "lora_r8"), ("mora_sharing_r8", "lora_r8"),
+              ("mora_sharing_r64", "mora_sharing_r8"), ("mora_decouple_r8", "mora_sharing_r8"),
+              ("mora_rotation_r8", "mora_sharing_r8")]
+
+
+def _roots(root) -> list:
+    return [Path(r) for r in ([root] if isinstance(root, (str, Path)) else root)]
+
+
+def _not_clean(root: Path) -> set:
+    """Runs ("kind/name") that DIR/status.json lists as failed (rc != 0) or not started; a run killed at the
+    budget keeps its records (its rows say "(cut)")."""
+    f = root / "status.json"
+    if not f.is_file():
+        return set()
+    out = set()
+    for key, v in json.loads(f.read_text()).items():
+        parts = v.split()
+        if v == "not started" or (parts[:1] == ["rc"] and len(parts) > 1 and parts[1] != "0"):
+            out.add(key)
+    return out
+
+
+def round2_skipped(root) -> list:
+    """["DIR, <status> (n runs): kind/name, ..."] of the runs round2_runs skips, one line per directory
+    and status ("rc 1", "not started")."""
+    out = []
+    for r in _roots(root):
+        f = r / "status.json"
+        st = json.loads(f.read_text()) if f.is_file() else {}
+        by = group_by(sorted(_not_clean(r)), lambda k: st[k].split(" after ")[0])
+        out += [f"{r.name}, {why} ({len(ks)} run{'s' if len(ks) > 1 else ''}): {', '.join(ks)}"
+                for why, ks in sorted(by.items())]
+    return out
 
 
 def round2_runs(root, kind) -> list:
-    """[{group, lr, seed, cfg, recs, truncated}] of DIR/kind/<group>_lr<lr>_seed<s>/."""
-    out = []
-    for d in sorted((Path(root) / kind).glob("*_seed*")):
-        if not (d / "run.json").is_file() or not (d / "metrics.jsonl").is_file():
-            continue
-        cfg = json.loads((d / "run.json").read_text())["config"]
-        recs = []
-        for x in (d / "metrics.jsonl").read_text().splitlines():
-            try:
-                recs.append(json.loads(x))
-            except json.JSONDecodeError:
-                pass  # a line cut by a kill
-        out.append(dict(group=d.name.rsplit("_lr", 1)[0], lr=cfg["lr"], seed=cfg.get("seed", 0), cfg=cfg, recs=recs,
-                        truncated=any(r.get("truncated") for r in recs)))
+    """[{group, lr, seed, cfg, recs, truncated, dir}] of DIR/kind/<group>_lr<lr>_seed<s>/ over one DIR or a
+    list of them, skipping the runs status.json lists as not clean (failed, not started)."""
+    out, seen = [], {}
+    for rt in _roots(root):
+        skip = _not_clean(rt)
+        for d in sorted((rt / kind).glob("*_seed*")):
+            if not (d / "run.json").is_file() or not (d / "metrics.jsonl").is_file() or f"{kind}/{d.name}" in skip:
+                continue
+            if d.name in seen:
+                raise ValueError(f"{kind}/{d.name} is in both {seen[d.name]} and {rt}")
+            seen[d.name] = rt
+            out += _round2_run(d)
     return out
+
+
+def _round2_run(d: Path) -> list:
+    """[the run of directory d] (a list, so that round2_runs can extend by it)."""
+    cfg = json.loads((d / "run.json").read_text())["config"]
+    recs = []
+    for x in (d / "metrics.jsonl").read_text().splitlines():
+        try:
+            recs.append(json.loads(x))
+        except json.JSONDecodeError:
+            pass  # a line cut by a kill
+    return [dict(group=d.name.rsplit("_lr", 1)[0], lr=cfg["lr"], seed=cfg.get("seed", 0), cfg=cfg, recs=recs,
+                 truncated=any(r.get("truncated") for r in recs), dir=d)]
 
 
 def _ppl(run):
@@ -425,7 +473,7 @@ def round2_tables(root) -> str:
         L += ["## Pretraining: LR grid (seed 0), final held-out perplexity", "",
               "| setting | trainable | adapter scale | lr: ppl (best in bold) | best | steps |",
               "| --- | ---: | ---: | --- | --- | ---: |"]
-        seeds = {}
+        seeds, edges = {}, set()
         for g in [g for g in PT_NAMES if any(r["group"] == g for r in pt)]:
             lr, rs = picked_lr(pt, g, pt_rank)
             grid = sorted((r for r in rs if r["seed"] == 0), key=lambda r: r["lr"])
@@ -433,6 +481,8 @@ def round2_tables(root) -> str:
             cells = ", ".join((f"**{r['lr']:g}: {_ppl(r):.3f}**" if r["lr"] == lr else f"{r['lr']:g}: {_ppl(r):.3f}")
                               + (" (cut)" if r["truncated"] else "") for r in grid)
             edge = len(lrs) > 1 and lr in (lrs[0], lrs[-1])
+            if edge:
+                edges.add(g)
             where = "-" if lr is None else f"{lr:g}" + (" (grid edge)" if edge else "")
             c = (grid or rs)[0]["cfg"]
             steps = max((r.get("step", 0) for r in (grid or rs)[0]["recs"]), default=0)
@@ -447,26 +497,22 @@ def round2_tables(root) -> str:
             v = [_ppl(r) for r in rs]
             stats[g] = v
             per = " / ".join(f"{x:.3f}" + (" (cut)" if r["truncated"] else "") for x, r in zip(v, rs))
-            L.append(f"| {PT_NAMES[g]} | {lr:g} | {per} | {_ms(v)} | {max(v) - min(v):.3f} |")
-        rows = []
-        for a, b in PT_PAIRS:
-            if len(stats.get(a, [])) >= 2 and len(stats.get(b, [])) >= 2:
-                gap = statistics.mean(stats[b]) - statistics.mean(stats[a])
-                spread = max(max(stats[a]) - min(stats[a]), max(stats[b]) - min(stats[b]))
-                rows.append(f"| {PT_NAMES[a]} below {PT_NAMES[b]} | {gap:+.3f} | {spread:.3f} | "
-                            f"{'yes' if gap > spread else 'no'} |")
+            spread = f"{max(v) - min(v):.3f}" if len(v) > 1 else "- (1 seed)"
+            L.append(f"| {PT_NAMES[g]} | {lr:g} | {per} | {_ms(v)} | {spread} |")
+        rows = _gap_rows(PT_PAIRS, {"": stats}, PT_NAMES, "below", lower_better=True, edges=edges)
         if rows:
-            L += ["", "## Pretraining: gaps of seed means against the seed spread", "",
-                  "| claim (a below b) | mean b - mean a | larger seed spread | gap > spread |",
-                  "| --- | ---: | ---: | --- |"] + rows
+            L += ["", "## Pretraining: gaps of seed means against the seed spread", "", _GAP_HEAD, _GAP_RULE] + rows
     uu = round2_runs(root, "uuid")
     if uu:
         hdr = " | ".join(f"acc@{s}" for s in UUID_STEPS) + " | " + " | ".join(f"EM@{s}" for s in UUID_STEPS)
         L += ["", "## UUID: LR grid (seed 0), per-character accuracy and exact match at the paper's steps", "",
               f"| setting | trainable | lr | {hdr} | final EM |", "|" + " --- |" * (4 + 2 * len(UUID_STEPS))]
-        seeds = {}
+        seeds, edges = {}, set()
         for g in [g for g in UUID_NAMES if any(r["group"] == g for r in uu)]:
             lr, rs = picked_lr(uu, g, uuid_rank)
+            lrs = sorted(r["lr"] for r in rs if r["seed"] == 0)
+            if len(lrs) > 1 and lr in (lrs[0], lrs[-1]):
+                edges.add(g)
             for r in sorted((r for r in rs if r["seed"] == 0), key=lambda r: r["lr"]):
                 vals = [_at(r, s, "eval/value_token_acc") for s in UUID_STEPS]
                 vals += [_at(r, s, "eval/exact_match") for s in UUID_STEPS]
@@ -480,9 +526,53 @@ def round2_tables(root) -> str:
         for g, (lr, rs) in seeds.items():
             cols = [_ms([_at(r, s, "eval/value_token_acc") for r in rs]) for s in UUID_STEPS]
             cols += [_ms([_at(r, s, "eval/exact_match") for r in rs]) for s in UUID_STEPS]
-            L.append(f"| {UUID_NAMES[g]} | {lr:g} | {len(rs)} | " + " | ".join(cols)
+            edge = " (grid edge)" if g in edges else ""
+            L.append(f"| {UUID_NAMES[g]} | {lr:g}{edge} | {len(rs)} | " + " | ".join(cols)
                      + f" | {_ms([_final(r, 'eval/exact_match') for r in rs])} |")
+        last = UUID_STEPS[-1]
+        stats = {m: {g: [_at(r, last, key) for r in rs] for g, (lr, rs) in seeds.items()}
+                 for m, key in ((f"acc@{last}", "eval/value_token_acc"), (f"EM@{last}", "eval/exact_match"))}
+        rows = _gap_rows(UUID_PAIRS, stats, UUID_NAMES, "above", lower_better=False, edges=edges)
+        if rows:
+            L += ["", f"## UUID: gaps of seed means against the seed spread (step {last})", "", _GAP_HEAD,
+                  _GAP_RULE] + rows
+    skipped = round2_skipped(root)
+    if skipped:
+        L += ["", "Skipped (status.json lists them as failed or not started):", ""]
+        L += [f"- {x}" for x in skipped]
     return "\n".join(L)
+
+
+_GAP_HEAD = ("| claim | metric | seeds a / b | mean a | mean b | gap in the claim's direction | larger seed spread "
+             "| verdict |")
+_GAP_RULE = "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"
+
+
+def _gap_rows(pairs, stats, names, word, lower_better, edges=()) -> list:
+    """One row per (metric, pair): the claim "a {word} b" holds ("yes") only where both have >= 2 seeds and
+    the seed means differ in the claim's direction by more than the larger seed spread (max - min);
+    "reversed" where they differ the other way by more than it; else "not settled". A side whose LR is at
+    its grid's edge is named (its optimum may lie outside the grid)."""
+    rows = []
+    for metric, st in stats.items():
+        for a, b in pairs:
+            va, vb = [x for x in st.get(a, []) if math.isfinite(x)], [x for x in st.get(b, []) if math.isfinite(x)]
+            if not va or not vb:
+                continue
+            ma, mb = statistics.mean(va), statistics.mean(vb)
+            gap = (mb - ma) if lower_better else (ma - mb)
+            if min(len(va), len(vb)) < 2:
+                spread, verdict = "-", "not settled (seeds missing)"
+            else:
+                sp = max(max(va) - min(va), max(vb) - min(vb))
+                spread = f"{sp:.3f}"
+                verdict = "yes" if gap > sp else "reversed" if -gap > sp else "not settled"
+            at = [names[g] for g in (a, b) if g in edges]
+            if at:
+                verdict += f"; grid-edge LR: {', '.join(at)}"
+            rows.append(f"| {names[a]} {word} {names[b]} | {metric or 'held-out ppl'} | {len(va)} / {len(vb)} | "
+                        f"{ma:.3f} | {mb:.3f} | {gap:+.3f} | {spread} | {verdict} |")
+    return rows
 
 
 def _band(ax, runs, key, lab, at_step=False):
@@ -495,7 +585,8 @@ def _band(ax, runs, key, lab, at_step=False):
     steps = sorted(s for s, v in per.items() if len(v) == len(runs))
     if not steps:
         return
-    line, = ax.plot(steps, [statistics.mean(per[s]) for s in steps], label=f"{lab}, {len(runs)} seeds")
+    n = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
+    line, = ax.plot(steps, [statistics.mean(per[s]) for s in steps], label=f"{lab}, {n}")
     ax.fill_between(steps, [min(per[s]) for s in steps], [max(per[s]) for s in steps], color=line.get_color(),
                     alpha=0.2)
 
@@ -543,7 +634,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("root", nargs="?", help="CPU runs (results/runs layout)")
     p.add_argument("--study", action="append", default=[], help="a gpu_study.py root (repeatable)")
-    p.add_argument("--round2", help="a round2.py output directory")
+    p.add_argument("--round2", nargs="+", help="round2.py output directories, read as one set of runs")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
