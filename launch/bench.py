@@ -56,7 +56,7 @@ ROWS = {
     "mora-sharing": dict(method="mora", r=8, mora_type="sharing"),
     "mora-rotation": dict(method="mora", r=8, mora_type="rotation"),
     "vera": dict(method="vera", r=256),
-    "allora": dict(method="lora", r=8, allora_eta=2.0),
+    "allora": dict(method="lora", r=8, allora={"eta": 2.0}),
     "full": dict(method="full"),
 }
 
@@ -103,7 +103,7 @@ def build(cfg: dict):
         from mora_dist.adapters import AdapterConfig
         from mora_dist.parallel.inject import apply_adapters
 
-        kw = {k: cfg[k] for k in ("r", "mora_type", "allora_eta") if k in cfg}
+        kw = {k: cfg[k] for k in ("r", "mora_type", "allora") if k in cfg}
         apply_adapters(model, AdapterConfig(method=method, **kw))
         # no timing on zeros (B, M, b start at zero): small random trainables
         g = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(1)
@@ -123,6 +123,7 @@ def run_one(cfg: dict) -> dict:
     import torch
 
     from mora_dist.parallel.inject import fixed_adapters
+    from mora_dist.training.step import optimizer_step
 
     os.environ.update(NCCL_ENV)
     for k, v in cfg.get("env", {}).items():
@@ -152,22 +153,24 @@ def run_one(cfg: dict) -> dict:
         (loss / accum if accum > 1 else loss).backward()
         return loss
 
-    def step():
+    def forward_backward():
         # with accumulation the merged weights are built once a step and read by every micro-batch;
         # a one-micro-batch step builds them in its forward (inside the whole-step graph)
         with fixed_adapters(model) if accum > 1 else contextlib.nullcontext():
             for _ in range(accum):
                 loss = micro()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
         return loss
+
+    def step():  # the Trainer's step (training/step.py): zero, forward + backward, grad norm, AdamW
+        if opt is None:
+            return forward_backward()
+        return optimizer_step(opt, params, forward_backward, max_norm=0.0)[0]
 
     t_c = time.perf_counter()
     if graph and accum > 1:
         step = capture_accum_step(model, opt, micro, accum, cfg.get("warm", 3))
     elif graph:
-        step = capture_step(model, opt, tokens, pos, step, cfg.get("warm", 3))
+        step = capture_step(opt, step, cfg.get("warm", 3))
     else:
         for _ in range(cfg.get("warm", 3)):
             loss = step()
@@ -203,12 +206,12 @@ def run_one(cfg: dict) -> dict:
                 loss=round(float(loss), 4), warm_s=round(warm_s, 1))
 
 
-def capture_step(model, opt, tokens, pos, eager_step, warm: int):
-    """The whole step (forward, backward, fused AdamW) as one CUDA graph: the same kernels with no
-    per-op CPU launch cost (PyTorch's whole-network capture recipe: warm up on a side stream, grads
-    set to None before capture so the replayed backward writes them; AdamW capturable=True).
-    Collectives over 1-rank groups (megatron's vocab-parallel loss at TP=1) are identities and are
-    skipped, so nothing but kernels is captured."""
+def capture_step(opt, eager_step, warm: int):
+    """The whole step (zero, forward, backward, grad norm, fused AdamW) as one CUDA graph: the same
+    kernels with no per-op CPU launch cost (PyTorch's whole-network capture recipe: warm up on a side
+    stream, grads set to None before capture so the replayed backward writes them; AdamW
+    capturable=True). Collectives over 1-rank groups (megatron's vocab-parallel loss at TP=1) are
+    identities and are skipped, so nothing but kernels is captured."""
     import torch
 
     from mora_dist.training.cuda_graph import skip_single_rank_collectives
@@ -223,10 +226,7 @@ def capture_step(model, opt, tokens, pos, eager_step, warm: int):
         opt.zero_grad(set_to_none=True)
     g = torch.cuda.CUDAGraph()
     with skip_single_rank_collectives(), torch.cuda.graph(g, capture_error_mode="thread_local"):
-        loss = model(tokens, pos, None, labels=tokens).mean()
-        loss.backward()
-        if opt is not None:
-            opt.step()
+        loss = eager_step()
 
     def replay():
         g.replay()
@@ -238,12 +238,13 @@ def capture_step(model, opt, tokens, pos, eager_step, warm: int):
 def capture_accum_step(model, opt, micro, accum: int, warm: int):
     """A step of `accum` micro-batches: the merged weights built eagerly once (fixed_adapters), one
     micro-batch's forward and backward replayed `accum` times from a CUDA graph (gradients
-    allocated before capture, so the replayed backward accumulates into them), the fused AdamW
-    step eagerly: what the Trainer does under `train.cuda_graph` with gradient accumulation."""
+    allocated before capture, so the replayed backward accumulates into them), the grad norm and
+    fused AdamW eagerly: what the Trainer does under `train.cuda_graph` with gradient accumulation."""
     import torch
 
     from mora_dist.parallel.inject import fixed_adapters
     from mora_dist.training.cuda_graph import skip_single_rank_collectives
+    from mora_dist.training.step import optimizer_step
 
     params = [p for p in model.parameters() if p.requires_grad]
     s = torch.cuda.Stream()
@@ -261,14 +262,16 @@ def capture_accum_step(model, opt, micro, accum: int, warm: int):
     for p in params:
         p.grad.zero_()
 
-    def replay():
+    def forward_backward():
         with fixed_adapters(model):
             for _ in range(accum):
                 g.replay()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=False)
         return loss
+
+    def replay():  # the Trainer's step with the replays as its forward + backward (grads zeroed in place)
+        if opt is None:
+            return forward_backward()
+        return optimizer_step(opt, params, forward_backward, max_norm=0.0, zero_grad=lambda: opt.zero_grad(set_to_none=False))[0]
 
     return replay
 
@@ -349,7 +352,7 @@ def train_rows(names, steps: int, mbs: int, seq: int, workdir: str, timeout: int
         row = ROWS[name]
         adapter = [f"adapter.method={row['method']}", f"adapter.r={row['r']}"]
         adapter += [f"adapter.mora_type={row['mora_type']}"] if "mora_type" in row else []
-        adapter += [f"adapter.allora_eta={row['allora_eta']}"] if "allora_eta" in row else []
+        adapter += [f"adapter.allora.eta={row['allora']['eta']}"] if "allora" in row else []
         for graph in modes:
             tag = f"{name}{'+graph' if graph else ''}"
             run_dir = os.path.join(workdir, tag)
@@ -444,7 +447,7 @@ def check(size_name: str = "1b", layers: int = 2) -> list:
         torch.manual_seed(0)
         model = build_model(spec, pre_process=True, post_process=True, params_dtype=torch.bfloat16, attention="sdpa")
         model.to(dev)
-        kw = {k: row[k] for k in ("r", "mora_type", "allora_eta") if k in row}
+        kw = {k: row[k] for k in ("r", "mora_type", "allora") if k in row}
         acfg = AdapterConfig(method=row["method"], **kw)
         apply_adapters(model, acfg)
         g = torch.Generator(device=dev).manual_seed(2)
