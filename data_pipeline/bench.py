@@ -36,10 +36,13 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 class TreeMonitor:
     """Samples CPU time and RSS of a process and all its descendants from /proc."""
 
-    def __init__(self, pid: int, period: float = 0.2):
+    def __init__(self, pid: int, period: float = 0.2, timeline: bool = False):
         self.root, self.period = pid, period
         self.cpu: dict[int, float] = {}
         self.peak_tree = self.peak_one = 0
+        # (seconds since start, tree RSS, largest process RSS, tree CPU seconds, processes) per sample
+        self.timeline: list[tuple[float, int, int, float, int]] | None = [] if timeline else None
+        self._t0 = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -71,13 +74,18 @@ class TreeMonitor:
                         tree.add(c)
                         frontier.append(c)
             tree |= set(self.cpu) & set(stats)  # re-parented descendants stay ours
-            rss = 0
+            rss = one = alive = 0
             for pid in tree:
                 if pid in stats and stats[pid][3] != "Z":
                     self.cpu[pid] = max(self.cpu.get(pid, 0.0), stats[pid][1])
                     rss += stats[pid][2]
-                    self.peak_one = max(self.peak_one, stats[pid][2])
+                    one = max(one, stats[pid][2])
+                    alive += 1
+            self.peak_one = max(self.peak_one, one)
             self.peak_tree = max(self.peak_tree, rss)
+            if self.timeline is not None:
+                self.timeline.append((round(time.perf_counter() - self._t0, 2), rss, one,
+                                      round(sum(self.cpu.values()), 2), alive))
             self._stop.wait(self.period)
 
     def stop(self) -> float:
