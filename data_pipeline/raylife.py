@@ -19,6 +19,10 @@ import sys
 
 # Environment of every tokenize worker: see tokenize._run_ray for why one malloc arena pair.
 WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
+# The raylet of a Ray we start ourselves: workers at the driver's priority. Ray's default (nice 15)
+# starved the tokenize workers on a shared 2-core machine to ~20% of a core each (docs/data_pipeline.md,
+# billion-token run), while every peer (raw SentencePiece, Megatron, HF) runs at normal priority.
+RAYLET_ENV = {"RAY_worker_niceness": "0"}
 _STATE = {"workers_have_env": False}
 
 
@@ -131,9 +135,9 @@ def connect(address: str | None, workers: int | None):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     local = {} if address else {"num_cpus": max(workers or 1, os.cpu_count() or 1)}
-    saved = {k: os.environ.get(k) for k in WORKER_ENV}
+    saved = {k: os.environ.get(k) for k in {**WORKER_ENV, **RAYLET_ENV}}
     if not address:  # raylet and the workers it starts inherit this process's environment
-        os.environ.update(WORKER_ENV)
+        os.environ.update({**WORKER_ENV, **RAYLET_ENV})
     before = _children()
     try:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,

@@ -38,23 +38,36 @@ HEAD_IP=$(srun --nodes=1 --ntasks=1 -w "$HEAD" hostname -I | awk '{print $1}')
 ADDRESS="$HEAD_IP:$PORT"
 echo "tokenize.sh: job $SLURM_JOB_ID, ${#NODES[@]} node(s) x $CPUS CPUs, Ray head $ADDRESS"
 
+# This job's Ray only: its own temp dir on the head and, once up, its session name, which every Ray
+# process of the cluster (on every node) carries in its command line. Stopping kills exactly those:
+# `ray stop` would kill every Ray on the node, another user's or job's too.
+RAY_TMP=${RAY_TMP:-/tmp/ray_job${SLURM_JOB_ID}}
+SESSION=
 PIDS=()
 stop_ray() {
-  srun --overlap --nodes="${#NODES[@]}" --ntasks-per-node=1 "$RAY" stop --force >/dev/null 2>&1
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  if [ -n "$SESSION" ]; then  # "[s]ession..." matches the session but not this pkill's own command line
+    local pat="[${SESSION:0:1}]${SESSION:1}"
+    for sig in TERM KILL; do
+      srun --overlap --nodes="${#NODES[@]}" --ntasks-per-node=1 pkill -"$sig" -f -- "$pat" >/dev/null 2>&1
+      [ "$sig" = TERM ] && sleep 3
+    done
+  fi
   wait 2>/dev/null
 }
 trap 'stop_ray; exit 143' TERM INT
 
 srun --nodes=1 --ntasks=1 -w "$HEAD" "$RAY" start --head --node-ip-address="$HEAD_IP" --port="$PORT" \
-  --num-cpus="$CPUS" --include-dashboard=false --disable-usage-stats --block &
+  --num-cpus="$CPUS" --include-dashboard=false --disable-usage-stats --temp-dir="$RAY_TMP" --block &
 PIDS+=($!)
 alive() {  # number of alive Ray nodes, 0 while the head does not answer
   "$PYTHON" -c 'import ray,sys; ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 print(sum(n["Alive"] for n in ray.nodes()))' "$ADDRESS" 2>/dev/null | tail -1
 }
 for _ in $(seq 120); do [ "$(alive)" -ge 1 ] 2>/dev/null && break; sleep 2; done
+SESSION=$(srun --overlap --nodes=1 --ntasks=1 -w "$HEAD" readlink "$RAY_TMP/session_latest" 2>/dev/null | xargs -r basename)
 [ "$(alive)" -ge 1 ] 2>/dev/null || { echo "tokenize.sh: Ray head did not come up at $ADDRESS" >&2; stop_ray; exit 1; }
+echo "tokenize.sh: Ray session ${SESSION:-unknown} (stopped at the end by that name)"
 for n in "${NODES[@]:1}"; do
   srun --nodes=1 --ntasks=1 -w "$n" "$RAY" start --address="$ADDRESS" --num-cpus="$CPUS" --disable-usage-stats --block &
   PIDS+=($!)

@@ -491,3 +491,16 @@ def test_worker_memory_stays_flat_over_many_parts(ray_session, corpus, tmp_path)
         mem.append(ray.get(actor.__ray_call__.remote(rss_anon)))
     ray.kill(actor)
     assert mem[-1] - mem[3] < 15, mem  # measured: +4 MB; without MALLOC_ARENA_MAX +33 MB
+
+
+def test_local_ray_workers_run_at_the_drivers_priority(tmp_path):
+    """A Ray the pipeline starts itself runs its workers at nice 0, as every peer runs (Ray's default of
+    nice 15 starved them on a shared machine: docs/data_pipeline.md). A fresh process: the module's
+    ray_session would be reused instead of started."""
+    code = ("from data_pipeline.raylife import connect\n"
+            "with connect(None, 1) as ray:\n"
+            "    f = ray.remote(num_cpus=1)(lambda: __import__('os').nice(0))\n"
+            "    print('niceness', ray.get(f.remote()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                       env=dict(os.environ, PYTHONPATH=REPO))
+    assert "niceness 0" in r.stdout, r.stdout[-1000:] + r.stderr[-2000:]
