@@ -79,8 +79,9 @@ def uuid_args(epochs: int, smoke: bool) -> str:
 class Study:
     """The jobs of both phases; `followup` queues a group's seeds once its grid has ended."""
 
-    def __init__(self, root: Path, pt_steps: int, uuid_epochs: int, smoke: bool, groups=None):
+    def __init__(self, root: Path, pt_steps: int, uuid_epochs: int, smoke: bool, groups=None, seeds_at=None):
         self.root, self.picked = root, {}
+        self.seeds_at = dict(seeds_at or {})  # group -> LR picked in an earlier call: its seeds only
         pt, uu = pt_args(pt_steps, smoke), uuid_args(uuid_epochs, smoke)
         self.specs = {}
         for g, (args, lrs) in PT_GROUPS.items():
@@ -98,7 +99,15 @@ class Study:
         return gs.job(kind, f"{group}_lr{lr}_seed{seed}", script, f"{args} --lr {lr} --seed {seed}")
 
     def grid(self):
-        return [self.job(k, g, lr, 0) for (k, g), (_, _, lrs) in self.specs.items() for lr in lrs]
+        """Seed 0 over each group's LR grid; for groups in `seeds_at`, the seeds at that LR instead (their
+        grid ran in an earlier call: summarize.py --round2 reads both directories as one set)."""
+        jobs = []
+        for (k, g), (_, _, lrs) in self.specs.items():
+            if g in self.seeds_at:
+                jobs += [self.job(k, g, self.seeds_at[g], sd) for sd in SEEDS]
+            else:
+                jobs += [self.job(k, g, lr, 0) for lr in lrs]
+        return jobs
 
     def followup(self, key, done):
         kind, name = key.split("/")
@@ -134,12 +143,18 @@ def main(argv=None):
     p.add_argument("--uuid-epochs", type=int, default=63, help="16 steps each at 1024 pairs, batch 64")
     p.add_argument("--parallel", type=int, default=64)
     p.add_argument("--groups", nargs="*", help="only these groups (names in PT_GROUPS / UUID_GROUPS)")
+    p.add_argument("--seeds-at", nargs="*", default=[], metavar="GROUP=LR",
+                   help="run only the seeds of GROUP at LR (its grid ran in an earlier call)")
     p.add_argument("--progress-every", type=float, default=60)
     a = p.parse_args(argv)
+    try:
+        seeds_at = dict(x.split("=", 1) for x in a.seeds_at)
+    except ValueError:
+        p.error(f"--seeds-at takes GROUP=LR pairs, got {a.seeds_at}")
     if a.smoke:
         a.pt_steps, a.uuid_epochs = 20, 3
     root = Path(a.out).resolve()
-    study = Study(root, a.pt_steps, a.uuid_epochs, a.smoke, a.groups)
+    study = Study(root, a.pt_steps, a.uuid_epochs, a.smoke, a.groups, seeds_at)
     t0 = time.time()
     done = gs.run_jobs(study.grid(), root, a.budget, a.parallel, a.stop_margin, a.progress_every,
                        gs.HERE.parent.parent, min_run=60 if not a.smoke else 5, followup=study.followup)
