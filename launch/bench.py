@@ -236,44 +236,35 @@ def capture_step(opt, eager_step, warm: int):
 
 
 def capture_accum_step(model, opt, micro, accum: int, warm: int):
-    """A step of `accum` micro-batches: the merged weights built eagerly once (fixed_adapters), one
-    micro-batch's forward and backward replayed `accum` times from a CUDA graph (gradients
+    """A step of `accum` micro-batches as the Trainer runs it under `train.cuda_graph`: the merged
+    weights built eagerly once (fixed_adapters), one micro-batch's forward and backward replayed
+    `accum` times from the Trainer's `MicrobatchGraph` (captured at the first step; gradients
     allocated before capture, so the replayed backward accumulates into them), the grad norm and
-    fused AdamW eagerly: what the Trainer does under `train.cuda_graph` with gradient accumulation."""
+    fused AdamW eagerly (`training/step.py`)."""
     import torch
 
     from mora_dist.parallel.inject import fixed_adapters
-    from mora_dist.training.cuda_graph import skip_single_rank_collectives
+    from mora_dist.training.cuda_graph import MicrobatchGraph
     from mora_dist.training.step import optimizer_step
 
     params = [p for p in model.parameters() if p.requires_grad]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), skip_single_rank_collectives(), fixed_adapters(model):
-        for _ in range(warm):
-            micro()
-    torch.cuda.current_stream().wait_stream(s)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    g = torch.cuda.CUDAGraph()
-    with fixed_adapters(model):
-        with skip_single_rank_collectives(), torch.cuda.graph(g, capture_error_mode="thread_local"):
-            loss = micro()
-    for p in params:
-        p.grad.zero_()
+
+    def zero_grads():
+        for p in params:
+            p.grad = torch.zeros_like(p)
+
+    graph = MicrobatchGraph(lambda _: micro().detach(), zero_grads, warmup=warm)
 
     def forward_backward():
         with fixed_adapters(model):
-            for _ in range(accum):
-                g.replay()
-        return loss
+            return [graph({}, first_of_step=i == 0) for i in range(accum)][-1]
 
-    def replay():  # the Trainer's step with the replays as its forward + backward (grads zeroed in place)
+    def step():  # grads zeroed in place: the captured backward adds into them
         if opt is None:
             return forward_backward()
         return optimizer_step(opt, params, forward_backward, max_norm=0.0, zero_grad=lambda: opt.zero_grad(set_to_none=False))[0]
 
-    return replay
+    return step
 
 
 def profile_steps(step, path: str, title: str, n: int = 2, cpu: bool = False) -> dict:

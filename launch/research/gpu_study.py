@@ -263,7 +263,8 @@ def run_jobs(jobs, root: Path, budget: float, parallel: int, stop_margin: float,
 
 
 # --- collecting --------------------------------------------------------------------------------------
-def _records(d: Path):
+def records(d: Path) -> list:
+    """The records of run directory d's metrics.jsonl (a line cut by a kill is skipped)."""
     out = []
     for x in (d / "metrics.jsonl").read_text().splitlines():
         try:
@@ -294,7 +295,7 @@ def collect(root) -> list[dict]:
         if not (d / "metrics.jsonl").is_file():
             continue
         cfg = json.loads(rj.read_text())["config"]
-        recs = _records(d)
+        recs = records(d)
         row = dict(run=str(d.relative_to(root)), method=method_label(cfg), lr=cfg["lr"],
                    trainable=cfg.get("trainable"), truncated=any(r.get("truncated") for r in recs))
         ev = [r for r in recs if "eval/exact_match" in r and "epoch" in r]  # per-epoch evaluations

@@ -115,13 +115,19 @@ def pretrain_tables(root, out):
 
 
 # --- GPU study ------------------------------------------------------------------------------------
-def study_rows(studies):
-    """gpu_study.collect rows of every study dir, each with its run dir (`path`) and records."""
+def _gpu_study():
+    """The study driver module beside this script (its run-directory readers)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import gpu_study
 
+    return gpu_study
+
+
+def study_rows(studies):
+    """gpu_study.collect rows of every study dir, each with its run dir (`path`) and records."""
+    gpu_study = _gpu_study()
     rows = []
     for st in studies:
         for r in gpu_study.collect(st):
@@ -408,12 +414,7 @@ def round2_runs(root, kind) -> list:
 def _round2_run(d: Path) -> list:
     """[the run of directory d] (a list, so that round2_runs can extend by it)."""
     cfg = json.loads((d / "run.json").read_text())["config"]
-    recs = []
-    for x in (d / "metrics.jsonl").read_text().splitlines():
-        try:
-            recs.append(json.loads(x))
-        except json.JSONDecodeError:
-            pass  # a line cut by a kill
+    recs = _gpu_study().records(d)
     return [dict(group=d.name.rsplit("_lr", 1)[0], lr=cfg["lr"], seed=cfg.get("seed", 0), cfg=cfg, recs=recs,
                  truncated=any(r.get("truncated") for r in recs), dir=d)]
 
