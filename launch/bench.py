@@ -268,25 +268,13 @@ def capture_accum_step(model, opt, micro, accum: int, warm: int):
 
 
 def profile_steps(step, path: str, title: str, n: int = 2, cpu: bool = False) -> dict:
-    """Kernel time per step (CUDA activity only: kernels, copies) and the top kernels, appended to path."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    """Kernel time per step and the top kernels (and CPU ops, `cpu`) of n steps, appended to path."""
+    from mora_dist.metrics.profile import profiled
 
-    try:
-        acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
-        with profile(activities=acts) as prof:
-            for _ in range(n):
-                step()
-            torch.cuda.synchronize()
-        ka = prof.key_averages()
-        attr = "self_device_time_total" if hasattr(ka[0], "self_device_time_total") else "self_cuda_time_total"
-        busy = sum(getattr(e, attr) for e in ka if "CUDA" in str(getattr(e, "device_type", "CUDA"))) / n / 1e3
-        table = ka.table(sort_by="self_cpu_time_total" if cpu else attr, row_limit=40, max_name_column_width=90)
-        with open(path, "a") as f:
-            f.write(f"=== {title}; GPU kernel time {busy:.1f} ms/step\n{table}\n")
-        return dict(gpu_kernel_ms=round(busy, 1))
-    except Exception as e:  # noqa: BLE001 - profiling is optional
-        return dict(profile_error=repr(e)[:200])
+    with profiled(path, title, n, cpu=cpu) as res:
+        for _ in range(n):
+            step()
+    return res
 
 
 def spawn(cfg: dict, timeout: int = 300) -> dict:

@@ -67,6 +67,7 @@ def run_layout(a, method: str, layout: str, data: str, hf: str | None, port: int
           f"run.peak_tflops={a.peak_tflops}", f"parallel.tp={lay['tp']}", f"parallel.pp={lay['pp']}",
           f"parallel.sp={str(lay['sp']).lower()}"]
     ov += [f"adapter.mora_type={row['mora_type']}"] if "mora_type" in row else []
+    ov += [f"run.profile=[{a.profile}]"] if a.profile else []
     ov += model_overrides(a.size)  # the shape also with hf_dir (the same values)
     if hf:
         ov.append(f"model.hf_dir={hf}")
@@ -111,6 +112,8 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--graph", action="store_true", help="train.cuda_graph=true (PP: the whole schedule as one graph)")
     ap.add_argument("--hf", action="store_true", help="start every layout from one random HF checkpoint (losses comparable)")
+    ap.add_argument("--profile", default="", help="FIRST,N: profile those steps of every run (run.profile; "
+                    "tables in <out>/<run>/profile_rank<r>.txt, the steps left out of the throughput)")
     ap.add_argument("--peak-tflops", type=float, default=772.0)
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--out", default="runs/scaling")

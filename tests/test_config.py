@@ -93,3 +93,13 @@ def test_switches_are_typed_config_not_environment(tmp_path, monkeypatch):
     saved = cfg.to_dict()
     saved["adapter"]["fast_path"] = True
     assert config_differences(saved, cfg) == []
+
+
+def test_run_profile_is_two_positive_steps(tmp_path, monkeypatch):
+    """run.profile = [first step, number of steps]; anything else is a one-line error naming the key."""
+    from mora_dist.training.config import ConfigError
+
+    assert _biomed(tmp_path, monkeypatch, 2, "run.profile=[4,2]").run.profile == [4, 2]
+    for bad in ("[4]", "[0,2]", "[3,0]"):
+        with pytest.raises(ConfigError, match=r"run.profile must be \[first_step, n_steps\]"):
+            _biomed(_sub(tmp_path, f"b{bad.count(',')}{bad[1]}{bad[-2]}"), monkeypatch, 2, f"run.profile={bad}")

@@ -104,6 +104,9 @@ class RunConfig:
     out_dir: str = "runs/run"
     wandb: bool = False  # mirror metrics to wandb (offline unless WANDB_MODE says otherwise)
     peak_tflops: float = H100_BF16_DENSE_PEAK / 1e12  # per-GPU bf16 peak for MFU (H100 SXM datasheet; see metrics/throughput.py)
+    # [first step, number of steps]: profile those steps (GPU kernels and CPU ops, every rank) into
+    # out_dir/profile_rank<r>.txt (metrics/profile.py); [] = off
+    profile: list = field(default_factory=list)
 
 
 @dataclass
@@ -270,6 +273,8 @@ def validate(cfg: Config, source: str = "config", world_size: Optional[int] = No
 
         if not torch.cuda.is_available():
             raise ConfigError("train.cuda_graph: true needs a GPU (none is visible); set train.cuda_graph=false")
+    if cfg.run.profile and (len(cfg.run.profile) != 2 or min(int(v) for v in cfg.run.profile) < 1):
+        raise ConfigError(f"run.profile must be [first_step, n_steps] with both >= 1 (got {cfg.run.profile}); [] = off")
     if m.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"model.dtype must be fp32 or bf16, got {m.dtype!r}")
     for i, item in enumerate(cfg.data.train):

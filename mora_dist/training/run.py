@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -62,10 +63,11 @@ def _train(cfg: Config, stop: dict, plan) -> dict:
     meter = StepMeter(cfg.train.global_batch * cfg.data.seq_length, world,
                       flops_per_token(shape, full_finetune=False, adapter_params=adapter_params),
                       peak_flops=cfg.run.peak_tflops * 1e12)
-    last = {}
+    last, prof = {}, {}
     while trainer.step < cfg.train.steps:
-        m = trainer.train_step()
-        m.update(meter.record(m.pop("step_time")))
+        m = _profiled_step(trainer, cfg, prof)
+        st = m.pop("step_time")
+        m.update(dict(step_time=st) if m.get("profiled") else meter.record(st))
         if cfg.train.eval_every and trainer.step % cfg.train.eval_every == 0:
             m.update(trainer.evaluate())
         last = logger.log(m.pop("step"), m)
@@ -77,12 +79,33 @@ def _train(cfg: Config, stop: dict, plan) -> dict:
                 print(f"checkpoint {path}" + (f" (on {sig})" if sig else ""), flush=True)
         if sig:
             break
+    if "ctx" in prof:  # the run ended inside the profiled steps
+        prof.pop("ctx").__exit__(None, None, None)
     logger.close()
     if rank0:
         print("throughput: " + json.dumps({k: v for k, v in meter.summary().items() if v is not None}), flush=True)
     result = dict(rank0=rank0, step=trainer.step, loss=last.get("loss"), stopped_by=stop.get("signal"))
     destroy_distributed()
     return result
+
+
+def _profiled_step(trainer, cfg: Config, prof: dict) -> dict:
+    """trainer.train_step(); the steps `run.profile` = [first, n] names run under the profiler (GPU
+    only), whose tables go to out_dir/profile_rank<r>.txt when the last of them ends."""
+    first, n = (int(v) for v in cfg.run.profile) if cfg.run.profile else (0, 0)
+    nxt = trainer.step + 1
+    if torch.cuda.is_available() and nxt == first:
+        from mora_dist.metrics.profile import profiled
+
+        path = os.path.join(cfg.run.out_dir, f"profile_rank{dist.get_rank()}.txt")
+        prof["ctx"] = profiled(path, f"{cfg.run.name} rank {dist.get_rank()} steps {first}..{first + n - 1}", n)
+        prof["ctx"].__enter__()
+    m = trainer.train_step()
+    if "ctx" in prof:
+        m["profiled"] = True  # the profiler's overhead: kept out of the throughput summary
+    if "ctx" in prof and nxt == first + n - 1:
+        prof.pop("ctx").__exit__(None, None, None)
+    return m
 
 
 def _global_trainable(trainer) -> int:
