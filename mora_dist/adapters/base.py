@@ -312,14 +312,30 @@ class Adapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    # Set by `parallel.inject.defer_tp_grads` (the Trainer): replicated parameters of the merged path
+    # then keep their partial gradients, summed over TP once a step, not once per micro-batch.
+    defer_tp_grad = False
+
     def merged_param(self, name: str) -> torch.Tensor:
         """Parameter `name` for the merged-weight path (fp32; the caller casts). There the layer
         computes its own rows (column) or its own input columns (row) from the merged weight, so a
-        replicated parameter's local gradient is always partial: it is summed over TP."""
+        replicated parameter's local gradient is always partial: it is summed over TP, in the
+        backward, or (`defer_tp_grad`) by the caller after the step's micro-batches; `deferred`
+        names the parameters left to it."""
         p = getattr(self, name)
         if self.is_sharded(name) or self.shard.tp_size == 1 or self.shard.mode == "none":
             return p
+        if self.defer_tp_grad:
+            self.deferred.add(name)
+            return p
         return copy_to_tp(p)
+
+    @property
+    def deferred(self) -> set:
+        """Names of the replicated parameters whose gradients the caller sums over TP (see merged_param)."""
+        if "_deferred" not in self.__dict__:
+            self.__dict__["_deferred"] = set()
+        return self.__dict__["_deferred"]
 
     def factors(self, dtype: torch.dtype) -> Optional[Factors]:
         """`Factors` of the rank's shard of this adapter (any TP), or None (use `forward`)."""

@@ -167,6 +167,32 @@ def fixed_adapters(model: nn.Module):
             m.end_fixed()
 
 
+def defer_tp_grads(model: nn.Module):
+    """Replicated adapter parameters on the merged path keep partial gradients through the backward
+    (`Adapter.defer_tp_grad`); the returned `reduce(grad_of)` sums them over TP in one all-reduce.
+    Why: summed in each backward, every replicated tensor cost one small all-reduce per adapter and
+    micro-batch (8B, TP=2, 4 micro-batches: ~900 a step, 21 ms). `grad_of(p)`: where p's gradient
+    accumulated (p.main_grad under megatron's DDP). Call reduce once a step, after the micro-batches."""
+    adapters = [a for m in adapted_layers(model) for a in m.adapters.values()]
+    for a in adapters:
+        a.defer_tp_grad = True
+
+    def reduce(grad_of=lambda p: p.grad) -> None:
+        from megatron.core import parallel_state as ps
+
+        if ps.get_tensor_model_parallel_world_size() == 1:
+            return
+        grads = [g for a in adapters for n in sorted(a.deferred) for g in [grad_of(getattr(a, n))] if g is not None]
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
+        for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(f)
+
+    return reduce
+
+
 def named_adapters(model: nn.Module):
     """(key, AdaptedLinear, target, adapter) for every adapter; key = the layer's global name + target,
     the same under every pipeline split (checkpoint keys, exports)."""

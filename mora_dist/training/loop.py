@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from mora_dist.parallel.inject import adapted_layers, fixed_adapters
+from mora_dist.parallel.inject import adapted_layers, defer_tp_grads, fixed_adapters
 
 from mora_dist.training.config import Config
 from mora_dist.training.schedule import jagged_cosine_lr
@@ -83,6 +83,7 @@ class Trainer:
         else:
             self.ddp = DistributedDataParallel(model.config, ddp_config, model)
         self.model = model
+        self._reduce_tp = defer_tp_grads(model)  # replicated adapter grads: one TP all-reduce a step
         self.params = [p for p in self.ddp.parameters() if p.requires_grad]
         fused = torch.cuda.is_available()
         self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
@@ -189,6 +190,7 @@ class Trainer:
             else:
                 losses = self._run_schedule(self.batches, step, forward_only=False)
         self.ddp.finish_grad_sync()
+        self._reduce_tp(lambda p: p.main_grad)
         for p in self.params:
             p.grad = p.main_grad
         return losses
