@@ -234,3 +234,16 @@ def test_logger_wandb_optional(tmp_path, monkeypatch):
     else:  # offline by default: the run is kept under out_dir, nothing is sent
         assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert read_metrics(tmp_path / "run" / "metrics.jsonl").records[0]["loss"] == 1.0
+
+
+def test_step_meter_excludes_graph_capture_steps():
+    """Under PP, `train.cuda_graph` runs two eager steps and captures at the third; that step (4.3 s
+    against 1.65 s steady on the 1.1B PP=2 run of 2026-11-30) was counted and read as a 0.64 scaling
+    efficiency. Excluded steps are reported (warmup=True) but stay out of the summary."""
+    m = StepMeter(8192, 2, 7.3e9, warmup_steps=2)
+    times = [15.7, 2.6, 4.3, 1.65, 1.66, 1.7, 1.65]
+    excl = [True, True, True, False, False, True, False]  # graph warm-up x3, a profiled step
+    recs = [m.record(t, peak_mem_bytes=0, exclude=e) for t, e in zip(times, excl)]
+    assert [r["warmup"] for r in recs] == excl
+    s = m.summary()
+    assert s["counted_steps"] == 3 and s["mean_step_time"] == pytest.approx((1.65 + 1.66 + 1.65) / 3)

@@ -70,14 +70,16 @@ class StepMeter:
         self._t0 = None
         return self.record(dt)
 
-    def record(self, step_time: float, peak_mem_bytes: Optional[int] = None) -> dict:
-        """Metrics of one step that took ``step_time`` seconds. Memory is measured unless given."""
+    def record(self, step_time: float, peak_mem_bytes: Optional[int] = None, exclude: bool = False) -> dict:
+        """Metrics of one step that took ``step_time`` seconds. Memory is measured unless given.
+        `exclude`: a step that is not representative (CUDA-graph warm-up or capture, a profiled
+        step) is reported but kept out of the summary, like the first `warmup_steps`."""
         if not step_time > 0:
             raise ValueError(f"step_time must be positive, got {step_time!r}")
         mem = peak_memory_bytes()[0] if peak_mem_bytes is None else int(peak_mem_bytes)
         self._peak_mem = max(self._peak_mem, mem)
         self.steps += 1
-        warm = self.steps <= self.warmup_steps
+        warm = exclude or self.steps <= self.warmup_steps
         if not warm:
             self._time += step_time
             self._counted += 1

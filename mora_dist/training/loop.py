@@ -206,12 +206,16 @@ class Trainer:
         lr = self.lr_at(step)
         for g in self.opt.param_groups:
             g["lr"] = lr
+        # a step that warms up or captures the CUDA graphs (PP: two eager steps, then the capture)
+        # is not a measure of throughput
+        graph_warmup = self.graph is not None and self.graph.graph is None
         t0 = time.perf_counter()
         losses, gnorm = optimizer_step(self.opt, self.params, lambda: self._forward_backward(step), cfg.train.clip_grad,
                                        grad_norm=lambda _: self.grad_norm(), zero_grad=self._zero_grads)
         loss = self._mean_loss(losses)
         self.step += 1
-        return dict(step=self.step, loss=loss, lr=lr, grad_norm=gnorm, step_time=time.perf_counter() - t0)
+        return dict(step=self.step, loss=loss, lr=lr, grad_norm=gnorm, step_time=time.perf_counter() - t0,
+                    graph_warmup=graph_warmup)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -66,8 +66,8 @@ def _train(cfg: Config, stop: dict, plan) -> dict:
     last, prof = {}, {}
     while trainer.step < cfg.train.steps:
         m = _profiled_step(trainer, cfg, prof)
-        st = m.pop("step_time")
-        m.update(dict(step_time=st) if m.get("profiled") else meter.record(st))
+        excluded = bool(m.pop("graph_warmup", False) or m.get("profiled"))  # not a measure of speed
+        m.update(meter.record(m.pop("step_time"), exclude=excluded))
         if cfg.train.eval_every and trainer.step % cfg.train.eval_every == 0:
             m.update(trainer.evaluate())
         last = logger.log(m.pop("step"), m)
@@ -102,7 +102,7 @@ def _profiled_step(trainer, cfg: Config, prof: dict) -> dict:
         prof["ctx"].__enter__()
     m = trainer.train_step()
     if "ctx" in prof:
-        m["profiled"] = True  # the profiler's overhead: kept out of the throughput summary
+        m["profiled"] = True  # the profiler's overhead: kept out of the throughput summary (StepMeter)
     if "ctx" in prof and nxt == first + n - 1:
         prof.pop("ctx").__exit__(None, None, None)
     return m
