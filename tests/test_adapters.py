@@ -281,3 +281,20 @@ def test_merged_layer_triton_kernels():
                         f"{__file__}::test_factor_build_matches_float64"],
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and "10 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("n_out,n,width", [(70, 12, 16), (48, 12, 12), (5, 8, 8)])
+def test_tile_sum_is_the_decompress_product(n_out, n, width):
+    """merged._tile_sum(g, n, width) = g Q for MoRA's tile decompress Q[j, s] = [s == j mod n]
+    (padded to `width` zero columns), which replaces that GEMM in the merged path's M gradient;
+    float64 exact, bf16 within one rounding of the float64 product."""
+    from mora_dist.parallel import merged
+
+    gen = torch.Generator().manual_seed(n_out)
+    g = torch.randn(33, n_out, generator=gen, dtype=D)
+    Q = torch.zeros(n_out, width, dtype=D)
+    Q[torch.arange(n_out), torch.arange(n_out) % n] = 1.0
+    torch.testing.assert_close(merged._tile_sum(g, n, width), g @ Q, rtol=1e-12, atol=1e-12)
+    got = merged._tile_sum(g.bfloat16(), n, width)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), g.bfloat16().double() @ Q, rtol=2 ** -8, atol=1e-6)

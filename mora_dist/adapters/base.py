@@ -229,6 +229,9 @@ class Factors:
     Q: torch.Tensor
     mid: Optional[torch.Tensor] = None
     p_key: Optional[tuple] = None
+    # q_tile = n: Q is the frozen 0/1 map Q[j, s] = [s == j mod n] (MoRA's "tile" decompress on a
+    # shard whose rows start at a multiple of n), so g Q is a sum of g's column blocks, not a GEMM
+    q_tile: Optional[int] = None
 
 
 class Adapter(nn.Module):

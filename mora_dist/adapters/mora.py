@@ -131,6 +131,7 @@ class MoRA(Adapter):
             raise ValueError(f"MoRA rotation needs an even rh, got rh={self.rh} "
                              f"(d_in={self.shard.d_in}, d_out={self.shard.d_out}, r={self.cfg.r})")
         self.type = t
+        self._q_tile = None
         s, rh = self.shard, self.rh
         cols = torch.arange(s.in_start, s.in_end)
         if t in GROUP_TYPES:
@@ -141,6 +142,9 @@ class MoRA(Adapter):
             else:
                 src, grp = cols - s.in_start, contiguous_groups(s.d_in, rh)[cols]
             rows = s.out_rows % rh if dec == "tile" else contiguous_groups(s.d_out, rh)[s.out_rows]
+            r0 = int(s.out_rows[0]) if len(s.out_rows) else 0
+            if dec == "tile" and r0 % rh == 0 and torch.equal(s.out_rows, torch.arange(r0, r0 + len(s.out_rows))):
+                self._q_tile = rh  # decompress = local row k reads slot k mod rh (Factors.q_tile)
         elif t == "truncation":
             keep = cols < rh
             src, grp = (cols - s.in_start)[keep], cols[keep]
@@ -220,7 +224,7 @@ class MoRA(Adapter):
         p = self.rh_pad - self.rh
         M = self.merged_param("M")
         mid = torch.nn.functional.pad(M, (0, p, 0, p)) if p else M
-        return Factors(P=C, mid=mid.to(dtype), Q=D, p_key=key)
+        return Factors(P=C, mid=mid.to(dtype), Q=D, p_key=key, q_tile=self._q_tile)
 
     def block_operator(self):
         """Block types on an unsharded or column-parallel layer (the chunks span the whole input):

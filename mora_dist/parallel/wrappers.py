@@ -137,7 +137,7 @@ class AdaptedLinear(nn.Module):
                     keys[key] = len(Ps)
                     Ps.append(fac.P)
                 c = None if eta is None else merged.factor_row_coefficients(fac, eta, self._row_group(adapter)).to(dt)
-                terms.append(merged.Term(rows, keys[key], c))
+                terms.append(merged.Term(rows, keys[key], c, fac.q_tile))
                 pairs += [fac.mid, fac.Q]
                 continue
             block = adapter.block_operator()
