@@ -298,3 +298,39 @@ def test_tile_sum_is_the_decompress_product(n_out, n, width):
     got = merged._tile_sum(g.bfloat16(), n, width)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), g.bfloat16().double() @ Q, rtol=2 ** -8, atol=1e-6)
+
+
+@pytest.mark.parametrize("d_in,n,width", [(50, 12, 16), (48, 12, 12), (12, 12, 16)])
+def test_wrapped_tile_sum_is_the_strided_compress(d_in, n, width):
+    """merged._tile_sum(x, n, width, wrap=True) = x P^T for MoRA's strided compress, built here
+    from its definition: x' = x padded to a multiple of n with its own first columns, slot s sums
+    x'[c n + s] over c (zero rows beyond n)."""
+    from mora_dist.parallel import merged
+
+    gen = torch.Generator().manual_seed(d_in)
+    x = torch.randn(21, d_in, generator=gen, dtype=D)
+    L = -(-d_in // n) * n
+    P = torch.zeros(width, d_in, dtype=D)
+    for p in range(L):
+        P[p % n, p % d_in] += 1.0
+    torch.testing.assert_close(merged._tile_sum(x, n, width, wrap=True), x @ P.t(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mora_type", ["sharing", "type2", "type3", "type4"])
+@pytest.mark.parametrize("d_in,d_out", [(50, 70), (64, 40), (40, 64)])
+def test_mora_tile_hints_match_its_factors(mora_type, d_in, d_out):
+    """Factors.p_tile / q_tile claim MoRA's compress P / decompress Q are tile maps; where set, the
+    block sums the merged path uses in their place equal the products with P and Q themselves."""
+    from mora_dist.parallel import merged
+
+    a = build_adapter(AdapterConfig("mora", r=2, mora_type=mora_type), Shard(d_in, d_out))
+    fac = a.factors(D)
+    gen = torch.Generator().manual_seed(d_in * d_out)
+    x, g = torch.randn(9, d_in, generator=gen, dtype=D), torch.randn(9, d_out, generator=gen, dtype=D)
+    strided, tile = mora_type in ("sharing", "type4"), mora_type in ("sharing", "type3")
+    assert (fac.p_tile is not None) == strided and (fac.q_tile is not None) == tile
+    if fac.p_tile:
+        torch.testing.assert_close(merged._tile_sum(x, fac.p_tile, fac.P.shape[0], wrap=True), x @ fac.P.t(),
+                                   rtol=1e-12, atol=1e-12)
+    if fac.q_tile:
+        torch.testing.assert_close(merged._tile_sum(g, fac.q_tile, fac.Q.shape[1]), g @ fac.Q, rtol=1e-12, atol=1e-12)

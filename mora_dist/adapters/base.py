@@ -232,6 +232,9 @@ class Factors:
     # q_tile = n: Q is the frozen 0/1 map Q[j, s] = [s == j mod n] (MoRA's "tile" decompress on a
     # shard whose rows start at a multiple of n), so g Q is a sum of g's column blocks, not a GEMM
     q_tile: Optional[int] = None
+    # p_tile = n: P is the frozen 0/1 map P[s, i] = [s == i mod n] over the whole input (MoRA's
+    # "strided" compress, n <= d_in), so x P^T is a sum of x's column blocks (the last one wrapping)
+    p_tile: Optional[int] = None
 
 
 class Adapter(nn.Module):

@@ -131,7 +131,7 @@ class MoRA(Adapter):
             raise ValueError(f"MoRA rotation needs an even rh, got rh={self.rh} "
                              f"(d_in={self.shard.d_in}, d_out={self.shard.d_out}, r={self.cfg.r})")
         self.type = t
-        self._q_tile = None
+        self._q_tile = self._p_tile = None
         s, rh = self.shard, self.rh
         cols = torch.arange(s.in_start, s.in_end)
         if t in GROUP_TYPES:
@@ -139,6 +139,8 @@ class MoRA(Adapter):
             if comp == "strided":
                 src, grp = self._padded_positions(cols)
                 grp = grp % rh
+                if s.in_start == 0 and s.in_end == s.d_in and rh <= s.d_in:
+                    self._p_tile = rh  # slot s sums input columns i = s mod rh (Factors.p_tile)
             else:
                 src, grp = cols - s.in_start, contiguous_groups(s.d_in, rh)[cols]
             rows = s.out_rows % rh if dec == "tile" else contiguous_groups(s.d_out, rh)[s.out_rows]
@@ -224,7 +226,7 @@ class MoRA(Adapter):
         p = self.rh_pad - self.rh
         M = self.merged_param("M")
         mid = torch.nn.functional.pad(M, (0, p, 0, p)) if p else M
-        return Factors(P=C, mid=mid.to(dtype), Q=D, p_key=key, q_tile=self._q_tile)
+        return Factors(P=C, mid=mid.to(dtype), Q=D, p_key=key, q_tile=self._q_tile, p_tile=self._p_tile)
 
     def block_operator(self):
         """Block types on an unsharded or column-parallel layer (the chunks span the whole input):

@@ -80,10 +80,11 @@ class Block(NamedTuple):
 
 class Plan(NamedTuple):
     """The layer's adapters. The Function's tensors are the n_p distinct P, then (mid, Q) per term,
-    then M per block."""
+    then M per block. `p_tiles`: `Factors.p_tile` of each distinct P (empty: none)."""
     n_p: int
     terms: tuple
     blocks: tuple
+    p_tiles: tuple = ()
 
 
 @torch.no_grad()
@@ -173,10 +174,12 @@ def _split(plan: Plan, ts):
     return ts[:plan.n_p], [ts[plan.n_p + 2 * i:plan.n_p + 2 * i + 2] for i in range(len(plan.terms))], ts[nf:]
 
 
-def _tile_sum(g: torch.Tensor, n: int, width: int) -> torch.Tensor:
+def _tile_sum(g: torch.Tensor, n: int, width: int, wrap: bool = False) -> torch.Tensor:
     """g Q for Q[j, s] = [s == j mod n] with `width` >= n columns (zero beyond n): the sum of g's
-    column blocks of n (fp32 for half-precision g), one read of g (the GEMM it replaces costs 2 T d_out n FLOPs, e.g.
-    90 GFLOP for a gate projection at 8B, micro-batch 2 x 4,096)."""
+    column blocks of n (fp32 for half-precision g, one rounding), one read of g (the GEMM it replaces
+    costs 2 T d_out n FLOPs, e.g. 90 GFLOP for a gate projection at 8B, micro-batch 2 x 4,096).
+    `wrap`: x P^T of MoRA's strided compress instead (x padded to a multiple of n with its own first
+    columns, n <= d_in): the last block's columns rem..n also read x's first n - rem columns."""
     full = g.shape[1] // n
     acc = torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else g.dtype
     out = g.new_zeros(g.shape[0], width, dtype=acc)
@@ -185,6 +188,8 @@ def _tile_sum(g: torch.Tensor, n: int, width: int) -> torch.Tensor:
     rem = g.shape[1] - full * n
     if rem:
         out[:, :rem] += g[:, full * n:]
+        if wrap:
+            out[:, rem:n] += g[:, :n - rem]
     return out.to(g.dtype)
 
 
@@ -199,8 +204,13 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
     n_p, terms = plan.n_p, plan.terms
     need_p = need[:n_p]
     k_p = [p.shape[0] for p in Ps]
-    H = x2 @ (Ps[0] if n_p == 1 else torch.cat(Ps)).t()
-    Hs = H.split(k_p, 1)
+    tiles = plan.p_tiles or (None,) * n_p
+    if any(tiles):  # frozen tile compress maps: block sums of x; the rest as one GEMM
+        gemm = [s for s in range(n_p) if not tiles[s]]
+        Hg = dict(zip(gemm, (x2 @ torch.cat([Ps[s] for s in gemm]).t()).split([k_p[s] for s in gemm], 1))) if gemm else {}
+        Hs = [Hg[s] if s in Hg else _tile_sum(x2, tiles[s], k_p[s], wrap=True) for s in range(n_p)]
+    else:
+        Hs = (x2 @ (Ps[0] if n_p == 1 else torch.cat(Ps)).t()).split(k_p, 1)
     Qe = [Q if t.c is None else Q * t.c[:, None] for t, (_, Q) in zip(terms, pairs)]
     need_e = [need[n_p + 2 * i] or need[n_p + 2 * i + 1] for i in range(len(terms))]
     scat = [i for i, t in enumerate(terms) if not isinstance(t.rows, RowRange)]

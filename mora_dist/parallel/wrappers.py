@@ -124,7 +124,7 @@ class AdaptedLinear(nn.Module):
         adapters as they are now. Adapters with neither `Factors` nor a block operator (MoRA's
         block types on a row-parallel shard) go to the third list."""
         dt = self.base.weight.dtype
-        keys, Ps, pairs, terms, Ms, blocks, extra = {}, [], [], [], [], [], []
+        keys, Ps, pairs, terms, Ms, blocks, extra, p_tiles = {}, [], [], [], [], [], [], []
         for name, adapter in self.adapters.items():
             rows = self._rows[name]
             if not isinstance(rows, merged.RowRange):  # the index buffer as it is now (follows .to(device))
@@ -136,6 +136,7 @@ class AdaptedLinear(nn.Module):
                 if key not in keys:
                     keys[key] = len(Ps)
                     Ps.append(fac.P)
+                    p_tiles.append(None if fac.P.requires_grad else fac.p_tile)
                 c = None if eta is None else merged.factor_row_coefficients(fac, eta, self._row_group(adapter)).to(dt)
                 terms.append(merged.Term(rows, keys[key], c, fac.q_tile))
                 pairs += [fac.mid, fac.Q]
@@ -149,7 +150,7 @@ class AdaptedLinear(nn.Module):
             geo, M, rot = block
             blocks.append(merged.Block((geo, segments), c, rot))
             Ms.append(M)
-        return merged.Plan(len(Ps), tuple(terms), tuple(blocks)), [*Ps, *pairs, *Ms], extra
+        return merged.Plan(len(Ps), tuple(terms), tuple(blocks), tuple(p_tiles)), [*Ps, *pairs, *Ms], extra
 
     # --- one build a step (inject.fixed_adapters) -----------------------------------------------
     @torch.no_grad()
