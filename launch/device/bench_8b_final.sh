@@ -8,7 +8,7 @@ mkdir -p $OUT/g0 $OUT/g1
 (export CUDA_VISIBLE_DEVICES=0
  timeout 90 python3 launch/bench.py --check --size 8b > $OUT/g0/check.log 2>&1
  timeout 280 python3 launch/bench.py --size 8b --seq 4096 --mbs 2 --accum 4 --rows frozen,lora,mora-rotation,mora-sharing,vera \
-   --modes graph --no-peer --steps 8 --json $OUT/g0/b8.json > $OUT/g0/b8.log 2>&1
+   --modes graph --no-peer --steps 6 --json $OUT/g0/b8.json > $OUT/g0/b8.log 2>&1
  timeout $((440 - $(date +%s) + S)) python3 launch/bench.py --size 1b --seq 2048 --mbs 4 --rows frozen,lora,mora-rotation,mora-sharing \
    --modes graph --no-peer --json $OUT/g0/b1.json > $OUT/g0/b1.log 2>&1) &
 (export CUDA_VISIBLE_DEVICES=1
