@@ -164,10 +164,8 @@ def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
         torch.testing.assert_close(got[0], M.grad, rtol=1e-10, atol=1e-10)
         if kern is not None:
             small = dict(BI=16, BK=32, BT=16, TB=32, UPP=3, num_warps=4, num_stages=2)
-            # and every tiling the GPU's autotuning may pick for bf16 (`grad_candidates`)
-            for cfg in [small] + kern.grad_candidates(rh, 2):
-                got = kern.block_grad(g, x, rot, blockdiag.items(geo, segs), rh, D, cfg)
-                torch.testing.assert_close(got, M.grad, rtol=1e-10, atol=1e-10)
+            got = kern.block_grad(g, x, rot, blockdiag.items(geo, segs), rh, D, small)
+            torch.testing.assert_close(got, M.grad, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.integration

@@ -174,59 +174,9 @@ def add_blocks_(W: torch.Tensor, M: torch.Tensor, rot, items: tuple, rh: int) ->
                       ACC=_acc(W.dtype), BI=ADD_TILE, BK=ADD_TILE)
 
 
-def grad_candidates(rh: int, itemsize: int = 2) -> list:
-    """Tilings `tuned_grad_config` times: `grad_config`'s (the H100 pick) first, then variants
-    (shorter token steps with deeper pipelines, longer units, 4 warps, narrower tiles). fp32 and
-    fp64 inputs (the checks) take `grad_config`'s only."""
-    base = grad_config(rh, itemsize)
-    if itemsize > 2:
-        return [base]
-    out = []
-    for c in (base, dict(base, BT=32, num_stages=5), dict(base, TB=2 * base["TB"], UPP=max(1, base["UPP"] // 2)),
-              dict(BI=128, BK=128, BT=64, TB=2048, UPP=2, num_warps=4, num_stages=3),
-              dict(BI=64, BK=128, BT=64, TB=2048, UPP=2, num_warps=4, num_stages=4),
-              dict(BI=64, BK=64, BT=64, TB=1024, UPP=4, num_warps=4, num_stages=3)):
-        if c not in out:
-            out.append(c)
-    return out
-
-
-_TUNED: dict = {}
-
-
-def tuned_grad_config(g2: torch.Tensor, x2: torch.Tensor, rot, items: tuple, rh: int, dtype) -> dict:
-    """The fastest of `grad_candidates` for this call's shape, timed once (3 runs each after a
-    compile) at its first call outside a CUDA graph capture (the eager warm-up of a step) and kept.
-    Why: the H100 / 1.1B pick was not re-examined for the 8B shapes on the H200, where this kernel
-    takes 112 ms of a 2,050 ms step (MoRA rotation, 4 micro-batches of 2 x 4,096 tokens)."""
-    key = (items, rh, tuple(g2.shape), g2.stride(0), x2.stride(0), g2.dtype, rot is not None, str(g2.device))
-    if key in _TUNED:
-        return _TUNED[key]
-    cands = grad_candidates(rh, g2.element_size())
-    if len(cands) == 1 or not g2.is_cuda or torch.cuda.is_current_stream_capturing():
-        return cands[0]
-    best, best_ms = cands[0], float("inf")
-    for cfg in cands:
-        try:
-            block_grad(g2, x2, rot, items, rh, dtype, cfg)  # compile and warm
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(3):
-                block_grad(g2, x2, rot, items, rh, dtype, cfg)
-            e1.record()
-            e1.synchronize()
-            ms = e0.elapsed_time(e1) / 3
-        except Exception:  # noqa: BLE001 - a tiling this GPU cannot run (shared memory, registers) is skipped
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    _TUNED[key] = best
-    return best
-
-
 def block_grad(g2: torch.Tensor, x2: torch.Tensor, rot, items: tuple, rh: int, dtype, cfg: dict | None = None):
     """dM [rh, rh] (in `dtype`) of one block adapter from the layer's output gradient g2 and input x2."""
-    cfg = cfg or tuned_grad_config(g2, x2, rot, items, rh, dtype)
+    cfg = cfg or grad_config(rh, g2.element_size())
     tab, align = _table(items, rh, g2.device)
     T = g2.shape[0]
     TB = min(cfg["TB"], triton.next_power_of_2(max(T, cfg["BT"])))
