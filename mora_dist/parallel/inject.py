@@ -187,8 +187,7 @@ def defer_tp_grads(model: nn.Module):
             return
         flat = torch._utils._flatten_dense_tensors(grads)
         torch.distributed.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
-        for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(f)
+        torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))  # one multi-tensor copy
 
     return reduce
 

@@ -52,6 +52,7 @@ class BatchSource:
         self.ds, self.gb, self.mb = dataset, global_batch, micro_batch
         self.per_rank = global_batch // dp_size
         self.dp_rank = dp_rank
+        self._pin = torch.cuda.is_available()
 
     @property
     def num_microbatches(self) -> int:
@@ -62,4 +63,7 @@ class BatchSource:
         for m in range(self.num_microbatches):
             idx = range(start + m * self.mb, start + (m + 1) * self.mb)
             samples = [self.ds[i % len(self.ds)] for i in idx]
-            yield {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+            batch = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+            # page-locked on a GPU machine, so the non-blocking copies to the device (and into a CUDA
+            # graph's static inputs) are queued behind the running step instead of waiting for it
+            yield {k: v.pin_memory() for k, v in batch.items()} if self._pin else batch
