@@ -131,3 +131,124 @@ def test_full_rank_parts_train_at_their_lr_and_the_base_linears_stay(tmp_path, o
             rows = d.sum(-1) != 0
             assert 0 < rows.sum() < rows.numel()  # rows of tokens not seen stay
     assert out["fixed"] and out["adapters_moved"] > 0
+
+
+CKPT = {**FR, **RESTART, "train.steps": 6, "restarts.reset_optimizer": "delete"}
+
+
+def _train_save(rank, tmp, ckpt, optimizer, save_at):
+    from mora_dist.checkpoint import state
+
+    t = _trainer(tmp, CKPT, optimizer)
+    losses = []
+    while t.step < t.cfg.train.steps:
+        losses.append(t.train_step()["loss"])
+        if t.step in save_at:
+            state.save(t, ckpt, keep=0)
+    return dict(losses=losses, weights=_full_weights(t), adapters=[p.detach().clone() for p in t.params])
+
+
+def _resume(rank, tmp, path, optimizer):
+    from mora_dist.checkpoint import state
+
+    t = _trainer(tmp, CKPT, optimizer)
+    state.load(t, path)
+    start = t.step
+    losses = [t.train_step()["loss"] for _ in range(t.cfg.train.steps - t.step)]
+    return dict(start=start, losses=losses, weights=_full_weights(t), adapters=[p.detach().clone() for p in t.params])
+
+
+def _export(rank, tmp, path, out):
+    from mora_dist.export.merge import config_from_checkpoint, merge_and_export
+
+    return merge_and_export(config_from_checkpoint(path), path, out)
+
+
+@pytest.mark.integration
+def test_checkpoint_resume_bit_exact_across_optimizers_and_export(tmp_path):
+    """Saved at step 4 (after a restart that deleted the adapters' Adam state at step 3): a resume
+    with the same optimizer and layout redoes steps 5 and 6 bit for bit (torch AdamW on one rank, the
+    DistributedOptimizer on DP=2); the DistributedOptimizer's checkpoint resumes under torch AdamW on
+    one rank (same canonical file) to float tolerance. The merged HF export of the final checkpoint
+    holds the trained embedding, output layer and norms."""
+    import os
+
+    from safetensors.torch import load_file
+
+    for optimizer, world in (("adamw", 1), ("distributed", 2)):
+        ckpt = str(tmp_path / f"ckpt_{optimizer}")
+        full = run_ranks(_train_save, world, tmp_path, ckpt, optimizer, (4, 6))[0]
+        again = run_ranks(_resume, world, tmp_path, os.path.join(ckpt, "step_0000004"), optimizer)[0]
+        assert again["start"] == 4 and again["losses"] == full["losses"][4:], (optimizer, again, full["losses"])
+        assert all(torch.equal(a, b) for a, b in zip(again["adapters"], full["adapters"])), optimizer
+        assert all(torch.equal(w, full["weights"][k]) for k, w in again["weights"].items()), optimizer
+    other = run_ranks(_resume, 1, tmp_path, os.path.join(ckpt, "step_0000004"), "adamw")[0]
+    assert abs(other["losses"][0] - full["losses"][4]) <= 1e-6 * full["losses"][4]
+    for k, w in full["weights"].items():
+        assert (other["weights"][k] - w).abs().max() <= 1e-6, k
+
+    out = str(tmp_path / "merged")
+    run_ranks(_export, 1, tmp_path, os.path.join(ckpt, "step_0000006"), out)
+    hf = {}
+    for name in os.listdir(os.path.join(out, "hf")):
+        if name.endswith(".safetensors"):
+            hf.update(load_file(os.path.join(out, "hf", name)))
+    w = full["weights"]
+    pairs = {"model.embed_tokens.weight": "full_rank.embedding.word_embeddings.weight",
+             "lm_head.weight": "full_rank.output_layer.weight", "model.norm.weight": "full_rank.decoder.final_layernorm.weight",
+             "model.layers.1.input_layernorm.weight": "full_rank.decoder.layers.1.input_layernorm.weight",
+             "model.layers.0.post_attention_layernorm.weight": "full_rank.decoder.layers.0.pre_mlp_layernorm.weight"}
+    for hf_name, key in pairs.items():
+        assert torch.equal(hf[hf_name].float(), w[key]), hf_name
+    assert (w["full_rank.decoder.final_layernorm.weight"] - 1).abs().max() > 1e-3  # trained away from the init of ones
+
+
+def test_config_keys_validated_naming_the_key(tmp_path):
+    """train.full_rank / full_rank_lr / optimizer: one-line errors naming the key and what to do."""
+    from mora_dist.training.config import ConfigError, resolve_optimizer
+
+    cases = [({"train.full_rank": "[embeddings]"}, "train.full_rank: unknown part 'embeddings'"),
+             ({"train.full_rank": "[norms, norms]"}, "train.full_rank lists a part twice"),
+             ({"train.full_rank": "norms"}, "train.full_rank: expected a list"),
+             ({"train.full_rank_lr": -1}, "train.full_rank_lr must be >= 0"),
+             ({"train.optimizer": "sgd"}, "train.optimizer must be one of auto, adamw, distributed"),
+             ({"train.optimizer": "distributed"}, "train.optimizer: distributed needs a GPU"),
+             ({"train.full_rank": "[norms]", "model.dtype": "bf16"}, "train.full_rank with model.dtype=bf16 needs fp32"),
+             ({"train.full_rank": "[embedding]", "model.vocab_size": 255, "parallel.tp": 2, "train.global_batch": 8},
+              "train.full_rank: embedding at parallel.tp=2 needs model.vocab_size=255 divisible"),
+             ({"train.full_rank": "[output_layer]", "model.tie_embeddings": True}, "model.tie_embeddings: true makes")]
+    for over, needle in cases:
+        with pytest.raises(ConfigError) as e:
+            tiny_config(tmp_path, **over) if "parallel.tp" not in over else _with_world(tmp_path, over, 2)
+        assert needle in str(e.value) and "\n" not in str(e.value), (over, str(e.value))
+    cfg = tiny_config(tmp_path, **{"train.full_rank": "[embedding, output_layer, norms]", "train.full_rank_lr": 0})
+    assert cfg.train.full_rank_lr == 0.0 and cfg.train.optimizer == "auto"
+    assert resolve_optimizer(cfg.train, cuda=False) == "adamw" and resolve_optimizer(cfg.train, cuda=True) == "distributed"
+    cfg.train.full_rank = []
+    assert resolve_optimizer(cfg.train, cuda=True) == "adamw"  # adapters alone: torch AdamW on a GPU too
+    cfg.train.optimizer = "distributed"
+    assert resolve_optimizer(cfg.train, cuda=True) == "distributed"
+
+
+def _with_world(tmp, over, world):
+    import os
+
+    old = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world)
+    try:
+        return tiny_config(tmp, **over)
+    finally:
+        os.environ.pop("WORLD_SIZE") if old is None else os.environ.update(WORLD_SIZE=old)
+
+
+def test_resume_compares_full_rank_parts_as_a_set(tmp_path):
+    from mora_dist.training.resume_check import config_differences
+
+    cfg = tiny_config(tmp_path, **{"train.full_rank": "[norms, embedding]"})
+    saved = cfg.to_dict()
+    saved["train"]["full_rank"] = ["embedding", "norms"]
+    assert config_differences(saved, cfg) == []
+    saved["train"]["full_rank"] = ["embedding"]
+    assert config_differences(saved, cfg) == ["train.full_rank: ['embedding'] -> ['norms', 'embedding']"]
+    del saved["train"]["full_rank"]  # a checkpoint from before the key: adapters only
+    assert config_differences(saved, cfg) == ["train.full_rank: [] -> ['norms', 'embedding']"]
