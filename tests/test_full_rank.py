@@ -136,10 +136,10 @@ def test_full_rank_parts_train_at_their_lr_and_the_base_linears_stay(tmp_path, o
 CKPT = {**FR, **RESTART, "train.steps": 6, "restarts.reset_optimizer": "delete"}
 
 
-def _train_save(rank, tmp, ckpt, optimizer, save_at):
+def _train_save(rank, tmp, ckpt, optimizer, save_at, extra=None):
     from mora_dist.checkpoint import state
 
-    t = _trainer(tmp, CKPT, optimizer)
+    t = _trainer(tmp, {**CKPT, **(extra or {})}, optimizer)
     losses = []
     while t.step < t.cfg.train.steps:
         losses.append(t.train_step()["loss"])
@@ -148,14 +148,30 @@ def _train_save(rank, tmp, ckpt, optimizer, save_at):
     return dict(losses=losses, weights=_full_weights(t), adapters=[p.detach().clone() for p in t.params])
 
 
-def _resume(rank, tmp, path, optimizer):
+def _resume(rank, tmp, path, optimizer, extra=None):
     from mora_dist.checkpoint import state
 
-    t = _trainer(tmp, CKPT, optimizer)
+    t = _trainer(tmp, {**CKPT, **(extra or {})}, optimizer)
     state.load(t, path)
     start = t.step
     losses = [t.train_step()["loss"] for _ in range(t.cfg.train.steps - t.step)]
     return dict(start=start, losses=losses, weights=_full_weights(t), adapters=[p.detach().clone() for p in t.params])
+
+
+@pytest.mark.integration
+def test_pp2_checkpoint_resumes_every_stage(tmp_path):
+    """PP=2: the common state (written by rank 0 alone) holds the Adam step counts of both stages'
+    parameters (the last stage's adapters, output layer and final norm), so a PP=2 checkpoint
+    resumes, bit for bit."""
+    import os
+
+    ckpt, pp2 = str(tmp_path / "ckpt"), {"parallel.pp": 2}
+    full = run_ranks(_train_save, 2, tmp_path, ckpt, "adamw", (4,), pp2, pp=2)
+    again = run_ranks(_resume, 2, tmp_path, os.path.join(ckpt, "step_0000004"), "adamw", pp2, pp=2)
+    assert again[1]["start"] == 4 and again[1]["losses"] == full[1]["losses"][4:]
+    for a, b in zip(again, full):
+        assert all(torch.equal(x, y) for x, y in zip(a["adapters"], b["adapters"]))
+        assert a["weights"].keys() == b["weights"].keys() and all(torch.equal(w, b["weights"][k]) for k, w in a["weights"].items())
 
 
 def _export(rank, tmp, path, out):
