@@ -73,6 +73,8 @@ class Trainer:
         self.cfg, self.ps = cfg, ps
         model, self.report = build_adapted_model(cfg)
         self.full_rank = enable_full_rank(model, cfg.train.full_rank)  # before DDP: it buckets trainable params
+        n_full = sum(f.param.numel() for f in self.full_rank)
+        self.report.trainable, self.report.frozen = self.report.trainable + n_full, self.report.frozen - n_full
         self.optimizer_kind = resolve_optimizer(cfg.train, torch.cuda.is_available())
         distributed = self.optimizer_kind == "distributed"
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
