@@ -56,8 +56,9 @@ def _train_layout(rank, tmp, over, optimizer):
 def test_layouts_and_optimizers_match_single_process(tmp_path):
     """From one HF checkpoint, across a restart (adapter moments pruned at 0.9: the DistributedOptimizer
     gathers them over DP for the quantile), clipped steps: TP=2 with SP (vocab-parallel embedding /
-    head, norm gradients all-reduced over TP), DP=2 and PP=2 with the DistributedOptimizer give the
-    single-process torch-AdamW losses, grad norms and trained full-rank weights."""
+    head, norm gradients all-reduced over TP) under torch AdamW, and TP=2 (megatron's own grad norm
+    over TP-sharded adapters), DP=2 and PP=2 with the DistributedOptimizer give the single-process
+    torch-AdamW losses, grad norms and trained full-rank weights."""
     from test_merge_export import _make_hf
 
     over = {**FR, **RESTART, "model.hf_dir": _make_hf(tmp_path / "hf")}
@@ -65,9 +66,10 @@ def test_layouts_and_optimizers_match_single_process(tmp_path):
     assert ref["losses"][-1] < ref["losses"][0] - 0.05, ref["losses"]
     assert any(n > 0.3 for n in ref["norms"]), ref["norms"]  # clipping was exercised
     tp2 = run_ranks(_train_layout, 2, tmp_path, {**over, "parallel.tp": 2, "parallel.sp": True}, "adamw", tp=2)
+    tp2_dist = run_ranks(_train_layout, 2, tmp_path, {**over, "parallel.tp": 2}, "distributed", tp=2)
     dp2 = run_ranks(_train_layout, 2, tmp_path, over, "distributed")
     pp2 = run_ranks(_train_layout, 2, tmp_path, {**over, "parallel.pp": 2}, "distributed", pp=2)
-    runs = {"tp2_sp_adamw": tp2[0], "dp2_distributed": dp2[0],
+    runs = {"tp2_sp_adamw": tp2[0], "tp2_distributed": tp2_dist[0], "dp2_distributed": dp2[0],
             "pp2_distributed": dict(pp2[1], weights={**pp2[0]["weights"], **pp2[1]["weights"]})}
     assert len(ref["weights"]) == 2 + 2 * 4 + 1  # embedding, head, 2 norms x 4 layers, final norm
     for name, got in runs.items():
