@@ -274,3 +274,54 @@ def test_resume_compares_full_rank_parts_as_a_set(tmp_path):
     assert config_differences(saved, cfg) == ["train.full_rank: ['embedding'] -> ['norms', 'embedding']"]
     del saved["train"]["full_rank"]  # a checkpoint from before the key: adapters only
     assert config_differences(saved, cfg) == ["train.full_rank: [] -> ['norms', 'embedding']"]
+
+
+def _bf16_run(rank, tmp, ckpt, resume):
+    """The DistributedOptimizer on a bf16 base (the config allows it on a GPU only, so the dtype is
+    set after validation): 4 steps, saved at 2, or resumed from there."""
+    import os
+
+    from mora_dist.checkpoint import state
+
+    import distopt_cpu
+
+    distopt_cpu.apply()
+    from mora_dist.training.loop import Trainer
+
+    cfg = tiny_config(tmp, **{**FR, "train.steps": 4})
+    cfg.model.dtype, cfg.train.optimizer = "bf16", "distributed"
+    t = Trainer(cfg)
+    if resume:
+        state.load(t, os.path.join(ckpt, "step_0000002"))
+    losses = []
+    while t.step < cfg.train.steps:
+        losses.append(t.train_step()["loss"])
+        if t.step == 2 and not resume:
+            state.save(t, ckpt)
+    # the fp32 master shards of the bf16 (full-rank) parameters this DP rank steps
+    masters = [p.detach().clone() for o in t.opt.opt.chained_optimizers for g in o.shard_fp32_from_float16_groups
+               for p in g]
+    return dict(losses=losses, dtypes={f.param.dtype for f in t.full_rank}, masters=masters)
+
+
+@pytest.mark.integration
+def test_bf16_base_keeps_sharded_fp32_masters_and_resumes_bit_exact(tmp_path):
+    """On a bf16 base the full-rank parts are bf16 and the DistributedOptimizer steps fp32 master
+    shards (values a bf16 weight cannot hold); the checkpoint stores them (`.main`), so a DP=2 resume
+    repeats steps 3 and 4 and the masters bit for bit."""
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    ckpt = str(tmp_path / "ckpt")
+    full = run_ranks(_bf16_run, 2, tmp_path, ckpt, False)
+    again = run_ranks(_bf16_run, 2, tmp_path, ckpt, True)
+    assert full[0]["dtypes"] == {torch.bfloat16}
+    assert all(math.isfinite(x) for x in full[0]["losses"]) and full[0]["losses"][-1] < full[0]["losses"][0]
+    for a, b in zip(again, full):
+        assert a["losses"] == b["losses"][2:]
+        assert len(a["masters"]) == len(b["masters"]) > 0
+        assert all(torch.equal(x, y) for x, y in zip(a["masters"], b["masters"]))
+    assert any((m.to(torch.bfloat16).float() != m).any() for m in full[0]["masters"])  # fp32, not bf16 values
+    keys = dist_checkpointing.load_tensors_metadata(os.path.join(ckpt, "step_0000002"))
+    assert "full_rank.embedding.word_embeddings.weight.main" in keys and "full_rank.output_layer.weight.main" in keys
