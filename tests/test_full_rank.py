@@ -173,7 +173,8 @@ def test_pp2_checkpoint_resumes_every_stage(tmp_path):
     assert again[1]["start"] == 4 and again[1]["losses"] == full[1]["losses"][4:]
     for a, b in zip(again, full):
         assert all(torch.equal(x, y) for x, y in zip(a["adapters"], b["adapters"]))
-        assert a["weights"].keys() == b["weights"].keys() and all(torch.equal(w, b["weights"][k]) for k, w in a["weights"].items())
+        assert a["weights"].keys() == b["weights"].keys()
+        assert all(torch.equal(w, b["weights"][k]) for k, w in a["weights"].items())
 
 
 def _export(rank, tmp, path, out):
@@ -217,7 +218,8 @@ def test_checkpoint_resume_bit_exact_across_optimizers_and_export(tmp_path):
             hf.update(load_file(os.path.join(out, "hf", name)))
     w = full["weights"]
     pairs = {"model.embed_tokens.weight": "full_rank.embedding.word_embeddings.weight",
-             "lm_head.weight": "full_rank.output_layer.weight", "model.norm.weight": "full_rank.decoder.final_layernorm.weight",
+             "lm_head.weight": "full_rank.output_layer.weight",
+             "model.norm.weight": "full_rank.decoder.final_layernorm.weight",
              "model.layers.1.input_layernorm.weight": "full_rank.decoder.layers.1.input_layernorm.weight",
              "model.layers.0.post_attention_layernorm.weight": "full_rank.decoder.layers.0.pre_mlp_layernorm.weight"}
     for hf_name, key in pairs.items():
@@ -235,7 +237,8 @@ def test_config_keys_validated_naming_the_key(tmp_path):
              ({"train.full_rank_lr": -1}, "train.full_rank_lr must be >= 0"),
              ({"train.optimizer": "sgd"}, "train.optimizer must be one of auto, adamw, distributed"),
              ({"train.optimizer": "distributed"}, "train.optimizer: distributed needs a GPU"),
-             ({"train.full_rank": "[norms]", "model.dtype": "bf16"}, "train.full_rank with model.dtype=bf16 needs fp32"),
+             ({"train.full_rank": "[norms]", "model.dtype": "bf16"},
+              "train.full_rank with model.dtype=bf16 needs fp32"),
              ({"train.full_rank": "[embedding]", "model.vocab_size": 255, "parallel.tp": 2, "train.global_batch": 8},
               "train.full_rank: embedding at parallel.tp=2 needs model.vocab_size=255 divisible"),
              ({"train.full_rank": "[output_layer]", "model.tie_embeddings": True}, "model.tie_embeddings: true makes")]
@@ -245,7 +248,8 @@ def test_config_keys_validated_naming_the_key(tmp_path):
         assert needle in str(e.value) and "\n" not in str(e.value), (over, str(e.value))
     cfg = tiny_config(tmp_path, **{"train.full_rank": "[embedding, output_layer, norms]", "train.full_rank_lr": 0})
     assert cfg.train.full_rank_lr == 0.0 and cfg.train.optimizer == "auto"
-    assert resolve_optimizer(cfg.train, cuda=False) == "adamw" and resolve_optimizer(cfg.train, cuda=True) == "distributed"
+    assert resolve_optimizer(cfg.train, cuda=False) == "adamw"
+    assert resolve_optimizer(cfg.train, cuda=True) == "distributed"
     cfg.train.full_rank = []
     assert resolve_optimizer(cfg.train, cuda=True) == "adamw"  # adapters alone: torch AdamW on a GPU too
     cfg.train.optimizer = "distributed"

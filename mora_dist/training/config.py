@@ -297,14 +297,16 @@ def validate(cfg: Config, source: str = "config", world_size: Optional[int] = No
     if t.cuda_graph and not cuda:
         raise ConfigError("train.cuda_graph: true needs a GPU (none is visible); set train.cuda_graph=false")
     if t.optimizer == "distributed" and not cuda:
-        raise ConfigError("train.optimizer: distributed needs a GPU (none is visible); set train.optimizer=adamw (or auto)")
+        raise ConfigError("train.optimizer: distributed needs a GPU (none is visible); "
+                          "set train.optimizer=adamw (or auto)")
     if t.full_rank and m.dtype != "fp32" and resolve_optimizer(t, cuda) == "adamw":
         raise ConfigError(f"train.full_rank with model.dtype={m.dtype} needs fp32 master weights, which only "
                           "train.optimizer=distributed (on a GPU) keeps; set model.dtype=fp32 or train.full_rank=[]")
     vocab_parts = sorted(set(t.full_rank) & {"embedding", "output_layer"})
     if vocab_parts and m.vocab_size % p.tp:
         raise ConfigError(f"train.full_rank: {', '.join(vocab_parts)} at parallel.tp={p.tp} needs model.vocab_size="
-                          f"{m.vocab_size} divisible by parallel.tp (padded vocab rows would train); change parallel.tp")
+                          f"{m.vocab_size} divisible by parallel.tp (padded vocab rows would train); "
+                          "change parallel.tp")
     if m.tie_embeddings and len(vocab_parts) == 1:
         raise ConfigError(f"train.full_rank lists {vocab_parts[0]} alone, but model.tie_embeddings: true makes the "
                           "output layer the embedding; list both embedding and output_layer, or neither")
