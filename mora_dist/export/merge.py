@@ -2,7 +2,8 @@
 (dist_checkpointing) checkpoint and as Hugging Face safetensors + config.json.
 
 The base comes from the run's source (`model.hf_dir`, or the seeded random init) with the
-checkpoint's folded restart rows applied; the adapters' last dW is merged on top. Runs under any
+checkpoint's folded restart rows and its trained full-rank parts (`train.full_rank`: embedding,
+output layer, norms) applied; the adapters' last dW is merged on top. Runs under any
 TP/PP layout (not necessarily the training one): the checkpoint is stored in canonical layout.
 """
 from __future__ import annotations
@@ -34,10 +35,13 @@ def load_merged(cfg: Config, path: str):
     from mora_dist.checkpoint import state
     from mora_dist.parallel.inject import unwrap_adapters
     from mora_dist.training.loop import build_adapted_model
+    from mora_dist.training.optimizer import enable_full_rank
 
     model, _ = build_adapted_model(cfg)
+    full_rank = enable_full_rank(model, cfg.train.full_rank)  # the checkpoint's trained values load into these
     params = [p for p in model.parameters() if p.requires_grad]
-    holder = SimpleNamespace(model=model, cfg=cfg, step=0, restarts=0, opt=torch.optim.AdamW(params))
+    holder = SimpleNamespace(model=model, cfg=cfg, step=0, restarts=0, opt=torch.optim.AdamW(params),
+                             full_rank=full_rank)
     state.load(holder, path)
     return unwrap_adapters(model), holder.step
 

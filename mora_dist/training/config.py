@@ -18,6 +18,18 @@ class ConfigError(ValueError):
     pass
 
 
+FULL_RANK_PARTS = ("embedding", "output_layer", "norms")  # train.full_rank
+OPTIMIZERS = ("auto", "adamw", "distributed")  # train.optimizer
+
+
+def resolve_optimizer(train: "TrainConfig", cuda: bool) -> str:
+    """The optimizer `train.optimizer` names on this machine: adamw or distributed (auto: the
+    DistributedOptimizer on a GPU when a full-rank part trains, torch AdamW otherwise)."""
+    if train.optimizer == "auto":
+        return "distributed" if cuda and train.full_rank else "adamw"
+    return train.optimizer
+
+
 @dataclass
 class ModelConfig:
     hf_dir: Optional[str] = None  # Llama-family HF checkpoint directory (weights + config.json)
@@ -67,6 +79,15 @@ class TrainConfig:
     log_every: int = 1
     cuda_graph: bool = False  # replay each step as CUDA graphs (GPU, any TP/PP/DP; training/cuda_graph.py)
     compile: bool = True  # GPU: torch.compile RMSNorm / RoPE / the loss chunks (models/kernels.py)
+    # full-rank parts of the base model trained besides the adapters (ReLoRA / ReMoRA train them):
+    # any of embedding, output_layer, norms (every RMSNorm weight); [] = adapters only
+    full_rank: list = field(default_factory=list)
+    # peak LR of the full-rank parts (their own AdamW param group, on the same jagged schedule); null = train.lr
+    full_rank_lr: Optional[float] = None
+    # auto: megatron's DistributedOptimizer on a GPU when a full-rank part trains, else torch AdamW;
+    # adamw: torch AdamW (every rank steps every trainable parameter); distributed: the DistributedOptimizer
+    # (GPU only: Adam state and fp32 master weights sharded over DP). docs/design.md, "Optimizer"
+    optimizer: str = "auto"
 
 
 @dataclass
@@ -268,11 +289,27 @@ def validate(cfg: Config, source: str = "config", world_size: Optional[int] = No
     if m.num_query_groups % p.tp or m.num_attention_heads % p.tp:
         raise ConfigError(f"model.num_query_groups={m.num_query_groups} / num_attention_heads must be divisible "
                           f"by parallel.tp={p.tp}")
-    if t.cuda_graph:
+    cuda = False
+    if t.cuda_graph or t.optimizer == "distributed" or (t.optimizer == "auto" and t.full_rank):
         import torch  # only here: the rest of the config needs no torch
 
-        if not torch.cuda.is_available():
-            raise ConfigError("train.cuda_graph: true needs a GPU (none is visible); set train.cuda_graph=false")
+        cuda = torch.cuda.is_available()
+    if t.cuda_graph and not cuda:
+        raise ConfigError("train.cuda_graph: true needs a GPU (none is visible); set train.cuda_graph=false")
+    if t.optimizer == "distributed" and not cuda:
+        raise ConfigError("train.optimizer: distributed needs a GPU (none is visible); "
+                          "set train.optimizer=adamw (or auto)")
+    if t.full_rank and m.dtype != "fp32" and resolve_optimizer(t, cuda) == "adamw":
+        raise ConfigError(f"train.full_rank with model.dtype={m.dtype} needs fp32 master weights, which only "
+                          "train.optimizer=distributed (on a GPU) keeps; set model.dtype=fp32 or train.full_rank=[]")
+    vocab_parts = sorted(set(t.full_rank) & {"embedding", "output_layer"})
+    if vocab_parts and m.vocab_size % p.tp:
+        raise ConfigError(f"train.full_rank: {', '.join(vocab_parts)} at parallel.tp={p.tp} needs model.vocab_size="
+                          f"{m.vocab_size} divisible by parallel.tp (padded vocab rows would train); "
+                          "change parallel.tp")
+    if m.tie_embeddings and len(vocab_parts) == 1:
+        raise ConfigError(f"train.full_rank lists {vocab_parts[0]} alone, but model.tie_embeddings: true makes the "
+                          "output layer the embedding; list both embedding and output_layer, or neither")
     if cfg.run.profile and (len(cfg.run.profile) != 2 or min(int(v) for v in cfg.run.profile) < 1):
         raise ConfigError(f"run.profile must be [first_step, n_steps] with both >= 1 (got {cfg.run.profile}); [] = off")
     if m.dtype not in ("fp32", "bf16"):

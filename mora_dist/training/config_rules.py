@@ -19,7 +19,8 @@ RANGES = {
     "model.rope_theta": _POS, "model.norm_eps": _POS,
     "data.seq_length": _POS, "data.eod_id": _NONNEG, "data.eval_batches": _POS, "data.seed": _NONNEG,
     "train.steps": _POS, "train.micro_batch": _POS, "train.global_batch": _POS, "train.lr": _POS,
-    "train.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "train.warmup": _NONNEG,
+    "train.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "train.full_rank_lr": (lambda v: v >= 0, ">= 0 (0 = full-rank parts fixed; null = train.lr)"), "train.warmup": _NONNEG,
     "train.weight_decay": _NONNEG, "train.clip_grad": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
     "train.eval_every": (lambda v: v >= 0, ">= 0 (0 = no periodic eval)"), "train.log_every": _POS,
     "restarts.every": (lambda v: v >= 0, ">= 0 (0 = no restarts)"), "restarts.warmup": _NONNEG,
@@ -58,6 +59,15 @@ def check_ranges(cfg, error) -> None:
                     f"{m.vocab_size}); set the eod id the data was tokenized with")
     if cfg.restarts.reset_optimizer not in ("prune", "delete"):
         raise error(f"restarts.reset_optimizer must be prune or delete, got {cfg.restarts.reset_optimizer!r}")
+    from mora_dist.training.config import FULL_RANK_PARTS, OPTIMIZERS
+
+    if cfg.train.optimizer not in OPTIMIZERS:
+        raise error(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.train.optimizer!r}")
+    for part in cfg.train.full_rank:
+        if part not in FULL_RANK_PARTS:
+            raise error(f"train.full_rank: unknown part {part!r}; known: {', '.join(FULL_RANK_PARTS)}")
+    if len(set(cfg.train.full_rank)) != len(cfg.train.full_rank):
+        raise error(f"train.full_rank lists a part twice: {cfg.train.full_rank}")
     from mora_dist.adapters.mora import cycle_of
 
     try:

@@ -2,13 +2,14 @@
 
 Per step: the jagged/cosine LR; a ReLoRA/ReMoRA restart when due (restarts.py); then the shared
 optimizer step (step.py): micro-batches through `get_forward_backward_func` (1F1B under PP);
-megatron DistributedDataParallel reduces the adapter gradients over DP in its fp32 grad buffers;
-the global grad norm is completed over TP/PP and clipped; AdamW steps the fp32 adapter parameters.
+megatron DistributedDataParallel reduces the gradients over DP in its fp32 grad buffers;
+the global grad norm is completed over TP/PP and clipped; the optimizer steps.
 
-Optimizer: megatron 0.16's optimizers (incl. the distributed optimizer) assert CUDA tensor types,
-so the adapter parameters are stepped by torch AdamW (fused on GPU). Adapter states are small
-(LoRA r=8 on a 1.1B model: 6.3M parameters, 50 MB of Adam state), so sharding them over DP would
-save little; this is a deliberate deviation from "distributed optimizer".
+What trains: the adapters and the full-rank parts `train.full_rank` names (embedding, output layer,
+norms: their own param group at `train.full_rank_lr`). Optimizer (`train.optimizer`, see
+training/optimizer.py): torch AdamW (fused on GPU; the CPU path, and adapters alone: their Adam
+state is small, LoRA r=8 on 1.1B is 50 MB) or megatron's DistributedOptimizer (on a GPU, `auto`
+with full-rank parts: their Adam state and fp32 masters sharded over DP).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from mora_dist.parallel.inject import adapted_layers, defer_tp_grads, fixed_adapters
 
-from mora_dist.training.config import Config
+from mora_dist.training.config import Config, resolve_optimizer
 from mora_dist.training.schedule import jagged_cosine_lr
 from mora_dist.training.step import optimizer_step
 
@@ -67,9 +68,17 @@ class Trainer:
 
         from mora_dist.training import data as data_mod
 
+        from mora_dist.training.optimizer import build_optimizer, enable_full_rank
+
         self.cfg, self.ps = cfg, ps
         model, self.report = build_adapted_model(cfg)
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+        self.full_rank = enable_full_rank(model, cfg.train.full_rank)  # before DDP: it buckets trainable params
+        n_full = sum(f.param.numel() for f in self.full_rank)
+        self.report.trainable, self.report.frozen = self.report.trainable + n_full, self.report.frozen - n_full
+        self.optimizer_kind = resolve_optimizer(cfg.train, torch.cuda.is_available())
+        distributed = self.optimizer_kind == "distributed"
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=distributed)
         if cfg.train.cuda_graph and torch.cuda.is_available():
             # DDP keeps each parameter's AccumulateGrad node (its grad hooks live there), and a node
             # runs on the stream it was made on: made on the legacy default stream, the captured
@@ -85,9 +94,7 @@ class Trainer:
         self.model = model
         self._reduce_tp = defer_tp_grads(model)  # replicated adapter grads: one TP all-reduce a step
         self.params = [p for p in self.ddp.parameters() if p.requires_grad]
-        fused = torch.cuda.is_available()
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                     betas=(0.9, 0.95), fused=fused)
+        self.opt = build_optimizer(cfg, self.ddp, self.params, self.full_rank, self.optimizer_kind)
         t, d = cfg.train, cfg.data
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.dp = dp
@@ -122,9 +129,11 @@ class Trainer:
                 self.graph = MicrobatchGraph(self._graph_fwd_bwd, self._zero_grads)
 
     # --- one step ---------------------------------------------------------------------------
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, peak: float | None = None) -> float:
+        """The LR at `step` of a param group with peak LR `peak` (default train.lr)."""
         t, r = self.cfg.train, self.cfg.restarts
-        return jagged_cosine_lr(step, t.lr, t.warmup, t.steps, t.min_lr_ratio, r.every, r.warmup)
+        return jagged_cosine_lr(step, t.lr if peak is None else peak, t.warmup, t.steps, t.min_lr_ratio, r.every,
+                                r.warmup)
 
     def _run_schedule(self, source, step: int, forward_only: bool):
         return self._schedule(source.microbatches(step), source.num_microbatches, forward_only)
@@ -149,6 +158,8 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         for p in self.params:
             p.grad = None
+        if self.optimizer_kind == "distributed":
+            self.opt.zero_grad()  # its shards' gradients
 
     def _run_graphed(self, step: int) -> list:
         from mora_dist.training.cuda_graph import ScheduleGraph
@@ -169,12 +180,16 @@ class Trainer:
         return (val[0] / val[1]).item() if val[1] else float("nan")
 
     def grad_norm(self) -> float:
-        """Global L2 norm of the adapter gradients: sharded tensors summed over TP, replicated ones
-        counted once, stages summed over PP (DP grads are identical after the reduction)."""
+        """Global L2 norm of the trainable gradients (adapters, then full-rank parts): sharded tensors
+        summed over TP (vocab-parallel embedding / output layer too), replicated ones (norms) counted
+        once, stages summed over PP, the tied output-layer copy of a PP > 1 run not counted (DP grads
+        are identical after the reduction). The DistributedOptimizer computes its own (`DistributedAdam`)."""
         ps = self.ps
         tp_rank0 = ps.get_tensor_model_parallel_rank() == 0
         grads = [p.grad for layer in adapted_layers(self.model) for a in layer.adapters.values()
                  for n, p in a.named_parameters() if p.grad is not None and (tp_rank0 or a.is_sharded(n))]
+        grads += [f.param.grad for f in self.full_rank
+                  if f.param.grad is not None and not f.replica and (tp_rank0 or f.sharded)]
         dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # same backend on every rank
         total = torch.zeros(1, dtype=torch.float64, device=dev)
         if grads:  # one multi-tensor kernel for the per-tensor norms, squares summed in float64
@@ -189,10 +204,18 @@ class Trainer:
                 losses = self._run_graphed(step)
             else:
                 losses = self._run_schedule(self.batches, step, forward_only=False)
-        self.ddp.finish_grad_sync()
+        if self.cfg.train.full_rank:
+            from megatron.core.distributed import finalize_model_grads
+
+            # DP reduction, then the norms' TP all-reduce under SP and the tied embedding's over its
+            # first/last-stage group (megatron's own gradient finalisation)
+            finalize_model_grads([self.ddp])
+        else:
+            self.ddp.finish_grad_sync()
         self._reduce_tp(lambda p: p.main_grad)
-        for p in self.params:
-            p.grad = p.main_grad
+        if self.optimizer_kind != "distributed":  # the DistributedOptimizer reads its shards of main_grad
+            for p in self.params:
+                p.grad = p.main_grad
         return losses
 
     def train_step(self) -> dict:
@@ -204,8 +227,8 @@ class Trainer:
             if self.graph is not None:
                 self.graph.invalidate()  # restarts may rebuild tensors the captured forward reads
         lr = self.lr_at(step)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        for g in self.opt.param_groups:  # each group on the schedule of its own peak LR (max_lr)
+            g["lr"] = self.lr_at(step, g["max_lr"])
         # a step that warms up or captures the CUDA graphs (PP: two eager steps, then the capture)
         # is not a measure of throughput
         graph_warmup = self.graph is not None and self.graph.graph is None
@@ -214,8 +237,12 @@ class Trainer:
                                        grad_norm=lambda _: self.grad_norm(), zero_grad=self._zero_grads)
         loss = self._mean_loss(losses)
         self.step += 1
-        return dict(step=self.step, loss=loss, lr=lr, grad_norm=gnorm, step_time=time.perf_counter() - t0,
-                    graph_warmup=graph_warmup)
+        out = dict(step=self.step, loss=loss, lr=lr, grad_norm=gnorm, step_time=time.perf_counter() - t0,
+                   graph_warmup=graph_warmup)
+        t = cfg.train
+        if t.full_rank:
+            out["lr_full_rank"] = self.lr_at(step, t.lr if t.full_rank_lr is None else t.full_rank_lr)
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -9,7 +9,8 @@ different groupings, and the adapters' Adam states are either magnitude-pruned (
 entry below the `prune` quantile of |state|, computed over the whole TP-sharded tensor; prune = 1.0
 zeroes the moments, the MoRA authors' pretraining setting) with the step count kept, or, with
 `restarts.reset_optimizer: delete`, deleted with their step count (Adam's bias correction starts
-over). The jagged LR schedule (schedule.py) re-warms after each restart. The model output is
+over). Full-rank parts (`train.full_rank`: embeddings, output layer, norms) are not touched: their
+weights and Adam state carry on. The jagged LR schedule (schedule.py) re-warms after each restart. The model output is
 unchanged at the moment of the restart: W + dW before, (W + dW) + 0 after.
 """
 from __future__ import annotations
@@ -42,29 +43,35 @@ def _global_quantile(t: torch.Tensor, q: float, sharded: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def prune_optimizer_states(model, opt, quantile: float, delete: bool = False) -> None:
-    """Zero the adapters' Adam moments below the `quantile` of |state| (global over TP shards);
-    quantile >= 1 zeroes them entirely; `delete` drops each adapter parameter's state (moments and
-    step count), so the optimizer builds it afresh at the next step."""
+    """Zero the adapters' Adam moments below the `quantile` of |state| (global over TP shards and,
+    with the DistributedOptimizer, over the DP ranks holding parts of each parameter); quantile >= 1
+    zeroes them entirely; `delete` drops each adapter parameter's state (moments and step count), so
+    the optimizer builds it afresh at the next step. Only the adapters' state: full-rank parts
+    (train.full_rank) keep theirs, as they keep their weights."""
     from mora_dist.parallel.inject import adapted_layers
+    from mora_dist.training.optimizer import adam_state
 
+    states = adam_state(opt)
     owners = {}
     for layer in adapted_layers(model):
         for a in layer.adapters.values():
             for n, p in a.named_parameters():
                 owners[p] = a.is_sharded(n)
     for p, sharded in owners.items():
-        state = opt.state.get(p)
-        if not state:
-            continue
         if delete:
-            del opt.state[p]
+            states.delete(p)
+            continue
+        if not states.has(p):
             continue
         for key in ("exp_avg", "exp_avg_sq"):
-            s = state[key]
+            s = states.local(p, key)  # this rank's state: all of p, or its DP range of p
             if quantile >= 1.0:
-                s.zero_()
-            else:
-                s.masked_fill_(s.abs() < _global_quantile(s, quantile, sharded), 0.0)
+                if s is not None:
+                    s.zero_()
+                continue
+            threshold = _global_quantile(states.gathered(p, key), quantile, sharded)
+            if s is not None:
+                s.masked_fill_(s.abs() < threshold, 0.0)
 
 
 @torch.no_grad()

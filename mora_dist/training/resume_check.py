@@ -6,14 +6,16 @@ would load trained adapters onto a model they were not trained for; a different 
 means differently tokenized data. Layout (`parallel.*`), schedule and data blend may change on
 resume (checkpoints are layout-free), so only these sections are compared. A MoRA run's type
 schedule (`restarts.mora_types`) decides which grouping the adapters have after n restarts, so it is
-compared too; checkpoints written before the key existed cycled [1, 2, 3, 4].
+compared too; checkpoints written before the key existed cycled [1, 2, 3, 4]. The full-rank parts
+(`train.full_rank`) are compared as a set: a resume that drops one would discard its trained values,
+one that adds a part would start it from the source weights (both allowed with allow_config_change).
 """
 from __future__ import annotations
 
 import os
 
 COMPARED_SECTIONS = ("model", "adapter")
-COMPARED_KEYS = (("data", "eod_id"),)
+COMPARED_KEYS = (("data", "eod_id"), ("train", "full_rank"))
 MORA_KEYS = (("restarts", "mora_types"),)  # compared when adapter.method is mora
 LEGACY_DEFAULTS = {("restarts", "mora_types"): [1, 2, 3, 4]}  # the value of a key older checkpoints lack
 RUNTIME_KEYS = (("adapter", "fast_path"),)  # how the same adapters are computed: free to change on resume
@@ -33,6 +35,8 @@ def _norm(section: str, key: str, value, method: str):
             return list(cycle_of(value))
         except ValueError:
             return value
+    if section == "train" and key == "full_rank":
+        return sorted(value)
     if isinstance(value, tuple):
         return list(value)
     return value

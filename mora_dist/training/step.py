@@ -8,6 +8,10 @@ schedule over micro-batches, then the DP gradient sync; a plain loop: `lambda: b
 device tensor) and `zero_grad`. Clipping is one rule for both: scale by max_norm / (norm + 1e-6)
 where norm > max_norm (torch's `clip_grad_norm_`); a tensor norm is applied as torch applies it
 (clamped coefficient, no host sync), a float norm is tested on the host.
+
+An optimizer that norms, clips and steps in one call (`clips_itself`: megatron's DistributedOptimizer
+behind training/optimizer.py's `DistributedAdam`, whose gradients live in DP shards) gets `max_norm`
+from its own config and returns the norm from `step()`; `grad_norm` is not called then.
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ def optimizer_step(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], f
     else:
         zero_grad()
     loss = forward_backward()
+    if getattr(opt, "clips_itself", False):
+        return loss, opt.step()
     norm = grad_norm(params)
     clip_(params, norm, max_norm)
     opt.step()
