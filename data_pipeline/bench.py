@@ -12,8 +12,10 @@ trains a SentencePiece BPE 32k on it. Every contender runs as its own process tr
   megatron  Megatron-LM's tools/preprocess_data.py --workers N from a source tree (--megatron-lm)
 
 Whole-tree CPU seconds and memory are sampled from /proc every 0.2 s (every descendant, also
-after it is re-parented). Outputs are compared byte for byte. Ratios printed: CPU per MB vs raw,
-wall vs each peer at the same process count, 2 vs 1 worker throughput.
+after it is re-parented), and CPU seconds per process kind (driver, each Ray daemon by name, the
+tokenize workers; `process_label`). Outputs are compared byte for byte. Ratios printed: CPU per
+MB vs raw, wall vs each peer at the same process count, 2 vs 1 worker throughput. Every run's
+figures and its per-process breakdown go to `<workdir>/bench.json` (or `--json`).
 """
 from __future__ import annotations
 
@@ -33,12 +35,37 @@ _SAME_WORK = ["--max-doc-chars", str(10**9)]
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def process_label(cmdline: list[str]) -> str:
+    """What a process of a run is, from its command line: Ray's process titles (`ray::IDLE`,
+    `ray::TokenizeWorker` without the method, `ray::DashboardAgent`, ...), a binary's name
+    (`gcs_server`, `raylet`), a Python script as its last two path parts (`dashboard/dashboard.py`,
+    `_private/log_monitor.py`), `-m module`, or `python -c`."""
+    if not cmdline or not cmdline[0]:
+        return "?"
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0].split()[0].split(".")[0]
+    exe = os.path.basename(cmdline[0])
+    if not exe.startswith("python"):
+        return exe
+    args = [x for x in cmdline[1:] if x not in ("-u", "-S", "-B", "-E", "-s", "-I")]
+    if args and args[0] == "-m" and len(args) > 1:
+        return "-m " + args[1]
+    if args and args[0] == "-c":
+        return "python -c"
+    if args:
+        return "/".join(args[0].split("/")[-2:])
+    return exe
+
+
 class TreeMonitor:
-    """Samples CPU time and RSS of a process and all its descendants from /proc."""
+    """Samples CPU time and RSS of a process and all its descendants from /proc; `labels` names each
+    process (process_label of its command line; a Ray worker keeps the first title other than
+    ray::IDLE it had, so a tokenize worker counts as one even after its actor is killed)."""
 
     def __init__(self, pid: int, period: float = 0.2, timeline: bool = False):
         self.root, self.period = pid, period
         self.cpu: dict[int, float] = {}
+        self.labels: dict[int, str] = {}
         self.peak_tree = self.peak_one = 0
         # (seconds since start, tree RSS, largest process RSS, tree CPU seconds, processes) per sample
         self.timeline: list[tuple[float, int, int, float, int]] | None = [] if timeline else None
@@ -78,6 +105,8 @@ class TreeMonitor:
             for pid in tree:
                 if pid in stats and stats[pid][3] != "Z":
                     self.cpu[pid] = max(self.cpu.get(pid, 0.0), stats[pid][1])
+                    if not self._final(self.labels.get(pid, "?")):
+                        self._label(pid)
                     rss += stats[pid][2]
                     one = max(one, stats[pid][2])
                     alive += 1
@@ -87,6 +116,30 @@ class TreeMonitor:
                 self.timeline.append((round(time.perf_counter() - self._t0, 2), rss, one,
                                       round(sum(self.cpu.values()), 2), alive))
             self._stop.wait(self.period)
+
+    @staticmethod
+    def _final(label: str) -> bool:  # a worker's title changes (script -> ray::IDLE -> ray::Actor); then stays
+        return label == "driver" or (label.startswith("ray::") and label != "ray::IDLE")
+
+    def _label(self, pid: int) -> None:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                raw = f.read()
+        except OSError:
+            return
+        label = "driver" if pid == self.root else process_label(raw.decode(errors="replace").split("\0"))
+        if label != "?" or pid not in self.labels:
+            self.labels[pid] = label
+
+    def breakdown(self) -> dict[str, dict]:
+        """CPU seconds and process count per label, largest first."""
+        out: dict[str, dict] = {}
+        for pid, c in self.cpu.items():
+            b = out.setdefault(self.labels.get(pid, "?"), {"cpu_s": 0.0, "processes": 0})
+            b["cpu_s"] += c
+            b["processes"] += 1
+        return {k: {"cpu_s": round(v["cpu_s"], 2), "processes": v["processes"]}
+                for k, v in sorted(out.items(), key=lambda kv: -kv[1]["cpu_s"])}
 
     def stop(self) -> float:
         self._stop.set()
@@ -107,8 +160,9 @@ def measure(cmd: list[str], env=None, log: str | None = None) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if log:
         out.close()
-    return {"wall": wall, "cpu": max(sampled, ru.ru_utime + ru.ru_stime), "peak_tree": mon.peak_tree,
-            "peak_one": mon.peak_one, "rc": proc.returncode}
+    return {"wall": wall, "cpu": max(sampled, ru.ru_utime + ru.ru_stime), "cpu_sampled": sampled,
+            "peak_tree": mon.peak_tree, "peak_one": mon.peak_one, "rc": proc.returncode,
+            "by_process": mon.breakdown(), "load_1min": os.getloadavg()[0]}
 
 
 # ---- contenders that need a process of their own (run as `python -m data_pipeline.bench --_peer ...`)
@@ -214,6 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--hf-tokenizer", default=None, help="also run raw and ours (1 worker) with this tokenizer.json; "
                    "'train' trains a byte-level BPE 32k on the corpus")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None, help="write every run's figures here (default <workdir>/bench.json)")
     a = p.parse_args(argv)
     work = a.workdir or tempfile.mkdtemp(prefix="dp_bench_")
     os.makedirs(work, exist_ok=True)
@@ -276,14 +331,33 @@ def main(argv=None) -> int:
                     os.remove(out + ext)
             m = measure(cmd, cenv, os.path.join(work, f"log_{len(results)}_{r}.txt"))
             print(f"[bench] {name}: wall {m['wall']:.1f}s cpu {m['cpu']:.1f}s peak {m['peak_tree'] / 1e9:.2f}/"
-                  f"{m['peak_one'] / 1e9:.2f} GB rc {m['rc']}", flush=True)
+                  f"{m['peak_one'] / 1e9:.2f} GB rc {m['rc']} load {m['load_1min']:.1f}", flush=True)
+            print("[bench]   CPU s by process: " + ", ".join(f"{k} {v['cpu_s']:.2f}" + (f" (x{v['processes']})" if
+                  v["processes"] > 1 else "") for k, v in m["by_process"].items()), flush=True)
             rs.append(m)
         results[name] = (procs, out, rs)
     raw = results.get("raw SentencePiece, 1 process")
     raw_cpu = min(m["cpu"] for m in raw[2]) if raw else None
+    raw_median = statistics.median(m["cpu"] for m in raw[2]) if raw else None
+    report = {"corpus": os.path.abspath(inp), "corpus_mb": round(mb, 3), "tokenizer": os.path.abspath(tok),
+              "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
+              "raw_cpu_s": [round(m["cpu"], 2) for m in raw[2]] if raw else None,
+              "runs": [{"contender": name, "processes": procs, "repeat": r, "wall_s": round(m["wall"], 2),
+                        "cpu_s": round(m["cpu"], 2), "cpu_s_sampled": round(m["cpu_sampled"], 2),
+                        "cpu_s_per_mb": round(m["cpu"] / mb, 4),
+                        "cpu_vs_raw_min": round(m["cpu"] / raw_cpu, 4) if raw_cpu else None,
+                        "cpu_vs_raw_median": round(m["cpu"] / raw_median, 4) if raw_median else None,
+                        "peak_tree_bytes": m["peak_tree"], "peak_one_bytes": m["peak_one"], "rc": m["rc"],
+                        "load_1min_at_end": round(m["load_1min"], 2), "cpu_s_by_process": m["by_process"]}
+                       for name, (procs, _, rs) in results.items() for r, m in enumerate(rs)]}
+    jpath = a.json or os.path.join(work, "bench.json")
+    with open(jpath, "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
     ref = next((out for name, (_, out, _) in results.items() if name.startswith("ours")), None)
     print(f"\ncorpus {inp}: {mb:.1f} MB; tokenizer {tok}; machine {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}\n")
+    print(f"per-run figures and CPU by process: {jpath}\n")
     print("| contender | wall s (best / median) | CPU s (min) | CPU per MB vs raw | peak memory GB (tree / largest) "
           "| output = ours |")
     print("|---|---:|---:|---:|---:|---|")
