@@ -38,20 +38,27 @@ def _lines_of(path, info, txt_mode="line"):
     return [(n, r) for p in info["parts"] for n, r in read_part(info, p, "text", txt_mode)]
 
 
-def test_parts_cover_file_exactly(tmp_path):
-    """Parts cut at newlines; reading all parts gives exactly the file's lines with their line numbers."""
+def test_parts_cover_file_exactly(tmp_path, monkeypatch):
+    """Parts cut at newlines; reading all parts gives exactly the file's lines with their line numbers
+    (many cuts in one read block, and, with a tiny block, cuts and lines across block boundaries)."""
+    import hashlib
+
+    from data_pipeline import sources
+
     lines = [json.dumps({"text": "w" * (i % 37)}).encode() for i in range(500)] + [b"", b"last-no-newline"]
     data = b"\n".join(lines)
     p = tmp_path / "a.jsonl"
     p.write_bytes(data)
-    info = plan_file(str(p), "auto", 1000, "line")
-    assert info["size"] == len(data) and len(info["parts"]) > 5
-    import hashlib
-
-    assert info["sha256"] == hashlib.sha256(data).hexdigest()
-    assert [pt["start"] for pt in info["parts"][1:]] == [pt["end"] for pt in info["parts"][:-1]]
-    assert info["parts"][-1]["end"] == len(data)
-    assert _lines_of(p, info) == list(enumerate(lines, start=1))
+    for block in (sources._BLOCK, 777, 64):
+        monkeypatch.setattr(sources, "_BLOCK", block)
+        info = plan_file(str(p), "auto", 1000, "line")
+        assert info["size"] == len(data) and len(info["parts"]) > 5
+        assert info["sha256"] == hashlib.sha256(data).hexdigest()
+        assert [pt["start"] for pt in info["parts"][1:]] == [pt["end"] for pt in info["parts"][:-1]]
+        assert info["parts"][-1]["end"] == len(data)
+        assert [pt["first_line"] for pt in info["parts"]] == [data.count(b"\n", 0, pt["start"]) + 1
+                                                               for pt in info["parts"]]
+        assert _lines_of(p, info) == list(enumerate(lines, start=1))
     gz = tmp_path / "a.jsonl.gz"
     gz.write_bytes(gzip.compress(data + b"\n"))
     ginfo = plan_file(str(gz), "auto", 1000, "line")
