@@ -2,6 +2,7 @@
 
     python -m data_pipeline.bench [--input corpus.jsonl --tokenizer tok.model] [--corpus-mb 460]
         [--workers 1 2] [--megatron-lm PATH/TO/Megatron-LM] [--repeat 1] [--only raw ours hf megatron]
+        [--compare-tree PATH/TO/older/checkout]
 
 Without --input it builds a corpus of real text from this machine (data_pipeline.corpus) and
 trains a SentencePiece BPE 32k on it. Every contender runs as its own process tree:
@@ -12,8 +13,12 @@ trains a SentencePiece BPE 32k on it. Every contender runs as its own process tr
   megatron  Megatron-LM's tools/preprocess_data.py --workers N from a source tree (--megatron-lm)
 
 Whole-tree CPU seconds and memory are sampled from /proc every 0.2 s (every descendant, also
-after it is re-parented). Outputs are compared byte for byte. Ratios printed: CPU per MB vs raw,
-wall vs each peer at the same process count, 2 vs 1 worker throughput.
+after it is re-parented), and CPU seconds per process kind (driver, each Ray daemon by name, the
+tokenize workers; `process_label`). Outputs are compared byte for byte. Ratios printed: CPU per
+MB vs raw, wall vs each peer at the same process count, 2 vs 1 worker throughput. With
+`--repeat N` the contenders run in N rounds (each once per round, in order), so every run has a raw
+run next to it in time (the "same round" ratio). Every run's figures, its load average (min /
+median / max) and its per-process breakdown go to `<workdir>/bench.json` (or `--json`).
 """
 from __future__ import annotations
 
@@ -33,13 +38,39 @@ _SAME_WORK = ["--max-doc-chars", str(10**9)]
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def process_label(cmdline: list[str]) -> str:
+    """What a process of a run is, from its command line: Ray's process titles (`ray::IDLE`,
+    `ray::TokenizeWorker` without the method, `ray::DashboardAgent`, ...), a binary's name
+    (`gcs_server`, `raylet`), a Python script as its last two path parts (`dashboard/dashboard.py`,
+    `_private/log_monitor.py`), `-m module`, or `python -c`."""
+    if not cmdline or not cmdline[0]:
+        return "?"
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0].split()[0].split(".")[0]
+    exe = os.path.basename(cmdline[0])
+    if not exe.startswith("python"):
+        return exe
+    args = [x for x in cmdline[1:] if x not in ("-u", "-S", "-B", "-E", "-s", "-I")]
+    if args and args[0] == "-m" and len(args) > 1:
+        return "-m " + args[1]
+    if args and args[0] == "-c":
+        return "python -c"
+    if args:
+        return "/".join(args[0].split("/")[-2:])
+    return exe
+
+
 class TreeMonitor:
-    """Samples CPU time and RSS of a process and all its descendants from /proc."""
+    """Samples CPU time and RSS of a process and all its descendants from /proc; `labels` names each
+    process (process_label of its command line; a Ray worker keeps the first title other than
+    ray::IDLE it had, so a tokenize worker counts as one even after its actor is killed)."""
 
     def __init__(self, pid: int, period: float = 0.2, timeline: bool = False):
         self.root, self.period = pid, period
         self.cpu: dict[int, float] = {}
+        self.labels: dict[int, str] = {}
         self.peak_tree = self.peak_one = 0
+        self.load: list[float] = []  # 1-minute load average at every sample
         # (seconds since start, tree RSS, largest process RSS, tree CPU seconds, processes) per sample
         self.timeline: list[tuple[float, int, int, float, int]] | None = [] if timeline else None
         self._t0 = time.perf_counter()
@@ -78,15 +109,42 @@ class TreeMonitor:
             for pid in tree:
                 if pid in stats and stats[pid][3] != "Z":
                     self.cpu[pid] = max(self.cpu.get(pid, 0.0), stats[pid][1])
+                    if not self._final(self.labels.get(pid, "?")):
+                        self._label(pid)
                     rss += stats[pid][2]
                     one = max(one, stats[pid][2])
                     alive += 1
             self.peak_one = max(self.peak_one, one)
+            self.load.append(os.getloadavg()[0])
             self.peak_tree = max(self.peak_tree, rss)
             if self.timeline is not None:
                 self.timeline.append((round(time.perf_counter() - self._t0, 2), rss, one,
                                       round(sum(self.cpu.values()), 2), alive))
             self._stop.wait(self.period)
+
+    @staticmethod
+    def _final(label: str) -> bool:  # a worker's title changes (script -> ray::IDLE -> ray::Actor); then stays
+        return label == "driver" or (label.startswith("ray::") and label != "ray::IDLE")
+
+    def _label(self, pid: int) -> None:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                raw = f.read()
+        except OSError:
+            return
+        label = "driver" if pid == self.root else process_label(raw.decode(errors="replace").split("\0"))
+        if label != "?" or pid not in self.labels:
+            self.labels[pid] = label
+
+    def breakdown(self) -> dict[str, dict]:
+        """CPU seconds and process count per label, largest first."""
+        out: dict[str, dict] = {}
+        for pid, c in self.cpu.items():
+            b = out.setdefault(self.labels.get(pid, "?"), {"cpu_s": 0.0, "processes": 0})
+            b["cpu_s"] += c
+            b["processes"] += 1
+        return {k: {"cpu_s": round(v["cpu_s"], 2), "processes": v["processes"]}
+                for k, v in sorted(out.items(), key=lambda kv: -kv[1]["cpu_s"])}
 
     def stop(self) -> float:
         self._stop.set()
@@ -94,11 +152,11 @@ class TreeMonitor:
         return sum(self.cpu.values())
 
 
-def measure(cmd: list[str], env=None, log: str | None = None) -> dict:
+def measure(cmd: list[str], env=None, log: str | None = None, cwd: str | None = None) -> dict:
     """Run cmd; wall, whole-tree CPU (max of /proc sampling and wait4 rusage), peak memory."""
     t0 = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     mon = TreeMonitor(proc.pid)
     _, status, ru = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -107,8 +165,10 @@ def measure(cmd: list[str], env=None, log: str | None = None) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if log:
         out.close()
-    return {"wall": wall, "cpu": max(sampled, ru.ru_utime + ru.ru_stime), "peak_tree": mon.peak_tree,
-            "peak_one": mon.peak_one, "rc": proc.returncode}
+    return {"wall": wall, "cpu": max(sampled, ru.ru_utime + ru.ru_stime), "cpu_sampled": sampled,
+            "peak_tree": mon.peak_tree, "peak_one": mon.peak_one, "rc": proc.returncode,
+            "by_process": mon.breakdown(),
+            "load_1min": [round(x, 2) for x in (min(mon.load), statistics.median(mon.load), max(mon.load))]}
 
 
 # ---- contenders that need a process of their own (run as `python -m data_pipeline.bench --_peer ...`)
@@ -211,11 +271,14 @@ def main(argv=None) -> int:
     p.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"),
                    help="Megatron-LM source tree (its tools/preprocess_data.py); default $MEGATRON_LM")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--compare-tree", default=None,
+                   help="also run `ours` from this checkout (e.g. a `git worktree` of an older commit), in the same rounds")
     p.add_argument("--hf-tokenizer", default=None, help="also run raw and ours (1 worker) with this tokenizer.json; "
                    "'train' trains a byte-level BPE 32k on the corpus")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None, help="write every run's figures here (default <workdir>/bench.json)")
     a = p.parse_args(argv)
-    work = a.workdir or tempfile.mkdtemp(prefix="dp_bench_")
+    work = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="dp_bench_"))  # absolute: --compare-tree runs elsewhere
     os.makedirs(work, exist_ok=True)
     py, here = sys.executable, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (here, os.environ.get("PYTHONPATH")) if x))
@@ -234,8 +297,9 @@ def main(argv=None) -> int:
 
             train_tokenizer.main(["--input", inp, "--model-prefix", tok[:-6], "--vocab-size", "32000",
                                   "--sample-docs", "3000"])
+    inp, tok = os.path.abspath(inp), os.path.abspath(tok)
     mb = os.path.getsize(inp) / 1e6
-    runs: list[tuple[str, int, str, list[str], dict]] = []  # name, procs, output prefix, cmd, env
+    runs: list[tuple] = []  # name, procs, output prefix, cmd, env[, cwd]
     if "raw" in a.only:
         runs.append(("raw SentencePiece, 1 process", 1, "", [py, "-m", "data_pipeline.bench", "--_peer", "raw", inp,
                                                              tok], env))
@@ -245,6 +309,13 @@ def main(argv=None) -> int:
             runs.append((f"ours --workers {w}", w, out, [py, "-m", "data_pipeline.tokenize", "--input", inp,
                                                           "--tokenizer", tok, "--output-prefix", out, "--workers",
                                                           str(w), "--progress-interval", "10", *_SAME_WORK], env))
+            if a.compare_tree:  # the same command in another checkout (run there: `-m` imports from the cwd)
+                other = os.path.abspath(a.compare_tree)
+                out = os.path.join(work, f"ours_w{w}_compare")
+                runs.append((f"ours --workers {w} @{os.path.basename(other)}", w, out,
+                             [py, "-m", "data_pipeline.tokenize", "--input", inp, "--tokenizer", tok, "--output-prefix",
+                              out, "--workers", str(w), "--progress-interval", "10", *_SAME_WORK],
+                             dict(env, PYTHONPATH=other), other))
         if "hf" in a.only:
             out = os.path.join(work, f"hf_w{w}")
             runs.append((f"HF datasets .map(num_proc={w}) + IndexedDatasetBuilder", w, out,
@@ -267,33 +338,56 @@ def main(argv=None) -> int:
                                                                   "--tokenizer", hf, "--output-prefix", out,
                                                                   "--workers", "1", "--progress-interval", "10",
                                                                   *_SAME_WORK], env)]
-    results = {}
-    for name, procs, out, cmd, cenv in runs:
-        rs = []
-        for r in range(a.repeat):
+    # round r runs every contender once, so with --repeat each contender's r-th run and raw's r-th run
+    # are neighbours in time and see about the same outside load (the CPU-per-MB ratio of a pair)
+    runs = [run if len(run) == 6 else (*run, None) for run in runs]
+    results = {name: (procs, out, []) for name, procs, out, *_ in runs}
+    for r in range(a.repeat):
+        for i, (name, procs, out, cmd, cenv, cwd) in enumerate(runs):
             for ext in (".bin", ".idx", ".manifest.json"):
                 if out and os.path.exists(out + ext):
                     os.remove(out + ext)
-            m = measure(cmd, cenv, os.path.join(work, f"log_{len(results)}_{r}.txt"))
+            m = measure(cmd, cenv, os.path.join(work, f"log_{i}_{r}.txt"), cwd=cwd)
             print(f"[bench] {name}: wall {m['wall']:.1f}s cpu {m['cpu']:.1f}s peak {m['peak_tree'] / 1e9:.2f}/"
-                  f"{m['peak_one'] / 1e9:.2f} GB rc {m['rc']}", flush=True)
-            rs.append(m)
-        results[name] = (procs, out, rs)
+                  f"{m['peak_one'] / 1e9:.2f} GB rc {m['rc']} load {'/'.join(f'{x:.1f}' for x in m['load_1min'])}",
+                  flush=True)
+            print("[bench]   CPU s by process: " + ", ".join(f"{k} {v['cpu_s']:.2f}" + (f" (x{v['processes']})" if
+                  v["processes"] > 1 else "") for k, v in m["by_process"].items()), flush=True)
+            results[name][2].append(m)
     raw = results.get("raw SentencePiece, 1 process")
     raw_cpu = min(m["cpu"] for m in raw[2]) if raw else None
+    raw_median = statistics.median(m["cpu"] for m in raw[2]) if raw else None
+    report = {"corpus": os.path.abspath(inp), "corpus_mb": round(mb, 3), "tokenizer": os.path.abspath(tok),
+              "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
+              "raw_cpu_s": [round(m["cpu"], 2) for m in raw[2]] if raw else None,
+              "runs": [{"contender": name, "processes": procs, "repeat": r, "wall_s": round(m["wall"], 2),
+                        "cpu_s": round(m["cpu"], 2), "cpu_s_sampled": round(m["cpu_sampled"], 2),
+                        "cpu_s_per_mb": round(m["cpu"] / mb, 4),
+                        "cpu_vs_raw_min": round(m["cpu"] / raw_cpu, 4) if raw_cpu else None,
+                        "cpu_vs_raw_median": round(m["cpu"] / raw_median, 4) if raw_median else None,
+                        "cpu_vs_raw_same_round": round(m["cpu"] / raw[2][r]["cpu"], 4) if raw else None,
+                        "peak_tree_bytes": m["peak_tree"], "peak_one_bytes": m["peak_one"], "rc": m["rc"],
+                        "load_1min_min_median_max": m["load_1min"], "cpu_s_by_process": m["by_process"]}
+                       for name, (procs, _, rs) in results.items() for r, m in enumerate(rs)]}
+    jpath = a.json or os.path.join(work, "bench.json")
+    with open(jpath, "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
     ref = next((out for name, (_, out, _) in results.items() if name.startswith("ours")), None)
     print(f"\ncorpus {inp}: {mb:.1f} MB; tokenizer {tok}; machine {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}\n")
-    print("| contender | wall s (best / median) | CPU s (min) | CPU per MB vs raw | peak memory GB (tree / largest) "
-          "| output = ours |")
-    print("|---|---:|---:|---:|---:|---|")
+    print(f"per-run figures and CPU by process: {jpath}\n")
+    print("| contender | wall s (best / median) | CPU s (min) | CPU per MB vs raw (min / min) | vs raw of the same "
+          "round (each round) | peak memory GB (tree / largest) | output = ours |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for name, (procs, out, rs) in results.items():
         walls = [m["wall"] for m in rs]
         cpu = min(m["cpu"] for m in rs)
         same = "" if not out or "HF tokenizer" in name else ("yes" if ref and _same_files(out, ref) else "NO")
+        rounds = " / ".join(f"{m['cpu'] / raw[2][r]['cpu']:.2f}" for r, m in enumerate(rs)) if raw else ""
         print(f"| {name} | {min(walls):.1f} / {statistics.median(walls):.1f} | {cpu:.1f} | "
-              f"{cpu / raw_cpu if raw_cpu else float('nan'):.2f} | {max(m['peak_tree'] for m in rs) / 1e9:.2f} / "
-              f"{max(m['peak_one'] for m in rs) / 1e9:.2f} | {same} |")
+              f"{cpu / raw_cpu if raw_cpu else float('nan'):.2f} | {rounds} | "
+              f"{max(m['peak_tree'] for m in rs) / 1e9:.2f} / {max(m['peak_one'] for m in rs) / 1e9:.2f} | {same} |")
     print()
     best = {name: min(m["wall"] for m in rs) for name, (_, _, rs) in results.items()}
     for w in a.workers:

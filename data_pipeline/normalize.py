@@ -16,6 +16,11 @@ REASONS = ("invalid_utf8", "bad_json", "not_object", "missing_field", "bad_field
 # Characters that do not occur in text: C0/C1 controls other than tab, newline, vertical tab, form feed
 # and escape (man pages and source files use those), DEL, and U+FFFD (a decoder already gave up).
 _NON_TEXT = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f-\x9f\ufffd]")
+# Every byte but those a _NON_TEXT character's UTF-8 starts with (C0 controls and DEL are single bytes,
+# C1 controls are 0xC2 0x80-0x9F, U+FFFD is 0xEF 0xBF 0xBD): deleting these from a document's UTF-8 leaves
+# nothing when it cannot hold a _NON_TEXT character, a C-speed pass ~10x cheaper than the regex scan.
+_CANNOT_START_NON_TEXT = bytes(b for b in range(256) if not (b <= 0x08 or 0x0e <= b <= 0x1a or 0x1c <= b <= 0x1f
+                                                            or b in (0x7f, 0xc2, 0xef)))
 BINARY_SHARE = 0.10  # more than this share of non-text characters: the "document" is binary data
 
 
@@ -39,20 +44,21 @@ class Extracted:
 
 def _finish(text: str, max_chars: int) -> Extracted:
     try:
-        text.encode("utf-8")
+        utf8 = text.encode("utf-8")
     except UnicodeEncodeError as e:  # lone surrogates from JSON \ud800 escapes
         return Extracted(reason="invalid_unicode", detail=f"unencodable character at offset {e.start}")
-    text = normalise(text)
-    if not text:
+    norm = normalise(text)  # the same object when the rule changes nothing
+    if not norm:
         return Extracted(reason="empty", detail="empty after normalisation")
-    if len(text) > max_chars:
-        return Extracted(reason="oversize", detail=f"{len(text)} chars > --max-doc-chars {max_chars}")
-    if _NON_TEXT.search(text):  # clean text: one C-speed scan, no match
-        bad = len(_NON_TEXT.findall(text))
-        if bad > BINARY_SHARE * len(text):
-            return Extracted(reason="binary", detail=f"{bad} of {len(text)} characters are control or "
+    if len(norm) > max_chars:
+        return Extracted(reason="oversize", detail=f"{len(norm)} chars > --max-doc-chars {max_chars}")
+    # the UTF-8 pre-check is of the text before normalisation: valid for the result only if unchanged
+    if (norm is not text or utf8.translate(None, _CANNOT_START_NON_TEXT)) and _NON_TEXT.search(norm):
+        bad = len(_NON_TEXT.findall(norm))
+        if bad > BINARY_SHARE * len(norm):
+            return Extracted(reason="binary", detail=f"{bad} of {len(norm)} characters are control or "
                                                      "replacement characters: binary data, not text")
-    return Extracted(text=text)
+    return Extracted(text=norm)
 
 
 def extract(raw, fmt: str, field: str, max_chars: int) -> Extracted:

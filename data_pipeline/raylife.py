@@ -23,7 +23,7 @@ WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
 # starved the tokenize workers on a shared 2-core machine to ~20% of a core each (docs/data_pipeline.md,
 # billion-token run), while every peer (raw SentencePiece, Megatron, HF) runs at normal priority.
 RAYLET_ENV = {"RAY_worker_niceness": "0"}
-_STATE = {"workers_have_env": False}
+_STATE = {"workers_have_env": False, "local_cpus": None}
 
 
 def actor_options() -> dict:
@@ -120,13 +120,27 @@ def _start_watchdog(roots: set[int]):
                             close_fds=True)
 
 
+def default_workers(ray) -> int:
+    """--workers when not given: every CPU of a local Ray we started (it has exactly the CPUs of
+    its workers, see connect), else the cluster's CPUs minus one for the driver."""
+    return _STATE["local_cpus"] or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+
+
 @contextlib.contextmanager
-def connect(address: str | None, workers: int | None):
+def connect(address: str | None, workers: int | None, max_workers: int | None = None):
     """Yield the `ray` module connected to `address`, or to a local Ray started here (and stopped,
     with all its processes, when this block ends or this process dies). An already initialised
-    Ray (tests, the benchmark) is used as it is and left running."""
+    Ray (tests, the benchmark) is used as it is and left running.
+
+    A local Ray gets one CPU per tokenize worker (`workers`, default: this machine's CPUs minus one
+    for the driver; at most `max_workers`, the number of parts to do), and its raylet gets the
+    workers' environment (WORKER_ENV, PYTHONPATH) from ours instead of a job runtime_env: the raylet
+    prestarts one worker process per CPU with that environment, and the actors take those (a job
+    runtime_env made every actor start a new process while the prestarted ones idled: two wasted
+    Python start-ups per run, see docs/data_pipeline.md)."""
     import ray
 
+    _STATE["local_cpus"] = None
     if ray.is_initialized():
         _STATE["workers_have_env"] = False
         yield ray
@@ -134,18 +148,21 @@ def connect(address: str | None, workers: int | None):
     # workers import data_pipeline from this checkout (shared filesystem, like the outputs)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    local = {} if address else {"num_cpus": max(workers or 1, os.cpu_count() or 1)}
-    saved = {k: os.environ.get(k) for k in {**WORKER_ENV, **RAYLET_ENV}}
-    if not address:  # raylet and the workers it starts inherit this process's environment
-        os.environ.update({**WORKER_ENV, **RAYLET_ENV})
+    if address:
+        env, opts = {}, {"runtime_env": {"env_vars": {"PYTHONPATH": path}}}
+    else:  # raylet and the workers it starts inherit this process's environment
+        cpus = min(workers or max(1, (os.cpu_count() or 2) - 1), max_workers or 1 << 30)
+        env, opts = {**WORKER_ENV, **RAYLET_ENV, "PYTHONPATH": path}, {"num_cpus": cpus}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     before = _children()
     try:
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}}, **local)
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, **opts)
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     _STATE["workers_have_env"] = not address
+    _STATE["local_cpus"] = None if address else opts["num_cpus"]
     dog = None if address else _start_watchdog(_children() - before)
     try:
         yield ray

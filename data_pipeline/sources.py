@@ -123,15 +123,17 @@ def plan_file(uri: str, forced: str, part_bytes: int, txt_mode: str) -> dict:
             if not block:
                 break
             h.update(block)
-            if splittable:
+            if splittable:  # newlines are counted once each: `lines` = newlines before block[at:]
+                at = 0
                 while cut_at < pos + len(block):
                     i = block.find(b"\n", max(cut_at - pos, 0))
                     if i < 0:
                         break
-                    end_line = lines + block.count(b"\n", 0, i + 1)
+                    lines += block.count(b"\n", at, i + 1)
+                    at = i + 1
                     parts.append({"start": part_start, "end": pos + i + 1, "first_line": part_line})
-                    part_start, part_line, cut_at = pos + i + 1, end_line + 1, pos + i + 1 + part_bytes
-                lines += block.count(b"\n")
+                    part_start, part_line, cut_at = pos + i + 1, lines + 1, pos + i + 1 + part_bytes
+                lines += block.count(b"\n", at)
             pos += len(block)
     info = {"path": uri, "format": fmt, "gzip": gz, "size": pos, "sha256": h.hexdigest(), "parts": parts}
     if fmt in ("parquet", "arrow"):

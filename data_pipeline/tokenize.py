@@ -282,11 +282,11 @@ def _run_locked(a, prefix: str) -> dict:
     progress = Progress(a.progress_interval, total_bytes=sum(t["part"]["bytes"] for t in tasks))
     ray_seconds = 0.0
     if tasks:
-        from data_pipeline.raylife import connect
+        from data_pipeline.raylife import connect, default_workers
 
-        with connect(a.address, a.workers) as ray:
+        with connect(a.address, a.workers, max_workers=len(tasks)) as ray:
             if a.workers is None:
-                a.workers = max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+                a.workers = default_workers(ray)
             print(f"[tokenize] {a.workers} worker(s) on Ray {'at ' + a.address if a.address else '(local)'}",
                   flush=True)
             cfg = {"tokenizer": os.path.abspath(tok.path), "eod_token": a.eod_token,

@@ -20,7 +20,10 @@ def file_sha256(path: str) -> str:
 
 
 class Tokenizer:
-    """encode_batch(list[str]) -> list[list[int]] without special tokens; decode(ids) -> str."""
+    """encode_batch(list[str]) -> list[list[int]] without special tokens; decode(ids) -> str;
+    encode_batch_arrays(list[str]) -> list of numpy int arrays, the same ids (None if unsupported)."""
+
+    encode_batch_arrays = None
 
     def __init__(self, path: str, eod_token: str | None = None):
         if os.path.isdir(path):
@@ -49,6 +52,21 @@ class Tokenizer:
                 raise ValueError(f"{self.path} has no eos piece; pass --eod-token")
         self.encode_batch = lambda texts: self._sp.encode(texts, out_type=int, num_threads=1)
         self.decode = lambda ids: self._sp.decode(list(map(int, ids)))
+        self.encode_batch_arrays = self._sp_arrays()
+
+    def _sp_arrays(self):
+        """A SentencePiece whose encode takes `return_type="numpy"` (the 0.2.3 of this venv) returns a
+        batch's ids as int32 numpy arrays straight from its C++ buffers: no Python int per token to
+        create, copy into numpy and free (docs/data_pipeline.md: the worker's Python-side CPU halves).
+        None where the installed version lacks it or returns other ids (checked once on a probe text)."""
+        probe = ["probe: Caf\u00e9 \u4e2d\u6587 12345"]
+        try:
+            arrays = self._sp.encode(probe, return_type="numpy", num_threads=1)
+        except (TypeError, ValueError):
+            return None
+        if [a.tolist() for a in arrays] != self.encode_batch(probe):
+            return None
+        return lambda texts: self._sp.encode(texts, return_type="numpy", num_threads=1)
 
     def _init_hf(self, eod_token):
         from tokenizers import Tokenizer as HF

@@ -24,7 +24,7 @@ from data_pipeline import indexed, store
 from data_pipeline.normalize import extract
 from data_pipeline.sources import PartReader
 
-ENCODE_BATCH_CHARS = 1 << 20  # texts per encode call: bounds the Python-list intermediate to ~1 MB of text
+ENCODE_BATCH_CHARS = 1 << 20  # texts per encode call: bounds the per-call ids (lists or arrays) to ~1 MB of text
 
 
 def _raw_preview(raw, limit=1000) -> str:
@@ -36,16 +36,23 @@ def _raw_preview(raw, limit=1000) -> str:
 
 
 def encode_to_array(tok, texts: list[str], eod: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(flat tokens with EOD after every document, int64 lengths incl. EOD) as numpy arrays."""
+    """(flat tokens with EOD after every document, int64 lengths incl. EOD) as numpy arrays.
+    Uses the tokenizer's numpy output where it has one (no Python int per token)."""
+    arrays = getattr(tok, "encode_batch_arrays", None)
     flats, lens, i = [], [], 0
     while i < len(texts):
         j, chars = i, 0
         while j < len(texts) and (j == i or chars + len(texts[j]) <= ENCODE_BATCH_CHARS):
             chars += len(texts[j])
             j += 1
-        ids = tok.encode_batch(texts[i:j])
-        n = np.fromiter(map(len, ids), dtype=np.int64, count=j - i)
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(n.sum()))
+        if arrays is not None:
+            ids = arrays(texts[i:j])
+            n = np.fromiter(map(len, ids), dtype=np.int64, count=j - i)
+            flat = np.concatenate(ids).astype(dtype, copy=False)
+        else:
+            ids = tok.encode_batch(texts[i:j])
+            n = np.fromiter(map(len, ids), dtype=np.int64, count=j - i)
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(n.sum()))
         del ids
         flats.append(np.insert(flat, np.cumsum(n), eod))  # EOD after each document
         lens.append(n + 1)

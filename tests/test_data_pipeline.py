@@ -504,3 +504,58 @@ def test_local_ray_workers_run_at_the_drivers_priority(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
                        env=dict(os.environ, PYTHONPATH=REPO))
     assert "niceness 0" in r.stdout, r.stdout[-1000:] + r.stderr[-2000:]
+
+
+def test_local_ray_has_no_idle_workers_the_actors_use_the_prestarted_ones(corpus, tmp_path):
+    """A Ray the pipeline starts has one CPU per tokenize worker, and the actors run in the worker
+    processes the raylet prestarted; no other worker process starts (before: a job runtime_env made
+    each actor start a process of its own while the prestarted ones stayed ray::IDLE until Ray killed
+    them: two wasted Python start-ups per run). A fresh process: the module's ray_session would be
+    reused instead of started."""
+    code = (
+        "import json, os, sys, time\n"
+        "from data_pipeline.raylife import actor_options, connect, default_workers\n"
+        "from data_pipeline.worker import TokenizeWorker\n"
+        "def tree(pid):\n"
+        "    out, todo = [], [pid]\n"
+        "    while todo:\n"
+        "        p = todo.pop()\n"
+        "        try:\n"
+        "            for t in os.listdir(f'/proc/{p}/task'):\n"
+        "                kids = [int(c) for c in open(f'/proc/{p}/task/{t}/children').read().split()]\n"
+        "                out += kids\n"
+        "                todo += kids\n"
+        "        except OSError:  # exited meanwhile\n"
+        "            pass\n"
+        "    return out\n"
+        "def title(p):\n"
+        "    try:\n"
+        "        return open(f'/proc/{p}/cmdline').read().split('\\0')[0].split(' ')[0]\n"
+        "    except OSError:\n"
+        "        return ''\n"
+        "def workers():  # the Ray worker processes of this run (not its agents)\n"
+        "    return {p for p in tree(os.getpid()) if title(p).startswith('ray::') and 'Agent' not in title(p)}\n"
+        "cfg = json.loads(sys.argv[1])\n"
+        "with connect(None, 2, max_workers=5) as ray:\n"
+        "    t0 = time.time()\n"
+        "    while len(workers()) < 2 and time.time() < t0 + 60:  # the raylet prestarts one per CPU\n"
+        "        time.sleep(0.1)\n"
+        "    prestarted, seen = workers(), set()\n"
+        "    actors = [ray.remote(**actor_options())(TokenizeWorker).remote(cfg) for _ in range(2)]\n"
+        "    refs = [a.__ray_call__.remote(lambda self: os.getpid()) for a in actors]\n"
+        "    while ray.wait(refs, num_returns=2, timeout=0.05)[1] or time.time() < t0 + 5:\n"
+        "        seen |= workers()\n"
+        "    print('RESULT', json.dumps({'cpus': ray.cluster_resources().get('CPU'), 'default': default_workers(ray),\n"
+        "                                'actors': sorted(ray.get(refs)), 'prestarted': sorted(prestarted),\n"
+        "                                'seen': sorted(seen)}))\n")
+    os.makedirs(str(tmp_path / "w.work"))
+    cfg = {"tokenizer": corpus.tokenizer, "eod_token": None, "output_prefix": str(tmp_path / "w"), "field": "text",
+           "txt_mode": "line", "unit_lines": 2000, "part_bytes": 1 << 20, "max_doc_chars": 10**6, "dedup": False}
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True, timeout=300,
+                       cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=REPO))
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, r.stdout[-1000:] + r.stderr[-2000:]
+    res = json.loads(line[7:])
+    assert res["cpus"] == 2 and res["default"] == 2, res
+    # the actors are the two prestarted processes, and no other worker process was started meanwhile
+    assert res["actors"] == res["prestarted"] == res["seen"], res

@@ -38,20 +38,27 @@ def _lines_of(path, info, txt_mode="line"):
     return [(n, r) for p in info["parts"] for n, r in read_part(info, p, "text", txt_mode)]
 
 
-def test_parts_cover_file_exactly(tmp_path):
-    """Parts cut at newlines; reading all parts gives exactly the file's lines with their line numbers."""
+def test_parts_cover_file_exactly(tmp_path, monkeypatch):
+    """Parts cut at newlines; reading all parts gives exactly the file's lines with their line numbers
+    (many cuts in one read block, and, with a tiny block, cuts and lines across block boundaries)."""
+    import hashlib
+
+    from data_pipeline import sources
+
     lines = [json.dumps({"text": "w" * (i % 37)}).encode() for i in range(500)] + [b"", b"last-no-newline"]
     data = b"\n".join(lines)
     p = tmp_path / "a.jsonl"
     p.write_bytes(data)
-    info = plan_file(str(p), "auto", 1000, "line")
-    assert info["size"] == len(data) and len(info["parts"]) > 5
-    import hashlib
-
-    assert info["sha256"] == hashlib.sha256(data).hexdigest()
-    assert [pt["start"] for pt in info["parts"][1:]] == [pt["end"] for pt in info["parts"][:-1]]
-    assert info["parts"][-1]["end"] == len(data)
-    assert _lines_of(p, info) == list(enumerate(lines, start=1))
+    for block in (sources._BLOCK, 777, 64):
+        monkeypatch.setattr(sources, "_BLOCK", block)
+        info = plan_file(str(p), "auto", 1000, "line")
+        assert info["size"] == len(data) and len(info["parts"]) > 5
+        assert info["sha256"] == hashlib.sha256(data).hexdigest()
+        assert [pt["start"] for pt in info["parts"][1:]] == [pt["end"] for pt in info["parts"][:-1]]
+        assert info["parts"][-1]["end"] == len(data)
+        assert [pt["first_line"] for pt in info["parts"]] == [data.count(b"\n", 0, pt["start"]) + 1
+                                                               for pt in info["parts"]]
+        assert _lines_of(p, info) == list(enumerate(lines, start=1))
     gz = tmp_path / "a.jsonl.gz"
     gz.write_bytes(gzip.compress(data + b"\n"))
     ginfo = plan_file(str(gz), "auto", 1000, "line")
@@ -163,6 +170,12 @@ def test_encode_to_array_matches_lists_over_several_batches(monkeypatch, tmp_pat
     assert flat.tolist() == [t for w in want for t in w]
     flat0, lens0 = worker.encode_to_array(tok, [], tok.eod_id, np.dtype(np.uint16))
     assert len(flat0) == len(lens0) == 0
+    # the installed SentencePiece hands out numpy arrays (no Python int per token); the list path, for
+    # versions without it, gives the same arrays
+    assert tok.encode_batch_arrays is not None
+    monkeypatch.setattr(tok, "encode_batch_arrays", None)
+    flat1, lens1 = worker.encode_to_array(tok, texts, tok.eod_id, np.dtype(np.uint16))
+    assert flat1.dtype == np.uint16 and flat1.tolist() == flat.tolist() and lens1.tolist() == lens.tolist()
 
 
 def _tiny_sp(tmp_path):
@@ -187,6 +200,31 @@ def test_binary_documents_are_rejected_with_reason():
     man = "NAME\n\tls - list\x0cdirectory contents\x1b[1m bold\x1b[0m " + "words " * 30
     assert extract(man.encode(), "txt", "text", 10**6).reason is None
     assert extract(b"one \x00 nul in a long enough line of ordinary text", "txt", "text", 100).reason is None
+
+
+def test_binary_precheck_agrees_with_the_regex_rule():
+    """The UTF-8 byte pre-check only skips the regex scan when it cannot match: every character that
+    shares a lead byte with a non-text one (U+00A0-U+00BF, U+F000-U+FFFF), every C0/C1 control, in
+    ASCII and non-ASCII text, changed or unchanged by normalisation, gets the reason the regex gives."""
+    from data_pipeline.normalize import BINARY_SHARE, _NON_TEXT
+
+    def reference(text):  # the rule without the pre-check
+        t = normalise(text)
+        bad = len(_NON_TEXT.findall(t))
+        return "binary" if bad > BINARY_SHARE * len(t) else None
+
+    chars = [chr(c) for c in range(0x100)] + [chr(c) for c in (0x2028, 0xf000, 0xfeff, 0xfffc, 0xfffd, 0xffff)]
+    fillers = ["plain ascii words ", "caf\u00e9 \u4e2d\u6587 words ", "e\u0301 not NFC "]
+    n = 0
+    for ch in chars:
+        for filler in fillers:
+            for k in (1, 3, 8):
+                for text in (ch * k + filler, filler + ch * k + " x", " " + ch * k + filler + "\r\n"):
+                    ex = extract(json.dumps({"text": text}).encode(), "jsonl", "text", 10**6)
+                    if ex.reason in (None, "binary"):
+                        assert ex.reason == reference(text), (hex(ord(ch)), k, text)
+                        n += ex.reason == "binary"
+    assert n > 100  # the binary side is exercised too
 
 
 def test_auto_part_bytes_depends_on_size_only():
