@@ -11,7 +11,7 @@ written at one TP/PP/DP layout loads at another:
 - common state: step, restart count, Adam step counts (of every rank's parameters), the config,
   torch RNG state.
 Keys use the global transformer-layer index, so PP splits do not change them. The Adam state is
-read through `training.optimizer.adam_state`, so torch AdamW and megatron's DistributedOptimizer
+read through `optim.adam_state.adam_state`, so torch AdamW and megatron's DistributedOptimizer
 write the same checkpoint (either resumes the other). The DistributedOptimizer holds each
 parameter's state in DP shards: a save gathers them over DP, one parameter at a time, and holds the
 whole state (the size torch AdamW keeps all along) until the files are written.
@@ -53,7 +53,7 @@ def sharded_state_dict(trainer, full_rank_parts=None) -> dict:
     moments split like the parameter, the full-rank parameters (of `full_rank_parts`, default all)
     with their moments and fp32 masters, and the common state. Collective."""
     from mora_dist.parallel.inject import adapted_layers
-    from mora_dist.training.optimizer import MOMENTS, adam_state
+    from mora_dist.optim.adam_state import MOMENTS, adam_state
 
     states = adam_state(trainer.opt)
     sd, steps = {}, {}
@@ -150,7 +150,7 @@ def load(trainer, path: str) -> None:
     under checkpoint.allow_config_change) keep the model's source values and start a fresh Adam state."""
     from megatron.core import dist_checkpointing
 
-    from mora_dist.training.optimizer import MOMENTS, adam_state
+    from mora_dist.optim.adam_state import MOMENTS, adam_state
 
     common = dist_checkpointing.load_common_state_dict(path)["common"] if hasattr(
         dist_checkpointing, "load_common_state_dict") else None

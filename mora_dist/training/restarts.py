@@ -49,7 +49,7 @@ def prune_optimizer_states(model, opt, quantile: float, delete: bool = False) ->
     the optimizer builds it afresh at the next step. Only the adapters' state: full-rank parts
     (train.full_rank) keep theirs, as they keep their weights."""
     from mora_dist.parallel.inject import adapted_layers
-    from mora_dist.training.optimizer import adam_state
+    from mora_dist.optim.adam_state import adam_state
 
     states = adam_state(opt)
     owners = {}
