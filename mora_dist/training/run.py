@@ -1,6 +1,7 @@
 """A whole training run: set-up, resume, the step loop with eval/checkpoints/metrics, shutdown."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ def _train(cfg: Config, stop: dict, plan) -> dict:
     from mora_dist.checkpoint import state
     from mora_dist.metrics.flops import DecoderShape, flops_per_token
     from mora_dist.metrics.logger import MetricsLogger
+    from mora_dist.metrics.profile import profiled
     from mora_dist.metrics.throughput import StepMeter
     from mora_dist.parallel.state import destroy_distributed
     from mora_dist.training.loop import Trainer
@@ -63,49 +65,40 @@ def _train(cfg: Config, stop: dict, plan) -> dict:
     meter = StepMeter(cfg.train.global_batch * cfg.data.seq_length, world,
                       flops_per_token(shape, full_finetune=False, adapter_params=adapter_params),
                       peak_flops=cfg.run.peak_tflops * 1e12)
-    last, prof = {}, {}
-    while trainer.step < cfg.train.steps:
-        m = _profiled_step(trainer, cfg, prof)
-        excluded = bool(m.pop("graph_warmup", False) or m.get("profiled"))  # not a measure of speed
-        m.update(meter.record(m.pop("step_time"), exclude=excluded))
-        if cfg.train.eval_every and trainer.step % cfg.train.eval_every == 0:
-            m.update(trainer.evaluate())
-        last = logger.log(m.pop("step"), m)
-        sig = _agreed_signal(stop)
-        due = cfg.checkpoint.every and trainer.step % cfg.checkpoint.every == 0
-        if ckpt and (due or sig or trainer.step == cfg.train.steps):
-            path = state.save(trainer, ckpt, cfg.checkpoint.keep)
-            if rank0:
-                print(f"checkpoint {path}" + (f" (on {sig})" if sig else ""), flush=True)
-        if sig:
-            break
-    if "ctx" in prof:  # the run ended inside the profiled steps
-        prof.pop("ctx").__exit__(None, None, None)
+    last, active = {}, False
+    first, n_prof = (int(v) for v in cfg.run.profile) if cfg.run.profile else (0, 0)
+    with contextlib.ExitStack() as profiling:  # the profiler of the steps `run.profile` names (GPU only)
+        while trainer.step < cfg.train.steps:
+            nxt = trainer.step + 1
+            if torch.cuda.is_available() and nxt == first:
+                path = os.path.join(cfg.run.out_dir, f"profile_rank{dist.get_rank()}.txt")
+                profiling.enter_context(profiled(path, f"{cfg.run.name} rank {dist.get_rank()} steps "
+                                                       f"{first}..{first + n_prof - 1}", n_prof))
+                active = True
+            m = trainer.train_step()
+            # graph warm-up / capture and the profiler's overhead are not a measure of speed
+            excluded = bool(m.pop("graph_warmup", False) or active)
+            if active and nxt == first + n_prof - 1:
+                profiling.close()  # the tables are written when the last profiled step ends
+                active = False
+            m.update(meter.record(m.pop("step_time"), exclude=excluded))
+            if cfg.train.eval_every and trainer.step % cfg.train.eval_every == 0:
+                m.update(trainer.evaluate())
+            last = logger.log(m.pop("step"), m)
+            sig = _agreed_signal(stop)
+            due = cfg.checkpoint.every and trainer.step % cfg.checkpoint.every == 0
+            if ckpt and (due or sig or trainer.step == cfg.train.steps):
+                path = state.save(trainer, ckpt, cfg.checkpoint.keep)
+                if rank0:
+                    print(f"checkpoint {path}" + (f" (on {sig})" if sig else ""), flush=True)
+            if sig:
+                break
     logger.close()
     if rank0:
         print("throughput: " + json.dumps({k: v for k, v in meter.summary().items() if v is not None}), flush=True)
     result = dict(rank0=rank0, step=trainer.step, loss=last.get("loss"), stopped_by=stop.get("signal"))
     destroy_distributed()
     return result
-
-
-def _profiled_step(trainer, cfg: Config, prof: dict) -> dict:
-    """trainer.train_step(); the steps `run.profile` = [first, n] names run under the profiler (GPU
-    only), whose tables go to out_dir/profile_rank<r>.txt when the last of them ends."""
-    first, n = (int(v) for v in cfg.run.profile) if cfg.run.profile else (0, 0)
-    nxt = trainer.step + 1
-    if torch.cuda.is_available() and nxt == first:
-        from mora_dist.metrics.profile import profiled
-
-        path = os.path.join(cfg.run.out_dir, f"profile_rank{dist.get_rank()}.txt")
-        prof["ctx"] = profiled(path, f"{cfg.run.name} rank {dist.get_rank()} steps {first}..{first + n - 1}", n)
-        prof["ctx"].__enter__()
-    m = trainer.train_step()
-    if "ctx" in prof:
-        m["profiled"] = True  # the profiler's overhead: kept out of the throughput summary (StepMeter)
-    if "ctx" in prof and nxt == first + n - 1:
-        prof.pop("ctx").__exit__(None, None, None)
-    return m
 
 
 def _global_trainable(trainer) -> int:
