@@ -69,6 +69,7 @@ def run_layout(a, method: str, layout: str, data: str, hf: str | None, port: int
     ov += [f"adapter.mora_type={row['mora_type']}"] if "mora_type" in row else []
     ov += [f"run.profile=[{a.profile}]"] if a.profile else []
     ov += model_overrides(a.size)  # the shape also with hf_dir (the same values)
+    ov += a.set
     if hf:
         ov.append(f"model.hf_dir={hf}")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={lay['gpus']}", f"--master_port={port}",
@@ -114,6 +115,8 @@ def main():
     ap.add_argument("--hf", action="store_true", help="start every layout from one random HF checkpoint (losses comparable)")
     ap.add_argument("--profile", default="", help="FIRST,N: profile those steps of every run (run.profile; "
                     "tables in <out>/<run>/profile_rank<r>.txt, the steps left out of the throughput)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra launch/train.py override for every run (repeatable), e.g. parallel.overlap_sp=false")
     ap.add_argument("--peak-tflops", type=float, default=772.0)
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--out", default="runs/scaling")

@@ -87,8 +87,16 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT, fast=True):
         x_in = x[:, :, cols]
         g_out = g[seq] if sp else g
     x_in = x_in.float().clone().requires_grad_(True)
-    out, _ = layer(x_in)
-    (out * g_out.float()).sum().backward()
+    from mora_dist.parallel import overlap
+
+    calls, fns = [], (overlap.gather_mm, overlap.mm_scatter)
+    overlap.gather_mm = lambda *a, **k: (calls.append("gather"), fns[0](*a, **k))[1]
+    overlap.mm_scatter = lambda *a, **k: (calls.append("scatter"), fns[1](*a, **k))[1]
+    try:
+        out, _ = layer(x_in)
+        (out * g_out.float()).sum().backward()
+    finally:
+        overlap.gather_mm, overlap.mm_scatter = fns
 
     # dense float64 TP=1 reference
     ref_params = {n: p.clone().requires_grad_(True) for n, p in params.items()}
@@ -106,6 +114,10 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT, fast=True):
     diffs = dict(out=_rel(out, y_exp), xgrad=_rel(x_in.grad, gx_exp),
                  wrong_path=float(layer._use_merged(None) != fast))
     block_row = method == "mora" and kw.get("mora_type") in ("rotation", "decouple") and mode == "row" and tp > 1
+    # under SP at TP > 1 the merged path runs SP's collectives inside its GEMMs (overlap.py): forward
+    # and input gradient each through one of them
+    overlapped = fast and sp and tp > 1 and not block_row
+    diffs["wrong_comm_path"] = float(len(calls) != (2 if overlapped else 0))
     diffs["wrong_kernel_path"] = float(fast and not block_row and adapter.factors(torch.float32) is None
                                        and adapter.block_operator() is None)
     for n, p in adapter.named_parameters():

@@ -37,6 +37,7 @@ import torch
 
 from mora_dist.adapters import blockdiag
 from mora_dist.adapters.base import Factors
+from mora_dist.parallel import overlap
 
 
 class RowRange(NamedTuple):
@@ -274,6 +275,52 @@ def _block_output_grad(g2: torch.Tensor, blocks) -> torch.Tensor:
     return g2
 
 
+def _forward(ctx, x2, W0, W, plan: Plan, comm, ts):
+    if W is None:
+        W = build_weight(W0, plan, ts)
+    ctx.plan, ctx.comm = plan, comm
+    if comm is None:
+        y, x_saved = x2 @ W.t(), x2
+    elif comm[0] == "gather":
+        y, x_saved = overlap.gather_mm(x2, W.t(), comm[1])
+    else:
+        y, x_saved = overlap.mm_scatter(x2, W.t(), comm[1]), x2
+    ctx.save_for_backward(x_saved, W, *ts)
+    return y
+
+
+def _backward(ctx, g, first: int):
+    """(dx, gradients of ts); `first`: index of ts[0] among the Function's inputs."""
+    plan, comm = ctx.plan, ctx.comm
+    x2, W, *ts = ctx.saved_tensors
+    need = ctx.needs_input_grad[first:]
+    nf = plan.n_p + 2 * len(plan.terms)
+    grads = [None] * len(ts)
+    dx = None
+    if comm is not None and comm[0] == "scatter":  # row-parallel under SP: g arrives as this rank's rows
+        if ctx.needs_input_grad[0]:
+            dx, g = overlap.gather_mm(g, W, comm[1])
+        else:
+            g = overlap.gather(g, comm[1])
+
+    def params():
+        if any(need[:nf]):
+            grads[:nf] = _factor_grads(g, x2, plan, ts[:nf], need[:nf])
+        if plan.blocks and any(need[nf:]):
+            grads[nf:] = blockdiag.block_grads(_block_output_grad(g, plan.blocks), x2, [b.plan for b in plan.blocks],
+                                               ts[nf:], [b.rot for b in plan.blocks], need[nf:])
+
+    if comm is not None and comm[0] == "gather":  # column-parallel under SP: dx reduce-scattered over the sequence
+        dx = overlap.mm_scatter(g, W, comm[1], overlap=params) if ctx.needs_input_grad[0] else None
+        if dx is None:
+            params()
+        return dx, grads
+    params()
+    if comm is None and ctx.needs_input_grad[0]:
+        dx = g @ W
+    return dx, grads
+
+
 class MergedLinear(torch.autograd.Function):
     """y2 = x2 @ W^T, W = W0 + every adapter's dW, for x2 [T, d_in] and the frozen W0 [n_out, d_in].
     `W`: that weight already built for this optimizer step (`AdaptedLinear`'s step buffer), or None
@@ -281,23 +328,25 @@ class MergedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, W0, W, plan: Plan, *ts):
-        if W is None:
-            W = build_weight(W0, plan, ts)
-        ctx.plan = plan
-        ctx.save_for_backward(x2, W, *ts)
-        return x2 @ W.t()
+        return _forward(ctx, x2, W0, W, plan, None, ts)
 
     @staticmethod
     def backward(ctx, g):
-        plan = ctx.plan
-        x2, W, *ts = ctx.saved_tensors
-        need = ctx.needs_input_grad[4:]
-        nf = plan.n_p + 2 * len(plan.terms)
-        grads = [None] * len(ts)
-        if any(need[:nf]):
-            grads[:nf] = _factor_grads(g, x2, plan, ts[:nf], need[:nf])
-        if plan.blocks and any(need[nf:]):
-            grads[nf:] = blockdiag.block_grads(_block_output_grad(g, plan.blocks), x2, [b.plan for b in plan.blocks],
-                                               ts[nf:], [b.rot for b in plan.blocks], need[nf:])
-        dx = g @ W if ctx.needs_input_grad[0] else None
+        dx, grads = _backward(ctx, g, 4)
         return (dx, None, None, None, *grads)
+
+
+class MergedLinearSP(torch.autograd.Function):
+    """MergedLinear on a TP shard under sequence parallelism with the layer's collective inside,
+    overlapped with the GEMMs (`overlap.py`). `comm` = ("gather", group): column-parallel, x2 is this
+    rank's rows of the input (all-gathered forward, dx reduce-scattered); ("scatter", group):
+    row-parallel, y2 is this rank's rows of the summed output (its gradient all-gathered)."""
+
+    @staticmethod
+    def forward(ctx, x2, W0, W, plan: Plan, comm, *ts):
+        return _forward(ctx, x2, W0, W, plan, comm, ts)
+
+    @staticmethod
+    def backward(ctx, g):
+        dx, grads = _backward(ctx, g, 5)
+        return (dx, None, None, None, None, *grads)

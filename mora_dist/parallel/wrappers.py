@@ -77,6 +77,7 @@ class AdaptedLinear(nn.Module):
         self.merged = False
         self._step_weight: Optional[torch.Tensor] = None  # W0 + dW, kept across steps (begin_fixed)
         self._fixed: Optional[torch.Tensor] = None  # the weight forwards read inside fixed_adapters
+        self.overlap_sp = True  # parallel.overlap_sp: SP's collectives inside the merged GEMMs (overlap.py)
 
     def add_adapter(self, name: str, adapter: Adapter, positions: Optional[torch.Tensor] = None) -> None:
         """`positions`: the adapter's rows in the local output (None: all rows, in order)."""
@@ -175,20 +176,45 @@ class AdaptedLinear(nn.Module):
     def end_fixed(self) -> None:
         self._fixed = None
 
-    def _merged_out(self, x, x_local=None):
+    def _merged_out(self, x, x_local=None, planned=None):
         """The layer's output (local rows; a partial sum for row-parallel) with every adapter merged
         into the weight shard for this step: one GEMM forward, one GEMM input gradient, skinny GEMMs
         for the parameter gradients (`merged.MergedLinear`). `x` is the whole input the GEMM reads
         (column-parallel: gathered over TP), `x_local` what the layer was given. The weight is the
-        step's (built once by `begin_fixed`) inside `inject.fixed_adapters`, else built here."""
+        step's (built once by `begin_fixed`) inside `inject.fixed_adapters`, else built here.
+        `planned`: `_merged_plan()` if the caller has it."""
         x_local = x if x_local is None else x_local
-        plan, ts, extra = self._merged_plan()
+        plan, ts, extra = planned or self._merged_plan()
         W = self._fixed
         out = merged.MergedLinear.apply(x.reshape(-1, x.shape[-1]), self.base.weight, W, plan, *ts)
         out = out.view(*x.shape[:-1], out.shape[-1])
         for name in extra:
             out = self._add_delta(out, x_local, name)
         return out
+
+    def _merged_sp(self, x, kind: str, planned):
+        """The merged path with SP's collective inside (`merged.MergedLinearSP`, overlapped with the
+        GEMMs): kind "gather" (column-parallel: x is this rank's sequence block, the output covers the
+        whole sequence) or "scatter" (row-parallel: the output is this rank's block, summed over TP)."""
+        from megatron.core import parallel_state as ps
+
+        plan, ts, _ = planned
+        group = ps.get_tensor_model_parallel_group()
+        out = merged.MergedLinearSP.apply(x.reshape(-1, x.shape[-1]), self.base.weight, self._fixed, plan,
+                                          (kind, group), *ts)
+        n = ps.get_tensor_model_parallel_world_size()
+        s = x.shape[0] * n if kind == "gather" else x.shape[0] // n
+        return out.view(s, *x.shape[1:-1], out.shape[-1])
+
+    def _sp_planned(self):
+        """`_merged_plan()` when SP's collective can go inside the merged GEMMs (`overlap_sp`, TP > 1
+        under SP, no adapter on its own forward), else None."""
+        from megatron.core import parallel_state as ps
+
+        if not (self.overlap_sp and self.base.sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1):
+            return None
+        planned = self._merged_plan()
+        return None if planned[2] else planned
 
     def forward(self, x, *args, **kwargs):
         if self.merged or not self.adapters:
@@ -201,7 +227,9 @@ class AdaptedLinear(nn.Module):
         base = self.base
         gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
         if self._use_merged(weight):
-            out, bias = self._merged_out(self._column_input(x), x), (base.bias if base.skip_bias_add else None)
+            planned = self._sp_planned()
+            out = self._merged_out(self._column_input(x), x) if planned is None else self._merged_sp(x, "gather", planned)
+            bias = base.bias if base.skip_bias_add else None
             if base.bias is not None and not base.skip_bias_add:
                 out = out + base.bias
         else:
@@ -239,18 +267,23 @@ class AdaptedLinear(nn.Module):
         base = self.base
         if not base.input_is_parallel:
             x = mappings.scatter_to_tensor_model_parallel_region(x)
-        if self._use_merged(None):
-            partial = self._merged_out(x)
+        merged_path = self._use_merged(None)
+        planned = self._sp_planned() if merged_path else None
+        if planned is not None:  # reduce-scattered inside, overlapped
+            out = self._merged_sp(x, "scatter", planned)
         else:
-            partial = base._forward_impl(
-                input=x, weight=base.weight, bias=None, gradient_accumulation_fusion=base.gradient_accumulation_fusion,
-                allreduce_dgrad=False, sequence_parallel=False, tp_group=None, grad_output_buffer=None,
-            )
-            partial = self._adapter_out(x, partial)
-        if base.sequence_parallel:
-            out = mappings.reduce_scatter_to_sequence_parallel_region(partial)
-        else:
-            out = mappings.reduce_from_tensor_model_parallel_region(partial)
+            if merged_path:
+                partial = self._merged_out(x)
+            else:
+                partial = base._forward_impl(
+                    input=x, weight=base.weight, bias=None, gradient_accumulation_fusion=base.gradient_accumulation_fusion,
+                    allreduce_dgrad=False, sequence_parallel=False, tp_group=None, grad_output_buffer=None,
+                )
+                partial = self._adapter_out(x, partial)
+            if base.sequence_parallel:
+                out = mappings.reduce_scatter_to_sequence_parallel_region(partial)
+            else:
+                out = mappings.reduce_from_tensor_model_parallel_region(partial)
         if base.skip_bias_add:
             return out, base.bias
         return (out + base.bias if base.bias is not None else out), None

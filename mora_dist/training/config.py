@@ -51,6 +51,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     sp: bool = False
+    overlap_sp: bool = True  # under SP: adapted layers' all-gather / reduce-scatter overlapped with their GEMMs
 
 
 @dataclass

@@ -40,7 +40,10 @@ def build_adapted_model(cfg: Config):
         # The embedding is frozen, so its output does not require grad, and megatron's checkpointed
         # layers (an autograd Function of their *inputs*) would then drop every adapter gradient.
         model.embedding.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
-    return model, apply_adapters(model, cfg.adapter)
+    report = apply_adapters(model, cfg.adapter)
+    for layer in adapted_layers(model):
+        layer.overlap_sp = cfg.parallel.overlap_sp
+    return model, report
 
 
 def _loss_func(loss_mask, output):

@@ -1,0 +1,75 @@
+"""Sequence parallelism's all-gather and reduce-scatter overlapped with the GEMM next to them.
+
+Why (docs/performance.md, "Two GPUs"): under TP + SP every adapted layer all-gathers its input
+before its GEMM (column-parallel) or reduce-scatters its output after it (row-parallel), and the
+backward does the mirror image; run back to back, at the 8B shape on two H200s these collectives
+were ~210 ms of a 1,246 ms step with the GPU's compute idle. Both decompose over the sequence
+blocks the ranks own (rows of the [tokens, features] matrices, rank-major as megatron splits [s, b, h]):
+
+- `gather_mm`: (all-gather a) @ B. The rank's own rows are already here, so their GEMM runs while
+  the others' rows arrive; the rest follows the gather.
+- `mm_scatter`: reduce-scatter of a @ B. The GEMMs for the other ranks' rows run first and go out
+  in one all-to-all (no self copy); the rank's own rows, and any `overlap` work (the adapters'
+  parameter gradients in the backward), run while they travel; the received partial sums are added.
+
+Both are plain collectives on the TP group (capturable in CUDA graphs like megatron's own), exact
+up to the order of the partial sums (a reduce-scatter adds them in its own order too).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _blocks(n_rows: int, group) -> tuple:
+    """(world, rank, rows per rank) of a rank-major row split over `group`."""
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    if n_rows % n:
+        raise ValueError(f"{n_rows} rows do not split over {n} tensor-parallel ranks")
+    return n, r, n_rows // n
+
+
+def gather(a: torch.Tensor, group) -> torch.Tensor:
+    """a's rows all-gathered over `group` (rank-major)."""
+    A = a.new_empty(dist.get_world_size(group) * a.shape[0], a.shape[1])
+    _all_gather(A, a.contiguous(), group=group)
+    return A
+
+
+def gather_mm(a: torch.Tensor, B: torch.Tensor, group) -> tuple:
+    """(A @ B, A) for A = a's rows all-gathered over `group` (a: [rows, k], this rank's block)."""
+    n = dist.get_world_size(group)
+    r, m = dist.get_rank(group), a.shape[0]
+    A = a.new_empty(n * m, a.shape[1])
+    work = _all_gather(A, a.contiguous(), group=group, async_op=True)
+    out = a.new_empty(n * m, B.shape[1])
+    torch.mm(a, B, out=out[r * m:(r + 1) * m])
+    work.wait()
+    if r:
+        torch.mm(A[:r * m], B, out=out[:r * m])
+    if r < n - 1:
+        torch.mm(A[(r + 1) * m:], B, out=out[(r + 1) * m:])
+    return out, A
+
+
+def mm_scatter(a: torch.Tensor, B: torch.Tensor, group, overlap: Optional[Callable[[], None]] = None) -> torch.Tensor:
+    """This rank's rows of (a @ B) summed over `group` (a: [rows, k], every rank's partial), i.e.
+    reduce-scatter(a @ B); `overlap()` runs while the partial sums travel."""
+    n, r, m = _blocks(a.shape[0], group)
+    send = a.new_empty((n - 1) * m, B.shape[1])
+    if r:
+        torch.mm(a[:r * m], B, out=send[:r * m])
+    if r < n - 1:
+        torch.mm(a[(r + 1) * m:], B, out=send[r * m:])
+    recv = torch.empty_like(send)
+    split = [0 if j == r else m for j in range(n)]
+    work = dist.all_to_all_single(recv, send, split, split, group=group, async_op=True)
+    own = a[r * m:(r + 1) * m] @ B
+    if overlap is not None:
+        overlap()
+    work.wait()
+    return own.add_(recv.view(n - 1, m, -1).sum(0) if n > 2 else recv)
