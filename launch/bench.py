@@ -12,7 +12,6 @@ ratios to PEFT LoRA. FLOPs and MFU use the peer's formula (frozen base: 2x forwa
     python3 launch/bench.py --check               # merged-weight adapter path vs per-adapter path vs dense
     python3 launch/bench.py --sweep               # before/after variants (docs/performance.md)
     python3 launch/bench.py --attn                # SDPA kernels on the model's attention shape
-    python3 launch/bench.py --gpass               # E = g^T H and g Q in one pass (kernels/gpass.py) vs two GEMMs
 
 Options: --rows, --modes eager,graph, --mbs, --steps, --no-compile, --no-fuse, --peer PATH (default: bench/peer_peft.py),
 --no-peer, --json OUT.
@@ -566,60 +565,6 @@ def attn_bench(mbs: int = 4, seq: int = 2048, heads: int = 32, groups: int = 4, 
     return rows
 
 
-# (name, g's columns, its row stride, k, k2) at the Llama-3-8B shape, LoRA r=8 on all 7 projections (TP 1):
-# q/k/v as one interleaved pass (3 ranks stacked), gate and up each a column slice of linear_fc1's gradient
-GPASS_SHAPES = (("qkv", 6144, 6144, 24, 24), ("o/down", 4096, 4096, 8, 8), ("gate|up", 14336, 28672, 8, 8),
-                ("o r=64", 4096, 4096, 64, 64))
-
-
-def gpass_bench(tokens: int = 8192) -> list:
-    """kernels/gpass.py (E = g^T H and g Q from one read of g, `parallel/merged.py::_e_and_gq`) against
-    torch's two GEMMs on bf16 at the shapes above: ms and g's bytes over the time (one read of g;
-    the GEMMs read it twice), the kernel at config()'s tiling and at alternatives (for picking it)."""
-    import torch
-    import triton
-
-    from mora_dist.kernels import gpass
-
-    def ms(f, n=20):
-        for _ in range(3):
-            f()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            f()
-        b.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(b) / n
-
-    rows = []
-    bf = dict(device="cuda", dtype=torch.bfloat16)
-    alts = [dict(BN=bn, BT=bt, num_warps=w, per_sm=p) for bn, bt in ((128, 64), (128, 128), (256, 32), (256, 64),
-                                                                    (512, 16), (512, 32))
-            for w in (4, 8) for p in (1, 2)]
-    for name, N, ld, k, k2 in GPASS_SHAPES:
-        g = torch.randn(tokens, ld, **bf)[:, :N]
-        H, Q = torch.randn(tokens, k, **bf), torch.randn(N, k2, **bf)
-        ref = (g.t() @ H).float(), (g @ Q).float()
-        gb = tokens * N * 2 / 1e9
-        t = ms(lambda: (g.t() @ H, g @ Q))
-        rows.append(dict(gpass=name, impl="torch 2 GEMMs", ms=round(t, 4), g_TBps=round(gb / t, 2)))
-        kp = max(16, triton.next_power_of_2(max(k, k2)))
-        for over in [{}] + alts:
-            if over.get("BN", 0) * kp > 16384:
-                continue
-            cfg = gpass.config(N, tokens, kp, g.device, **over)
-            try:
-                E, Z = gpass.gpass(g, H, Q, cfg)
-                err = max(float((a.float() - b).norm() / b.norm()) for a, b in zip((E, Z), ref))
-                t = ms(lambda: gpass.gpass(g, H, Q, cfg))
-                rows.append(dict(gpass=name, impl="kernel" + (" default" if not over else ""), cfg=cfg, ms=round(t, 4),
-                                 g_TBps=round(gb / t, 2), rel_err=round(err, 5)))
-            except Exception as e:  # noqa: BLE001
-                rows.append(dict(gpass=name, impl="kernel", cfg=cfg, error=repr(e)[:200]))
-    return rows
-
-
 def matmul_peak() -> float:
     import torch
 
@@ -677,7 +622,6 @@ def main():
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--attn", action="store_true")
-    ap.add_argument("--gpass", action="store_true", help="time kernels/gpass.py against torch's GEMMs (8B shapes)")
     ap.add_argument("--sweep", action="store_true", help="before/after variants instead of the table")
     ap.add_argument("--train", default="", help="also run launch/train.py for these rows "
                     "(comma list of " + ",".join(TRAIN_ROWS) + ", or 'all')")
@@ -719,11 +663,7 @@ def main():
         results["attn"] = attn_bench(int(a.mbs.split(",")[0]), a.seq)
         for r in results["attn"]:
             print(json.dumps(r), flush=True)
-    if a.gpass:
-        results["gpass"] = gpass_bench()
-        for r in results["gpass"]:
-            print(json.dumps(r), flush=True)
-    if a.check or a.attn or a.gpass:
+    if a.check or a.attn:
         if a.json:
             json.dump(results, open(a.json, "w"), indent=1)
         return

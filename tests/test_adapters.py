@@ -220,8 +220,8 @@ def test_merged_layer_matches_dense(d_in, shapes):
     plan = merged.Plan(2, terms, tuple(blocks))
     if os.environ.get("TRITON_INTERPRET") == "1":  # test_merged_layer_triton_kernels: the kernels must serve
         assert all(blockdiag._kernels(x, b.plan[0]) is not None for b in blocks)
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the one-pass factor build (kernels/build.py) and E / g Q
-        assert merged._kernel_build(W0) is not None and merged._kernel_gpass(gout) is not None  # (kernels/gpass.py)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the one-pass factor build (kernels/build.py) too
+        assert merged._kernel_build(W0) is not None
     out = merged.MergedLinear.apply(x, W0, None, plan, P, P2, mid, Q, mid2, Q2, *Ms)
     (out * gout).sum().backward()
     # the weight built once for the step (inject.fixed_adapters) and passed in: the same output
@@ -270,115 +270,15 @@ def test_factor_build_matches_float64(n, d, k):
 @pytest.mark.integration
 def test_merged_layer_triton_kernels():
     """test_merged_layer_matches_dense, test_block_grads_many_tokens and test_factor_build_matches_float64
-    with the factor build (kernels/build.py), the interleaved factor terms' E and g Q (kernels/gpass.py)
-    and MoRA blocks' weight add and M gradient (kernels/blockdiag.py) done by the Triton kernels (what
-    a GPU runs), executed by Triton's interpreter on the CPU in float64 (TRITON_INTERPRET=1 must be
+    with the factor build (kernels/build.py) and MoRA blocks' weight add and M gradient done by the
+    Triton kernels (mora_dist/kernels/blockdiag.py, what a
+    GPU runs), executed by Triton's interpreter on the CPU in float64 (TRITON_INTERPRET=1 must be
     set before triton is imported: a subprocess)."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         f"{__file__}::test_merged_layer_matches_dense", f"{__file__}::test_block_grads_many_tokens",
                         f"{__file__}::test_factor_build_matches_float64"],
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and "10 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
-
-
-def _gpass_or_skip(g):
-    """kernels/gpass.py where merged.py would run it on g (TRITON_INTERPRET=1: the subprocess of
-    test_gpass_triton_kernel; or a CUDA half-precision g), else skip: the torch path is all there is."""
-    from mora_dist.parallel import merged
-
-    kern = merged._kernel_gpass(g)
-    if kern is None:
-        pytest.skip("the one-pass kernel runs on a GPU or under TRITON_INTERPRET=1 (test_gpass_triton_kernel)")
-    return kern
-
-
-@pytest.mark.parametrize("T,N,k,k2,dtype,small", [
-    (77, 150, 8, 16, D, True),              # several token splits and column blocks: partials summed after
-    (77, 150, 8, 16, D, False),             # config()'s own tiling
-    (45, 90, 64, 24, D, True),              # k = 64 (the widest the kernel takes)
-    (61, 130, 8, 8, torch.float16, True),   # half precision: fp32 accumulation, one rounding
-])
-def test_gpass_matches_float64(T, N, k, k2, dtype, small):
-    """kernels/gpass.py: E = g^T H and Z = g Q from one pass over g against float64 products of the
-    same inputs, with g and H column slices of wider tensors (strided rows, as _factor_grads hands
-    them) and T, N cutting every tile."""
-    dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" and dtype == D else dtype
-    gen = torch.Generator().manual_seed(T * N + k)
-    g = torch.randn(T, N + 13, generator=gen, dtype=D)[:, 5:5 + N]
-    H = torch.randn(T, k + 3, generator=gen, dtype=D)[:, 1:1 + k]
-    Q = torch.randn(N, k2, generator=gen, dtype=D)
-    g, H, Q = (t.to(dev, dtype) for t in (g, H, Q))
-    kern = _gpass_or_skip(g)
-    cfg = dict(BN=32, BT=16, NIT=2, num_warps=4, num_stages=2) if small else None
-    E, Z = kern.gpass(g, H, Q, cfg)
-    assert E.dtype == Z.dtype == dtype and E.shape == (N, k) and Z.shape == (T, k2)
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == D else dict(rtol=1e-2, atol=2e-2)  # fp64, or one half rounding
-    torch.testing.assert_close(E.double(), g.double().t() @ H.double(), **tol)
-    torch.testing.assert_close(Z.double(), g.double() @ Q.double(), **tol)
-
-
-@pytest.mark.parametrize("small", [False, True])
-def test_factor_grads_gpass_on_off(monkeypatch, small):
-    """MergedLinear's backward with E and g Q from the one-pass kernel (kernels/gpass.py) against the
-    same backward with torch's GEMMs, fp32: two LoRA-type RowRange terms (one with a matrix mid and
-    ALLoRA c) and two terms interleaved over 3 groups (q/k/v-like: one trainable P, one frozen P with
-    a vector mid), so the kernel serves both RowRange terms and the interleaved E_all / g Qf pass.
-    `small`: tiles that split the tokens and the interleaved pass's columns (partials summed after)."""
-    from mora_dist.parallel import merged
-
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("an fp32 check of the kernel under TRITON_INTERPRET=1 (test_gpass_triton_kernel)")
-    kern = merged._kernel_gpass(torch.empty(1, 1))
-    f32 = torch.float32
-    gen = torch.Generator().manual_seed(7)
-    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=f32) * 0.3  # noqa: E731
-    T, d_in, G, stride, k = 37, 45, 3, 17, 8
-    n_out = G * stride
-    if small:
-        monkeypatch.setattr(kern, "config", lambda *a: dict(BN=16, BT=16, NIT=1, num_warps=4, num_stages=2))
-    pos = [(o + stride * torch.arange(G)[:, None] + torch.arange(w)[None, :]).reshape(-1) for o, w in ((0, 5), (5, 4))]
-    terms = (merged.Term(merged.RowRange(9, 17), 0, None),
-             merged.Term(merged.RowRange(43, 51), 1, torch.rand(8, generator=gen) + 0.5),
-             merged.Term(merged.RowBlocks(G, stride, 0, 5, pos[0]), 2, None),
-             merged.Term(merged.RowBlocks(G, stride, 5, 4, pos[1]), 3, None))
-    plan = merged.Plan(4, terms, ())
-    tr = lambda *shape: rnd(*shape).requires_grad_(True)  # noqa: E731
-    Ps = [tr(k, d_in), tr(k, d_in), tr(k, d_in), rnd(k + 2, d_in)]  # the interleaved pair's second P frozen
-    pairs = [None, tr(8, k), tr(k, k), tr(8, k), None, tr(15, k), tr(k + 2), tr(12, k + 2)]  # (mid, Q) per term
-    ts = [*Ps, *pairs]
-    x, W0, gout = rnd(T, d_in), rnd(n_out, d_in), torch.randn(T, n_out, generator=gen, dtype=f32)
-    calls = []
-    gpass = kern.gpass
-    monkeypatch.setattr(kern, "gpass", lambda *a, **kw: calls.append(a[0].shape) or gpass(*a, **kw))
-
-    def grads():
-        xg = x.clone().requires_grad_(True)
-        (merged.MergedLinear.apply(xg, W0, None, plan, *ts) * gout).sum().backward()
-        out = [xg.grad] + [t.grad for t in ts if t is not None and t.requires_grad]
-        for t in ts:
-            if t is not None:
-                t.grad = None
-        return out
-
-    on = grads()
-    assert sorted(calls) == [(T, 8), (T, 8), (T, n_out)]  # both RowRange terms and the interleaved pass
-    monkeypatch.setattr(merged, "_kernel_gpass", lambda g, k=0: None)
-    off = grads()
-    assert len(calls) == 3 and len(on) == len(off) == 10
-    for a, b in zip(on, off):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.integration
-def test_gpass_triton_kernel():
-    """test_gpass_matches_float64 and test_factor_grads_gpass_on_off with the one-pass kernel
-    (kernels/gpass.py) executed by Triton's interpreter on the CPU (TRITON_INTERPRET=1 must be set
-    before triton is imported: a subprocess)."""
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        f"{__file__}::test_gpass_matches_float64", f"{__file__}::test_factor_grads_gpass_on_off"],
-                       env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "6 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("n_out,n,width", [(70, 12, 16), (48, 12, 12), (5, 8, 8)])

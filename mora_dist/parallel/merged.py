@@ -9,9 +9,9 @@ weight once a step, W = W0 + dW, and the forward and the input gradient cost exa
 frozen base costs. The parameter gradients come from (g, x) without the dense g^T x:
 
 - factor adapters (`Factors`, delta = mid(x P^T) Q^T, dW = Q mid P): H = x P^T for the layer's
-  distinct P (one GEMM), E = g^T H for Q's and mid's gradients, g Q only where P trains (LoRA;
-  with E in one Triton pass over g on the GPU, `kernels/gpass.py`), formulas in `_factor_grads`;
-  ALLoRA scales the output gradient's rows by c for the parameters only (x gets the plain one);
+  distinct P (one GEMM), E = g^T H for Q's and mid's gradients, g Q only where P trains (LoRA),
+  formulas in `_factor_grads`; ALLoRA scales the output gradient's rows by c for the parameters
+  only (x gets the plain one);
 - MoRA block types (rotation, decouple): `blockdiag.block_grads`, M's gradient from the
   block-diagonal part of g^T x' (one Triton pass over g and x per adapter on the GPU).
 
@@ -141,36 +141,6 @@ def _kernel_build(W0: torch.Tensor, K: int = 0):
     return build
 
 
-# E = g^T H and g Q in one pass (kernels/gpass.py) hold [columns, k] accumulators in registers: k and
-# k2 up to 64 (LoRA ranks, q/k/v's stacked ranks); wider factors keep the two GEMMs.
-GPASS_KERNEL_MAX_K = 64
-
-
-def _kernel_gpass(g: torch.Tensor, k: int = 0):
-    """The one-pass Triton kernel (`kernels/gpass.py`) when it serves g^T H and g Q with at most k
-    columns each: a CUDA half-precision g and k <= GPASS_KERNEL_MAX_K (or TRITON_INTERPRET=1 for the
-    CPU checks), else None (torch's GEMMs)."""
-    on = g.is_cuda and g.dtype in (torch.bfloat16, torch.float16) and k <= GPASS_KERNEL_MAX_K
-    if not (on or os.environ.get("TRITON_INTERPRET") == "1"):
-        return None
-    try:
-        from mora_dist.kernels import gpass
-    except ImportError:
-        return None
-    return gpass
-
-
-def _e_and_gq(g: torch.Tensor, H: Optional[torch.Tensor], Q: Optional[torch.Tensor]):
-    """(g^T H, g Q), None for a factor given as None. Both wanted: one read of g where the Triton
-    kernel serves (the GPU), as each GEMM streams all of g from HBM (issue 15: these skinny GEMMs
-    were most of LoRA's step overhead at 8B); else torch's GEMMs."""
-    if H is not None and Q is not None:
-        kern = _kernel_gpass(g, max(H.shape[1], Q.shape[1]))
-        if kern is not None:
-            return kern.gpass(g, H, Q)
-    return (None if H is None else g.t() @ H), (None if Q is None else g @ Q)
-
-
 def _build(W0: torch.Tensor, plan: Plan, Ps, pairs, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W0 + Q mid P of every factor term as one product over all rows with a block-sparse
     [n_out, sum k] Q (one rounding; on the GPU one pass over the weight), or a copy of W0 without
@@ -230,8 +200,7 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
     (ALLoRA: g_i diag(c), i.e. Q_e = c Q below):
         E_i = g_i^T H;  dQ = diag(c) E_i mid^T | diag(c) E_i * mid | diag(c) E_i;
         dmid = Q_e^T E_i | sum_rows(Q_e * E_i);  dH = (g_i Q_e) mid | (g_i Q_e) * mid | g_i Q_e;  dP = dH^T x.
-    Only skinny GEMMs with K = tokens; terms in interleaved rows (q/k/v) share one GEMM over g. E and
-    g Q of the same rows come from one pass over g where both are needed (`_e_and_gq`)."""
+    Only skinny GEMMs with K = tokens; terms in interleaved rows (q/k/v) share one GEMM over g."""
     Ps, pairs, _ = _split(plan, ts)
     n_p, terms = plan.n_p, plan.terms
     need_p = need[:n_p]
@@ -247,21 +216,18 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
     need_e = [need[n_p + 2 * i] or need[n_p + 2 * i + 1] for i in range(len(terms))]
     scat = [i for i, t in enumerate(terms) if not isinstance(t.rows, RowRange)]
     E_scat, dZ_scat = {}, {}
-    # interleaved terms: E for all of them as g^T [H of their slots] (then each term's rows), g Q_e for
-    # those whose P trains as g times a block-sparse Q; one pass over g for both (_e_and_gq)
     slots = sorted({terms[i].slot for i in scat if need_e[i]})
-    zs = [i for i in scat if need_p[terms[i].slot]]
-    Hcat = (torch.cat([Hs[s] for s in slots], 1) if len(slots) > 1 else Hs[slots[0]]) if slots else None
-    Qf = _stacked_q(g.shape[1], [(terms[i].rows, Qe[i]) for i in zs], g) if zs else None
-    E_all, Zf = _e_and_gq(g, Hcat, Qf)
-    if slots:
+    if slots:  # E for every interleaved term: g^T [H of their slots], then each term's rows
+        E_all = g.t() @ torch.cat([Hs[s] for s in slots], 1) if len(slots) > 1 else g.t() @ Hs[slots[0]]
         cols = dict(zip(slots, itertools.accumulate([0] + [k_p[s] for s in slots])))
         for i in scat:
             if need_e[i]:
                 c0 = cols[terms[i].slot]
                 E_scat[i] = _rows_of(E_all, terms[i].rows)[:, c0:c0 + k_p[terms[i].slot]]
-    if zs:
-        dZ_scat = dict(zip(zs, Zf.split([Qe[i].shape[1] for i in zs], 1)))
+    zs = [i for i in scat if need_p[terms[i].slot]]
+    if zs:  # g Q_e for every interleaved term whose P trains: one GEMM with a block-sparse Q
+        Qf = _stacked_q(g.shape[1], [(terms[i].rows, Qe[i]) for i in zs], g)
+        dZ_scat = dict(zip(zs, (g @ Qf).split([Qe[i].shape[1] for i in zs], 1)))
     grads = [None] * len(ts)
     dH = [None] * n_p
     for i, (t, (mid, Q)) in enumerate(zip(terms, pairs)):
@@ -276,17 +242,15 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
                 d = gq @ mid
                 dH[t.slot] = d if dH[t.slot] is None else dH[t.slot] + d
             continue
-        if rng:  # E and g_i Q_e: one pass over g_i where both are needed
-            E, dZ = _e_and_gq(gi, Hs[t.slot] if need_e[i] else None, Qe[i] if need_p[t.slot] else None)
-        else:
-            E, dZ = E_scat.get(i), dZ_scat.get(i)
         if need_e[i]:
+            E = gi.t() @ Hs[t.slot] if rng else E_scat[i]
             if need[n_p + 2 * i + 1]:
                 dQ = E if mid is None else (E * mid if mid.dim() == 1 else E @ mid.t())
                 grads[n_p + 2 * i + 1] = dQ if t.c is None else dQ * t.c[:, None]
             if need[n_p + 2 * i]:
                 grads[n_p + 2 * i] = (Qe[i] * E).sum(0) if mid.dim() == 1 else Qe[i].t() @ E
         if need_p[t.slot]:
+            dZ = gi @ Qe[i] if rng else dZ_scat[i]
             d = dZ if mid is None else (dZ * mid if mid.dim() == 1 else dZ @ mid)
             dH[t.slot] = d if dH[t.slot] is None else dH[t.slot] + d
     train = [s for s in range(n_p) if need_p[s]]
