@@ -169,6 +169,48 @@ def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("d_in,d_out,rh,tp", [
+    (44, 68, 18, 2),   # chunk 1 crosses the boundary, the wrapped last chunk is split over both shards, rows tiled
+    (44, 68, 18, 4),   # shards narrower than a chunk: chunk 1 spans three of them
+    (248, 74, 36, 4),  # 3 of 7 chunks reach the output: chunk 1 crosses, shards 2 and 3 hold no used chunk
+    (64, 200, 16, 2),  # chunks aligned with the shards, rows tiled
+])
+def test_block_row_shards(d_in, d_out, rh, tp):
+    """A row-parallel shard of MoRA block adapters (`blockdiag.geometry(..., cols)`, what
+    `MoRA.block_operator` gives at TP > 1): each of tp shards' weight add equals the dense update's
+    columns, and the shards' partial dM (zero where a shard holds no used chunk) sum to d loss / d M
+    (float64 autograd through the dense update), rotation and decouple, adapter rows from layer row 3
+    on. Under TRITON_INTERPRET=1 (test_merged_layer_triton_kernels) the Triton kernels run."""
+    from mora_dist.adapters import blockdiag
+
+    gen = torch.Generator().manual_seed(rh + d_in)
+    glob = blockdiag.geometry(rh, d_in, d_out)
+    segs, n_out, T, n = ((0, d_out, 3),), d_out + 5, 50, d_in // tp
+    g, x = torch.randn(T, n_out, generator=gen, dtype=D), torch.randn(T, d_in, generator=gen, dtype=D)
+    empty = 0
+    for rot in (_rotation_tables(glob), None):
+        M = torch.randn(rh, rh, generator=gen, dtype=D, requires_grad=True)
+        dw = _dense_block_update(glob, M, rot)
+        ((x @ dw.t()) * g[:, 3:3 + d_out]).sum().backward()
+        dM = torch.zeros(rh, rh, dtype=D)
+        for r in range(tp):
+            a, b = r * n, (r + 1) * n
+            geo = blockdiag.geometry(rh, d_in, d_out, (a, b))
+            empty += not blockdiag.items(geo, segs)
+            assert (blockdiag._kernels(x, geo) is not None) == (os.environ.get("TRITON_INTERPRET") == "1")
+            W0 = torch.randn(n_out, b - a, generator=gen, dtype=D)
+            W = W0.clone()
+            blockdiag.add_blocks_(W, [(geo, segs)], [M.detach()], [rot])
+            torch.testing.assert_close(W[3:3 + d_out] - W0[3:3 + d_out], dw.detach()[:, a:b], rtol=1e-12, atol=1e-12)
+            assert torch.equal(W[:3], W0[:3]) and torch.equal(W[3 + d_out:], W0[3 + d_out:])
+            part = blockdiag.block_grads(g, x[:, a:b].contiguous(), [(geo, segs)], [M.detach()], [rot], [True])[0]
+            assert part.dtype == D and (part.abs().max() == 0) == (not blockdiag.items(geo, segs))
+            dM += part
+        torch.testing.assert_close(dM, M.grad, rtol=1e-10, atol=1e-10)
+    assert empty == (4 if d_in == 248 else 0)
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("d_in,shapes", [
     (120, [(204, 36, 2), (40, 16, 1)]),  # tiled rows over 2 groups + a cut adapter (like q and k)
     (250, [(74, 36, 1)]),                # 3 of 7 chunks reach the output (like down)
@@ -269,16 +311,16 @@ def test_factor_build_matches_float64(n, d, k):
 
 @pytest.mark.integration
 def test_merged_layer_triton_kernels():
-    """test_merged_layer_matches_dense, test_block_grads_many_tokens and test_factor_build_matches_float64
-    with the factor build (kernels/build.py) and MoRA blocks' weight add and M gradient done by the
-    Triton kernels (mora_dist/kernels/blockdiag.py, what a
+    """test_merged_layer_matches_dense, test_block_grads_many_tokens, test_block_row_shards and
+    test_factor_build_matches_float64 with the factor build (kernels/build.py) and MoRA blocks'
+    weight add and M gradient done by the Triton kernels (mora_dist/kernels/blockdiag.py, what a
     GPU runs), executed by Triton's interpreter on the CPU in float64 (TRITON_INTERPRET=1 must be
     set before triton is imported: a subprocess)."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         f"{__file__}::test_merged_layer_matches_dense", f"{__file__}::test_block_grads_many_tokens",
-                        f"{__file__}::test_factor_build_matches_float64"],
+                        f"{__file__}::test_block_row_shards", f"{__file__}::test_factor_build_matches_float64"],
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "10 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "14 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("n_out,n,width", [(70, 12, 16), (48, 12, 12), (5, 8, 8)])

@@ -51,11 +51,22 @@ def _rel(got, exp):
     return ((got.detach().double() - exp).abs().max() / exp.abs().max().clamp(min=1.0)).item()
 
 
-def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT, fast=True):
-    """Returns the worst differences (out, x grad, param grads, merged out, unmerge) for one case,
-    on the merged-weight path (`fast`, the default at every TP) or the per-adapter path."""
+def _reduce_deferred(adapter):
+    """What the Trainer does once a step with deferred TP gradients (`inject.defer_tp_grads`): sum
+    the partial gradients of the replicated parameters the merged path left to it over TP."""
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    for n in sorted(adapter.deferred):
+        dist.all_reduce(getattr(adapter, n).grad, group=ps.get_tensor_model_parallel_group())
+
+
+def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT, fast=True, r=R, defer=None):
+    """Returns the worst differences (out, x grad, param grads, merged out, unmerge) for one case,
+    on the merged-weight path (`fast`, the default at every TP) or the per-adapter path. `defer`: a
+    dict: replicated parameters keep partial gradients (the Trainer's `defer_tp_grads`), summed over
+    TP here after each backward; defer[name] gets the largest |local partial| before that sum."""
+    from megatron.core import parallel_state as ps
 
     from mora_dist.adapters import AdapterConfig, build_adapter
     from mora_dist.parallel.inject import layer_shard
@@ -64,9 +75,10 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT, fast=True):
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     base = _layer(mode, d_in, d_out, sp)
     W0 = _gather(base.weight.detach(), 0 if mode == "column" else 1).to(torch.float64)
-    cfg = AdapterConfig(method=method, r=R, fast_path=fast, **kw)
+    cfg = AdapterConfig(method=method, r=r, fast_path=fast, **kw)
     shard = layer_shard(base, mode)
     adapter = build_adapter(cfg, shard)
+    adapter.defer_tp_grad = defer is not None
     gen = torch.Generator().manual_seed(7)
     full_ref = build_adapter(cfg, type(shard)(d_in, d_out)).double()  # TP=1 shapes, for the full params
     params = random_params(full_ref, gen)
@@ -97,6 +109,9 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT, fast=True):
         (out * g_out.float()).sum().backward()
     finally:
         overlap.gather_mm, overlap.mm_scatter = fns
+    partials = {n: p.grad.clone() for n, p in adapter.named_parameters()} if defer is not None else {}
+    if defer is not None:
+        _reduce_deferred(adapter)
 
     # dense float64 TP=1 reference
     ref_params = {n: p.clone().requires_grad_(True) for n, p in params.items()}
@@ -113,15 +128,19 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT, fast=True):
     gx_exp = (xr.grad[seq] if sp else xr.grad) if mode == "column" else xr.grad[:, :, cols]
     diffs = dict(out=_rel(out, y_exp), xgrad=_rel(x_in.grad, gx_exp),
                  wrong_path=float(layer._use_merged(None) != fast))
-    block_row = method == "mora" and kw.get("mora_type") in ("rotation", "decouple") and mode == "row" and tp > 1
     # under SP at TP > 1 the merged path runs SP's collectives inside its GEMMs (overlap.py): forward
     # and input gradient each through one of them
-    overlapped = fast and sp and tp > 1 and not block_row
-    diffs["wrong_comm_path"] = float(len(calls) != (2 if overlapped else 0))
-    diffs["wrong_kernel_path"] = float(fast and not block_row and adapter.factors(torch.float32) is None
+    diffs["wrong_comm_path"] = float(len(calls) != (2 if fast and sp and tp > 1 else 0))
+    # the fast path merges every adapter into the weight (MoRA's block types on row shards too):
+    # no adapter left to its own forward
+    diffs["wrong_kernel_path"] = float(fast and adapter.factors(torch.float32) is None
                                        and adapter.block_operator() is None)
+    diffs["per_adapter_extra"] = float(fast and bool(layer._merged_plan()[2]))
     for n, p in adapter.named_parameters():
         diffs[f"grad_{n}"] = _rel(p.grad, adapter.shard_of(n, ref_params[n].grad))
+    if defer is not None:
+        diffs["not_deferred"] = float(fast and tp > 1 and not adapter.deferred)
+        defer.update({n: partials[n].abs().max().item() for n in adapter.deferred})
 
     # inside inject.fixed_adapters (an optimizer step's micro-batches): the merged weight is built
     # once, on entry, and two micro-batches read it; their output and accumulated gradients are
@@ -140,11 +159,13 @@ def check_layer(method, kw, mode, sp, d_in=D_IN, d_out=D_OUT, fast=True):
             for _ in range(2):
                 out_f, _ = layer(x_f)
                 (out_f * g_out.float()).sum().backward()
+        if defer is not None:
+            _reduce_deferred(adapter)
     finally:
         merged_mod.build_weight = build
     diffs["fixed_out"] = _rel(out_f, out)
     diffs["fixed_xgrad"] = _rel(x_f.grad / 2, x_in.grad)
-    diffs["fixed_builds"] = float(len(builds) != (1 if fast and not block_row else 0))
+    diffs["fixed_builds"] = float(len(builds) != (1 if fast else 0))
     for n, p in adapter.named_parameters():
         diffs[f"fixed_grad_{n}"] = _rel(p.grad / 2, grads1[n])
 
@@ -192,3 +213,60 @@ def test_tp1_all_methods():
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tp_equals_dense_all_methods_with_and_without_sp(tp):
     _assert_small(run_ranks(_all_cases, tp, [False, True], tp=tp))
+
+
+# MoRA's block types on row-parallel shards (linear_proj, linear_fc2) on the merged path, (d_in, d_out, r)
+# with rh for rotation / decouple: the default shape (rh 18: chunks cross every shard boundary, the
+# wrapped last chunk is split between the last and first shards, rows tiled: L = 54 < 68); d_in > d_out
+# (rh 14 / 15, 2 of 7 chunks reach the output: shards from the second (TP=2) / third (TP=4) on hold no
+# used chunk, as linear_fc2 at 1.1B and 8B); chunks aligned with the shards (rh 16); tiled rows with
+# aligned chunks at TP=2 and cut ones at TP=4 (rh 16, L = 32 < 100)
+ROW_BLOCK_SHAPES = [(D_IN, D_OUT, R), (96, 20, 2), (64, 64, 2), (32, 100, 2)]
+ROW_BLOCK_TYPES = [{"mora_type": "rotation"}, {"mora_type": "decouple"}, {"mora_type": "rotation", "allora_eta": 1.0}]
+
+
+def _row_block_cases(rank, sps):
+    """Every row-block case on the merged and per-adapter paths against the dense float64 layer,
+    then on the merged path with deferred TP gradients: (diffs, {case: (largest |partial dM|, shard
+    holds a used chunk)})."""
+    from megatron.core import parallel_state as ps
+
+    from mora_dist.adapters import blockdiag
+    from mora_dist.adapters.mora import mora_rank
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    out, partials = {}, {}
+    for d_in, d_out, r in ROW_BLOCK_SHAPES:
+        for kw in ROW_BLOCK_TYPES:
+            for sp in sps:
+                for fast in (True, False):
+                    out[(str(kw), d_in, d_out, sp, fast)] = check_layer("mora", kw, "row", sp, d_in, d_out, fast, r)
+                part = {}
+                out[(str(kw), d_in, d_out, sp, "deferred")] = check_layer("mora", kw, "row", sp, d_in, d_out, True, r,
+                                                                          defer=part)
+                rh = mora_rank(d_in, d_out, r)
+                rh -= rh % 2 if kw["mora_type"] == "rotation" else 0
+                holds = rank * (d_in // tp) < blockdiag.geometry(rh, d_in, d_out).L  # used chunks: flat [0, L)
+                partials[(str(kw), d_in, d_out, sp)] = (part.get("M"), holds)
+    return out, partials
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_row_parallel_mora_blocks_on_merged_path(tp):
+    """MoRA rotation / decouple on a row-parallel layer at TP=2/4, SP off and on: the merged-weight
+    path is taken (no adapter left to its own forward, one weight build a step) and its output, input
+    gradient and M gradient equal the dense float64 layer's, as the per-adapter path's do; with
+    deferred TP gradients each rank's M gradient is a partial (zero on a shard holding no used chunk)
+    whose sum over TP is M's gradient."""
+    res = run_ranks(_row_block_cases, tp, [False, True], tp=tp)
+    _assert_small([diffs for diffs, _ in res])
+    empty = 0
+    for rank, (_, partials) in enumerate(res):
+        for case, (part, holds) in partials.items():
+            assert part is not None, (rank, case)  # M's gradient was left to the caller's TP sum
+            if holds:
+                assert part > 0, (rank, case)
+            else:
+                empty += 1
+                assert part == 0, (rank, case, part)
+    assert empty >= (1 if tp == 2 else 2) * len(ROW_BLOCK_TYPES) * 2  # (96, 20): shards without a used chunk

@@ -1,6 +1,7 @@
-"""MoRA's block types (rotation, decouple) on an unsharded or column-parallel layer, for the
-merged-weight path (`mora_dist/parallel/merged.py`); a column shard's segments start at its global
-adapter rows, its input is the whole (gathered) x.
+"""MoRA's block types (rotation, decouple) on any shard of a layer, for the merged-weight path
+(`mora_dist/parallel/merged.py`): a column shard's segments start at its global adapter rows, its
+input is the whole (gathered) x; a row-parallel shard (`Geometry.cols`) holds every output row and
+input columns [a, b) of the global d_in, and its update is the global one's columns [a, b).
 
 A block type's update is block-diagonal: chunk c of the padded input x' (x'[p] = x[p mod d_in],
 chunks of rh) maps to rows [c rh, (c+1) rh) of a flat output by W_c = M R_c (R_c: RoPE-like
@@ -13,19 +14,24 @@ operations serve the merged path, taking M and the rotation tables (cos, sin):
 - `block_grads`: d loss / d M = sum_c dW_c R_c^T, with dW_c the block-diagonal part of g^T x'
   (never the dense g^T x).
 
-On the GPU each is one Triton launch per adapter (`mora_dist.kernels.blockdiag`, driven by `items`). The
-torch forms (CPU, and rh > d_in) follow `operations`: the add puts the chunk matrices on strided
-diagonal-block views of W, partial chunks at a piece's ends as small dense adds, wrapped input
-columns folded back by index; the gradient runs strided batched GEMMs over `superblocks` of
-S = g rh (g chunks, g = 8 / gcd(rh, 8): every batch starts 16-byte aligned in bf16) read through
-views, the partial chunks as small dense GEMMs, then `chunk_mats_grad`.
+On the GPU each is one Triton launch per adapter (`mora_dist.kernels.blockdiag`, driven by `items`).
+A row-parallel shard's items are the global ones with their chunk columns [k0, k1) cut to the
+shard's input columns (chunks may cross shard boundaries, the wrapped last chunk included); a chunk
+with no column there gives no item, and a shard with no item has dW = 0 and a zero partial dM. Its
+M gradient is that partial, summed over TP by the caller (`Adapter.merged_param`, as for any
+replicated parameter). The torch forms (CPU, and rh > d_in) of a row shard loop over the same items
+(one small add / GEMM each); those of other shards follow `operations`: the add puts the chunk
+matrices on strided diagonal-block views of W, partial chunks at a piece's ends as small dense adds,
+wrapped input columns folded back by index; the gradient runs strided batched GEMMs over
+`superblocks` of S = g rh (g chunks, g = 8 / gcd(rh, 8): every batch starts 16-byte aligned in
+bf16) read through views, the partial chunks as small dense GEMMs, then `chunk_mats_grad`.
 """
 from __future__ import annotations
 
 import math
 import os
 from functools import lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -36,6 +42,9 @@ class Geometry(NamedTuple):
     d_in: int
     d_out: int
     n_used: int  # chunks that reach an output row
+    # a row-parallel shard's input columns (a, b) of the global d_in (its W and x hold only these,
+    # from local column 0), or None: the whole input
+    cols: Optional[tuple] = None
 
     @property
     def S(self) -> int:
@@ -46,10 +55,12 @@ class Geometry(NamedTuple):
         return self.n_used * self.rh
 
 
-def geometry(rh: int, d_in: int, d_out: int) -> Geometry:
+def geometry(rh: int, d_in: int, d_out: int, cols: Optional[tuple] = None) -> Geometry:
+    """`cols`: a row-parallel shard's input columns (a, b) (None or (0, d_in): the whole input)."""
     n = -(-d_in // rh)
     n_used = n if d_out >= n * rh else -(-d_out // rh)
-    return Geometry(rh, 8 // math.gcd(rh, 8), d_in, d_out, n_used)
+    cols = None if cols is None or tuple(cols) == (0, d_in) else (int(cols[0]), int(cols[1]))
+    return Geometry(rh, 8 // math.gcd(rh, 8), d_in, d_out, n_used, cols)
 
 
 def _tile_pieces(geo: Geometry, segments: tuple):
@@ -67,7 +78,8 @@ def _tile_pieces(geo: Geometry, segments: tuple):
 @lru_cache(maxsize=None)
 def operations(geo: Geometry, segments: tuple) -> tuple:
     """The pieces placing adapter rows [f0, f1) at layer output rows [d0, ...) for each segment
-    (f0, f1, d0): ("sb", i0, i1, row) = superblocks [i0, i1) at rows [row, row + (i1-i0) S);
+    (f0, f1, d0) of a geometry over the whole input (not a row shard's, `cols`):
+    ("sb", i0, i1, row) = superblocks [i0, i1) at rows [row, row + (i1-i0) S);
     ("small", h0, h1, row) = flat rows [h0, h1) (partial chunks) at rows [row, row + h1 - h0)."""
     S = geo.S
     ops = []
@@ -89,8 +101,12 @@ def items(geo: Geometry, segments: tuple) -> tuple:
     """Work items of the Triton kernels: (layer row of chunk row 0, chunk c, valid chunk rows
     [i0, i1), chunk columns [k0, k1), x column of chunk column 0) for every (piece of a segment
     inside one tile of L rows, chunk) pair; a chunk that wraps past d_in is two items (columns
-    before and after the wrap), so every item reads x at contiguous columns."""
+    before and after the wrap), so every item reads x at contiguous columns. A row shard (`geo.cols`
+    = (a, b)): each column piece cut to global columns [a, b), x columns counted from a (the
+    shard's local ones; x column of chunk column 0 may be negative, as after a wrap), pieces with
+    no column there dropped."""
     rh, d_in = geo.rh, geo.d_in
+    a, b = geo.cols or (0, d_in)
     out = []
     for p0, p1, row in _tile_pieces(geo, segments):
         base = row - p0  # layer row of flat row 0 of this tile
@@ -100,7 +116,10 @@ def items(geo: Geometry, segments: tuple) -> tuple:
             while k < rh:  # column pieces between wraps of x' (x'[p] = x[p mod d_in])
                 p = c * rh + k
                 k1 = min(rh, k + d_in - p % d_in)
-                out.append(rows + (k, k1, c * rh - (p // d_in) * d_in))
+                x0 = c * rh - (p // d_in) * d_in  # global x column of chunk column 0 on this side of the wrap
+                lo, hi = max(k, a - x0), min(k1, b - x0)
+                if lo < hi:
+                    out.append(rows + (lo, hi, x0 - a))
                 k = k1
     return tuple(out)
 
@@ -180,14 +199,20 @@ def add_blocks_(W: torch.Tensor, plans, Ms, rots) -> None:
     W: the layer's [n_out, d_in] weight (contiguous); `plans`: one (geometry, segments) per adapter,
     segments = ((f0, f1, d0), ...) placing adapter rows [f0, f1) at layer rows d0...; `Ms`: each
     adapter's M (fp32 master precision); `rots`: each adapter's (cos, sin) [n_used, rh] in M's
-    dtype, or None (decouple)."""
+    dtype, or None (decouple). A row shard's geometry (`cols`): W is its [n_out, b - a] shard."""
     d_in = W.shape[1]
     for (geo, segs), M, rot in zip(plans, Ms, rots):
+        if geo.cols is not None and not items(geo, segs):
+            continue  # a row shard that holds no used chunk: dW = 0 here
         kern = _kernels(W, geo)
         if kern is not None:
             kern.add_blocks_(W, M, rot, items(geo, segs), geo.rh)
             continue
         Wc = chunk_mats(M, geo.n_used, rot)
+        if geo.cols is not None:  # a row shard: each item's piece (rounded once each while rh <= d_in)
+            for row0, c, i0, i1, k0, k1, x0 in items(geo, segs):
+                W[row0 + i0:row0 + i1, x0 + k0:x0 + k1].add_(Wc[c, i0:i1, k0:k1])
+            continue
         rh, g = geo.rh, geo.g
         for op in operations(geo, segs):
             if op[0] == "sb":
@@ -208,16 +233,26 @@ def block_grads(g2: torch.Tensor, x2: torch.Tensor, plans, Ms, rots, needs) -> l
     """d loss / d M for every adapter whose `needs` is true (else None), in M's dtype, from the
     layer's output gradient g2 [T, n_out] and input x2 [T, d_in]: dW_c = for each piece of an
     adapter's rows, g[:, piece]^T x'[:, chunk columns], summed over the tiles that read the same
-    chunk; dM = `chunk_mats_grad`(dW_c)."""
+    chunk; dM = `chunk_mats_grad`(dW_c). A row shard (`geo.cols`; x2 its [T, b - a] input): the
+    partial dM of its columns (zeros where it holds no used chunk), for the caller's sum over TP."""
     d_in = x2.shape[1]
     out, cache = [], {}
     for (geo, segs), M, rot, need in zip(plans, Ms, rots, needs):
         if not need:
             out.append(None)
             continue
+        if geo.cols is not None and not items(geo, segs):
+            out.append(M.new_zeros(geo.rh, geo.rh))  # a tensor, not None: every rank joins the TP sum
+            continue
         kern = _kernels(g2, geo)
         if kern is not None:
             out.append(kern.block_grad(g2, x2, rot, items(geo, segs), geo.rh, M.dtype))
+            continue
+        if geo.cols is not None:  # a row shard: each item's g^T x' piece into its chunk's dW_c
+            dWc = M.new_zeros(geo.n_used, geo.rh, geo.rh)
+            for row0, c, i0, i1, k0, k1, x0 in items(geo, segs):
+                dWc[c, i0:i1, k0:k1] += g2[:, row0 + i0:row0 + i1].t() @ x2[:, x0 + k0:x0 + k1]
+            out.append(chunk_mats_grad(dWc, rot))
             continue
         ops = operations(geo, segs)
         n, S, rh = _n_sb(ops), geo.S, geo.rh

@@ -24,8 +24,9 @@ All operators are written as index maps of the *global* layer, so any shard (a s
 columns, any set of output rows) is served by the same code: column-parallel ranks compute
 M f_comp(x) once (replicated, rh values per token) and read their rows; row-parallel ranks
 compress only their input columns into partial group sums (block types: their chunks), which the
-layer's reduction adds up. `delta_weight` applies the same operators to the identity, as the
-authors' `get_delta_weight` does.
+layer's reduction adds up. The merged-weight path serves every shard of every type (`factors`;
+`block_operator`, whose row-shard geometry cuts the chunks at the shard's input columns).
+`delta_weight` applies the same operators to the identity, as the authors' `get_delta_weight` does.
 """
 from __future__ import annotations
 
@@ -229,15 +230,17 @@ class MoRA(Adapter):
         return Factors(P=C, mid=mid.to(dtype), Q=D, p_key=key, q_tile=self._q_tile, p_tile=self._p_tile)
 
     def block_operator(self):
-        """Block types on an unsharded or column-parallel layer (the chunks span the whole input):
-        (geometry, M, rotation tables (cos, sin) [n_used, rh] in M's dtype, or None for decouple) for
-        the merged-weight path (`blockdiag`: W_c = M R_c, placed at the shard's global adapter rows);
-        None for the other types or a row-parallel shard (chunks cross its input columns)."""
+        """Block types on any shard: (geometry, M, rotation tables (cos, sin) [n_used, rh] in M's
+        dtype, or None for decouple) for the merged-weight path (`blockdiag`: W_c = M R_c, placed at
+        the shard's global adapter rows); None for the other types. A row-parallel shard's geometry
+        carries its input columns (`Geometry.cols`): its update is the global one's columns there,
+        chunk pieces cut at the shard's edges (chunks crossing shards, the wrapped last chunk, and
+        shards holding no used chunk are all served), and its M gradient is a partial that
+        `merged_param` sums over TP, as for a column shard."""
         if not self.fast or self.type in GROUP_TYPES or self.type == "truncation":
             return None
-        if self.shard.mode == "row" and self.shard.tp_size > 1:
-            return None
-        geo = blockdiag.geometry(self.rh, self.shard.d_in, self.shard.d_out)
+        s = self.shard
+        geo = blockdiag.geometry(self.rh, s.d_in, s.d_out, (s.in_start, s.in_end) if s.mode == "row" else None)
         M = self.merged_param("M")
         if self.type != ROTATION:
             return geo, M, None

@@ -13,9 +13,10 @@ With the fast paths on (the default) the adapters are merged into the layer's lo
 for the step (`merged.py`), at any TP: the forward and the input gradient are the base's single
 GEMMs (column-parallel: on the input gathered as megatron gathers it; row-parallel: a partial sum
 reduced as above), the parameter gradients skinny GEMMs over x and the output gradient, and the
-gradients of replicated trainables are summed over TP (`Adapter.merged_param`). The per-adapter
-path (each adapter's own TP-aware forward) remains for `adapter.fast_path: false` and for MoRA's
-block types on row-parallel shards (docs/performance.md).
+gradients of replicated trainables are summed over TP (`Adapter.merged_param`). Every method and
+shard has a merged form (MoRA's block types on row-parallel shards too: `MoRA.block_operator`); the
+per-adapter path (each adapter's own TP-aware forward) remains for `adapter.fast_path: false` and
+for an adapter that offers neither `Factors` nor a block operator (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -122,8 +123,8 @@ class AdaptedLinear(nn.Module):
 
     def _merged_plan(self):
         """(merged.Plan, its tensors, names of adapters added by their own forward) for this layer's
-        adapters as they are now. Adapters with neither `Factors` nor a block operator (MoRA's
-        block types on a row-parallel shard) go to the third list."""
+        adapters as they are now. Adapters with neither `Factors` nor a block operator go to the
+        third list (none of this repository's methods on any shard, with the fast paths on)."""
         dt = self.base.weight.dtype
         keys, Ps, pairs, terms, Ms, blocks, extra, p_tiles = {}, [], [], [], [], [], [], []
         for name, adapter in self.adapters.items():
