@@ -77,17 +77,19 @@ def run_layout(a, method: str, layout: str, data: str, hf: str | None, port: int
     env = dict(os.environ, **NCCL_ENV, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.time()
+    exited = True  # False: killed at --timeout (a run that trained but hung at exit shows here)
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
         text, err = p.stdout, p.stderr
     except subprocess.TimeoutExpired as e:
         text, err = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+        exited = False
     os.makedirs(a.out, exist_ok=True)
     with open(run_dir + ".log", "w") as f:
         f.write(" ".join(cmd) + "\n" + text + "\n----- stderr\n" + err)
     summ = next((json.loads(ln.split(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("throughput: ")), None)
     out = dict(size=a.size, config=method, layout=layout, tp=lay["tp"], pp=lay["pp"], dp=lay["dp"], sp=lay["sp"],
-               mbs=mbs, global_batch=gb, graph=a.graph, wall_s=round(time.time() - t0, 1))
+               mbs=mbs, global_batch=gb, graph=a.graph, wall_s=round(time.time() - t0, 1), exited=exited)
     if not summ or summ.get("tokens_per_s_per_gpu") is None:
         tb = [ln for ln in err.splitlines() if ln.startswith("[rank0]:")] or err.splitlines()
         return dict(out, error="\n".join(tb[-25:])[-2500:])

@@ -67,6 +67,15 @@ def _register_rng_states(graph) -> None:
             graph.register_generator_state(state)
 
 
+def _release(graph) -> None:
+    """Free a captured graph now (not whenever Python drops it): a graph holding captured NCCL work
+    keeps its communicators from being destroyed, and `destroy_process_group` then never returns
+    (pytorch/pytorch#115388): TP and PP runs hung at exit after their last step."""
+    if graph is not None:
+        torch.cuda.synchronize()
+        graph.reset()
+
+
 class MicrobatchGraph:
     """`loss = fwd_bwd(batch)` as a replayable graph; `fwd_bwd` must return the detached loss."""
 
@@ -77,6 +86,7 @@ class MicrobatchGraph:
         self.loss = None
 
     def invalidate(self) -> None:
+        _release(self.graph)
         self.graph = self.static = self.loss = None
 
     def __call__(self, batch: dict, first_of_step: bool) -> torch.Tensor:
@@ -118,6 +128,7 @@ class ScheduleGraph:
         self.eager_steps = 0
 
     def invalidate(self) -> None:
+        _release(self.graph)
         self.graph = self.static = self.out = None
         self.eager_steps = 0
 

@@ -221,6 +221,11 @@ class Trainer:
                 p.grad = p.main_grad
         return losses
 
+    def close(self) -> None:
+        """Release what must go before the process groups do: the CUDA graphs (`cuda_graph._release`)."""
+        if self.graph is not None:
+            self.graph.invalidate()
+
     def train_step(self) -> dict:
         from mora_dist.training import restarts
 

@@ -97,6 +97,7 @@ def _train(cfg: Config, stop: dict, plan) -> dict:
     if rank0:
         print("throughput: " + json.dumps({k: v for k, v in meter.summary().items() if v is not None}), flush=True)
     result = dict(rank0=rank0, step=trainer.step, loss=last.get("loss"), stopped_by=stop.get("signal"))
+    trainer.close()  # the CUDA graphs go first, else destroying the NCCL groups hangs
     destroy_distributed()
     return result
 
