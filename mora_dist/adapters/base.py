@@ -249,6 +249,7 @@ class Adapter(nn.Module):
         super().__init__()
         self.cfg, self.shard = cfg, shard
         self.register_buffer("out_rows", shard.out_rows.clone(), persistent=False)
+        self.deferred: set = set()  # replicated parameters whose gradients the caller sums over TP (merged_param)
 
     def is_sharded(self, name: str) -> bool:
         kind = self.layout[name]
@@ -335,13 +336,6 @@ class Adapter(nn.Module):
             self.deferred.add(name)
             return p
         return copy_to_tp(p)
-
-    @property
-    def deferred(self) -> set:
-        """Names of the replicated parameters whose gradients the caller sums over TP (see merged_param)."""
-        if "_deferred" not in self.__dict__:
-            self.__dict__["_deferred"] = set()
-        return self.__dict__["_deferred"]
 
     def factors(self, dtype: torch.dtype) -> Optional[Factors]:
         """`Factors` of the rank's shard of this adapter (any TP), or None (use `forward`)."""
