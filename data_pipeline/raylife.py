@@ -3,7 +3,7 @@
 Why a watchdog: `ray.init()` starts gcs_server and raylet fate-shared with the driver, but the
 raylet's own children (DashboardAgent, RuntimeEnvAgent) survive a SIGKILL of the driver and stay
 forever. A tiny child process (stdlib only) records the tree of the processes `ray.init` started
-(gcs, raylet, ...) once a second (via
+(gcs, raylet, ...) once a second, every 5 s once nothing new appeared for 30 s (via
 /proc/<pid>/task/<tid>/children: the environment of Ray's processes is no reliable tag, Ray's
 setproctitle overwrites it) and, when the driver dies (its stdin pipe closes), kills every recorded
 process that still runs with the same start time.
@@ -72,9 +72,17 @@ def record():  # Ray's processes started by the driver (gcs, raylet, ...) and th
                 seen[c] = start(c)[1]
                 todo += children(c)
 
+# every second while processes still appear (Ray's start-up, actors), then every 5 s: a run's tree is
+# stable for minutes and each look reads a file per thread of every Ray process (~0.17 CPU-s a minute
+# at 1 s); the driver's death is still seen at once (select on the pipe)
+period, quiet_since = 1.0, time.monotonic()
 while True:  # the pipe to the driver closes when it exits or is killed
+    n = len(seen)
     record()
-    if select.select([sys.stdin], [], [], 1.0)[0] and not os.read(sys.stdin.fileno(), 4096):
+    if len(seen) != n:
+        quiet_since = time.monotonic()
+    period = 1.0 if time.monotonic() - quiet_since < 30 else 5.0
+    if select.select([sys.stdin], [], [], period)[0] and not os.read(sys.stdin.fileno(), 4096):
         break
 
 def alive():
