@@ -310,11 +310,9 @@ def _backward(ctx, g, first: int):
             grads[nf:] = blockdiag.block_grads(_block_output_grad(g, plan.blocks), x2, [b.plan for b in plan.blocks],
                                                ts[nf:], [b.rot for b in plan.blocks], need[nf:])
 
-    if comm is not None and comm[0] == "gather":  # column-parallel under SP: dx reduce-scattered over the sequence
-        dx = overlap.mm_scatter(g, W, comm[1], overlap=params) if ctx.needs_input_grad[0] else None
-        if dx is None:
-            params()
-        return dx, grads
+    if comm is not None and comm[0] == "gather" and ctx.needs_input_grad[0]:
+        # column-parallel under SP: dx reduce-scattered over the sequence, the parameter grads meanwhile
+        return overlap.mm_scatter(g, W, comm[1], overlap=params), grads
     params()
     if comm is None and ctx.needs_input_grad[0]:
         dx = g @ W

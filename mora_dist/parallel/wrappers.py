@@ -177,17 +177,16 @@ class AdaptedLinear(nn.Module):
     def end_fixed(self) -> None:
         self._fixed = None
 
-    def _merged_out(self, x, x_local=None, planned=None):
+    def _merged_out(self, x, planned, x_local=None):
         """The layer's output (local rows; a partial sum for row-parallel) with every adapter merged
         into the weight shard for this step: one GEMM forward, one GEMM input gradient, skinny GEMMs
         for the parameter gradients (`merged.MergedLinear`). `x` is the whole input the GEMM reads
-        (column-parallel: gathered over TP), `x_local` what the layer was given. The weight is the
-        step's (built once by `begin_fixed`) inside `inject.fixed_adapters`, else built here.
-        `planned`: `_merged_plan()` if the caller has it."""
+        (column-parallel: gathered over TP), `x_local` what the layer was given; `planned` is
+        `_merged_plan()`. The weight is the step's (built once by `begin_fixed`) inside
+        `inject.fixed_adapters`, else built here."""
         x_local = x if x_local is None else x_local
-        plan, ts, extra = planned or self._merged_plan()
-        W = self._fixed
-        out = merged.MergedLinear.apply(x.reshape(-1, x.shape[-1]), self.base.weight, W, plan, *ts)
+        plan, ts, extra = planned
+        out = merged.MergedLinear.apply(x.reshape(-1, x.shape[-1]), self.base.weight, self._fixed, plan, *ts)
         out = out.view(*x.shape[:-1], out.shape[-1])
         for name in extra:
             out = self._add_delta(out, x_local, name)
@@ -207,15 +206,13 @@ class AdaptedLinear(nn.Module):
         s = x.shape[0] * n if kind == "gather" else x.shape[0] // n
         return out.view(s, *x.shape[1:-1], out.shape[-1])
 
-    def _sp_planned(self):
-        """`_merged_plan()` when SP's collective can go inside the merged GEMMs (`overlap_sp`, TP > 1
-        under SP, no adapter on its own forward), else None."""
+    def _sp_inside(self, planned) -> bool:
+        """Whether SP's collective goes inside the merged GEMMs (`overlap_sp`, TP > 1 under SP, no
+        adapter on its own forward, which must be added before the layer's reduction)."""
         from megatron.core import parallel_state as ps
 
-        if not (self.overlap_sp and self.base.sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1):
-            return None
-        planned = self._merged_plan()
-        return None if planned[2] else planned
+        return (self.overlap_sp and self.base.sequence_parallel and not planned[2]
+                and ps.get_tensor_model_parallel_world_size() > 1)
 
     def forward(self, x, *args, **kwargs):
         if self.merged or not self.adapters:
@@ -228,8 +225,11 @@ class AdaptedLinear(nn.Module):
         base = self.base
         gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
         if self._use_merged(weight):
-            planned = self._sp_planned()
-            out = self._merged_out(self._column_input(x), x) if planned is None else self._merged_sp(x, "gather", planned)
+            planned = self._merged_plan()
+            if self._sp_inside(planned):
+                out = self._merged_sp(x, "gather", planned)
+            else:
+                out = self._merged_out(self._column_input(x), planned, x)
             bias = base.bias if base.skip_bias_add else None
             if base.bias is not None and not base.skip_bias_add:
                 out = out + base.bias
@@ -268,13 +268,12 @@ class AdaptedLinear(nn.Module):
         base = self.base
         if not base.input_is_parallel:
             x = mappings.scatter_to_tensor_model_parallel_region(x)
-        merged_path = self._use_merged(None)
-        planned = self._sp_planned() if merged_path else None
-        if planned is not None:  # reduce-scattered inside, overlapped
+        planned = self._merged_plan() if self._use_merged(None) else None
+        if planned is not None and self._sp_inside(planned):  # reduce-scattered inside, overlapped
             out = self._merged_sp(x, "scatter", planned)
         else:
-            if merged_path:
-                partial = self._merged_out(x)
+            if planned is not None:
+                partial = self._merged_out(x, planned)
             else:
                 partial = base._forward_impl(
                     input=x, weight=base.weight, bias=None, gradient_accumulation_fusion=base.gradient_accumulation_fusion,
