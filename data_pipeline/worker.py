@@ -45,13 +45,11 @@ def encode_to_array(tok, texts: list[str], eod: int, dtype) -> tuple[np.ndarray,
         while j < len(texts) and (j == i or chars + len(texts[j]) <= ENCODE_BATCH_CHARS):
             chars += len(texts[j])
             j += 1
+        ids = (arrays or tok.encode_batch)(texts[i:j])
+        n = np.fromiter(map(len, ids), dtype=np.int64, count=j - i)
         if arrays is not None:
-            ids = arrays(texts[i:j])
-            n = np.fromiter(map(len, ids), dtype=np.int64, count=j - i)
             flat = np.concatenate(ids).astype(dtype, copy=False)
         else:
-            ids = tok.encode_batch(texts[i:j])
-            n = np.fromiter(map(len, ids), dtype=np.int64, count=j - i)
             flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(n.sum()))
         del ids
         flats.append(np.insert(flat, np.cumsum(n), eod))  # EOD after each document
