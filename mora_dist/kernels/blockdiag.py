@@ -221,22 +221,14 @@ def _sms(device: str) -> int:
     return torch.cuda.get_device_properties(d).multi_processor_count if d.type == "cuda" else 1
 
 
-def token_splits(T: int, programs: int, sms: int, BT: int, flops_token: int, partial_bytes: int,
-                 flops_per_byte: float = 200.0, min_tokens: int = 1024) -> int:
-    """How many token ranges of >= min_tokens (or 1) each (item, tile) program is split into: the
-    count minimising a cost in FLOP-equivalents: the dots rounded up to whole waves of one program
-    an SM (programs sharing an SM share its throughput), 2 * BI * BK flops a token, plus each
-    program's fp32 partial written and read back by the sum at `flops_per_byte` (H100/H200: ~990
-    dense bf16 TFLOP/s over 3.4-4.8 TB/s). At 8B (T = 8192, 132 SMs): q/o 2 splits, gate/up 1,
-    down 4, k/v 2."""
-    best, best_cost = 1, None
-    for n in range(1, max(1, T // min_tokens) + 1):
-        tp = -(-(-(-T // n)) // BT) * BT
-        p = programs * -(-T // tp)
-        cost = -(-p // sms) * sms * tp * flops_token + flops_per_byte * 2 * p * partial_bytes
-        if best_cost is None or cost < best_cost:
-            best, best_cost = n, cost
-    return best
+def token_splits(T: int, programs: int, sms: int, min_tokens: int = 1024) -> int:
+    """How many token ranges (>= min_tokens each, or 1) each (item, tile) program is split into: the
+    fewest that give >= 1.5 programs an SM. Fitted to `launch/bench_rotgrad.py` on an H200 at 8B (T =
+    8,192, 132 SMs; results/perf/s4_call3/rotgrad.txt): q/k/v/o (52-64 programs) ran fastest at 4
+    ranges (q 0.104 ms vs 0.145 at 2), gate/up (369) at 1 (0.192 vs 0.237 at 4), down (99) the same at
+    2 and 4; more ranges cost fp32 partials written and summed."""
+    want = -(-3 * sms // (2 * max(programs, 1)))
+    return max(1, min(T // min_tokens, want))
 
 
 def block_grad(g2: torch.Tensor, x2: torch.Tensor, rot, items: tuple, rh: int, dtype, cfg: dict | None = None):
@@ -258,8 +250,7 @@ def block_grad(g2: torch.Tensor, x2: torch.Tensor, rot, items: tuple, rh: int, d
     BT = cfg["BT"]
     TP = cfg.get("TP")
     if TP is None:
-        n = token_splits(T, tiles * n_items, _sms(str(g2.device)), BT, 2 * cfg["BI"] * cfg["BK"],
-                         (2 if rot_ and not pair else 1) * cfg["BI"] * cfg["BK"] * 4)
+        n = token_splits(T, tiles * n_items, _sms(str(g2.device)))
         TP = triton.cdiv(T, n)
     TP = max(BT, triton.cdiv(TP, BT) * BT)
     ns = max(1, triton.cdiv(T, TP))
