@@ -140,13 +140,20 @@ def _dense_block_update(geo, M, rot):
     (120, 204, 36, ((0, 102, 0), (102, 204, 120)), 240),  # tiled rows in two groups
     (250, 74, 36, ((0, 74, 3),), 80),                       # 3 of 7 chunks reach the output, wrapped input
     (200, 90, 44, ((0, 30, 0), (30, 60, 40), (60, 90, 80)), 120),  # pieces start mid-chunk
+    # chunk 4 wraps at column 8 < h = 24: rotation pairs split over its two items; 2 groups, 12-row tail
+    (200, 300, 48, ((0, 150, 0), (150, 300, 160)), 320),
+    # the kernel's 128 x 128 tiles (rh > 160) cut at 48; chunk 2 wraps at column 108 > h = 88, so its
+    # second item only meets the tiles' partner halves
+    (460, 600, 176, ((0, 600, 0),), 600),
 ])
 def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
     """d loss / d M of MoRA block adapters (`blockdiag.block_grads`, rotation and decouple) over 300
     tokens against float64 autograd through the dense update. Under TRITON_INTERPRET=1
-    (test_merged_layer_triton_kernels) the Triton kernel runs, once with its own tiling and once with
-    tiles small enough that the tokens split into several units per program and several programs
-    per tile (partials summed after)."""
+    (test_merged_layer_triton_kernels) the Triton kernel runs, once with its own tiling and then with
+    tiles small enough that rh and h = rh/2 cut them and the tokens split into 4 ranges (the last
+    one and a 16-token step partial), rotation both with pairs (a, a + h) in one tile and with
+    contiguous column tiles (partner columns in a second partial); at rh 176 its own 128 x 128
+    tiles in both rotation forms."""
     from mora_dist.adapters import blockdiag
 
     gen = torch.Generator().manual_seed(rh + d_in)
@@ -162,9 +169,14 @@ def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
         got = blockdiag.block_grads(g, x, [(geo, segs)], [M.detach()], [rot], [True])
         assert got[0].dtype == D
         torch.testing.assert_close(got[0], M.grad, rtol=1e-10, atol=1e-10)
-        if kern is not None:
-            small = dict(BI=16, BK=32, BT=16, TB=32, UPP=3, num_warps=4, num_stages=2)
-            got = kern.block_grad(g, x, rot, blockdiag.items(geo, segs), rh, D, small)
+        if kern is None:
+            continue
+        if rh > 64:  # its own tiles, rotation in the other form (block_grads ran the default one)
+            cfgs = [dict(kern.grad_config(rh, 8), PAIR=False)] if rot is not None else []
+        else:
+            cfgs = [dict(BI=16, BK=32, BT=16, TP=96, num_warps=4, num_stages=2, PAIR=p) for p in (True, False)]
+        for cfg in cfgs[:1 if rot is None else None]:
+            got = kern.block_grad(g, x, rot, blockdiag.items(geo, segs), rh, D, cfg)
             torch.testing.assert_close(got, M.grad, rtol=1e-10, atol=1e-10)
 
 
@@ -320,7 +332,7 @@ def test_merged_layer_triton_kernels():
                         f"{__file__}::test_merged_layer_matches_dense", f"{__file__}::test_block_grads_many_tokens",
                         f"{__file__}::test_block_row_shards", f"{__file__}::test_factor_build_matches_float64"],
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "14 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "16 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("n_out,n,width", [(70, 12, 16), (48, 12, 12), (5, 8, 8)])

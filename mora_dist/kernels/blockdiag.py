@@ -10,12 +10,22 @@ the rotation tables, so the chunk matrices W_c = M R_c are never materialised:
   rounding: one launch per adapter instead of ~10 small torch kernels per piece.
 - `block_grad`: dM = sum_c G_c^T (R_c X_c) (G_c, X_c: the item's rows of g and columns of x),
   i.e. the chunk-matrix gradients and their chain rule through R_c in one pass over g and x:
-  each program owns a tile of dM and a run of (item, token block) units; a unit's product
-  acc = G^T X is scaled by cos_c (and sin_c, into a second accumulator whose columns are permuted
-  by k^h at the store), so the reduction stays a plain dot over tokens. Programs write partials,
-  summed after (deterministic, no atomics). It replaces, per adapter, batched GEMMs over aligned
-  superblocks (2x the FLOPs at rh = 180), dense GEMMs for partial chunks, gathers of wrapped
-  columns, fp32 adds per chunk and the autograd graph of W_c = M R_c (~30 kernels).
+  each program owns a tile of dM, one item (so one chunk c) and a contiguous run of tokens, and
+  keeps one fp32 accumulator acc = G^T X; the rotation is a per-column fp32 scale of that
+  product, applied once in the epilogue: dM[:, k] += acc[:, k] cos_c[k] + s(k^h) acc[:, k^h]
+  sin_c[k^h]. Where h keeps the loads' alignment a tile's columns are BK/2 chunk columns a and
+  their partners a + h (two contiguous runs of x), so the rotated tile is stored in place; else
+  (odd h) tiles are contiguous and the sin part lands on k^h in a second partial. Programs write
+  partials, summed after (deterministic, no atomics); `token_splits` sizes the token runs.
+  It replaces, per adapter, batched GEMMs over aligned superblocks (2x the FLOPs at rh = 180),
+  dense GEMMs for partial chunks, gathers of wrapped columns, fp32 adds per chunk and the
+  autograd graph of W_c = M R_c (~30 kernels). Issue 15 (v9 -> this): v9's programs ran several
+  (item, token block) units, each scaled into cos and sin accumulators: three 128 x 128 fp32
+  tiles, 253-255 registers a thread on sm_90a, one pipeline fill per 2048 tokens, and rotation
+  partials in two slots (8B: 257 MiB of fp32 partials a layer and micro-batch; here 103). Rotating x at load
+  instead (x' = x cos + partner(x) sin, then one dot) was not taken: the dot would read x'
+  rounded to bf16 (dM no longer the fp32 sum of exact products), and wgmma reads its B operand
+  from shared memory, so x' would take a register round trip every step plus the partner loads.
 
 Why this is fast where a first version (27-37 ms a step) was not: every offset is a multiple of
 ALIGN (gcd of the table, rh and 8), declared with `tl.multiple_of`, and masks only cut at such
@@ -26,6 +36,7 @@ once by the add); `blockdiag` keeps the torch form otherwise and on the CPU.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,16 +47,23 @@ ADD_TILE = 64  # chunk rows x chunk columns per program of the add
 NF = tl.constexpr(7)  # fields of a work item
 
 
-def grad_config(rh: int, itemsize: int = 2) -> dict:
-    """block_grad's tiling (dM tile BI x BK, tokens per dot BT, tokens per unit TB, units per
-    program UPP, launch options), picked on the H100 in a CUDA graph over the 1.1B model's seven
-    adapters (docs/performance.md): 128 x 128 tiles with 8 warps for rh > 160 (11.4 ms a step for
-    all 154 adapters vs 13.8 with 64 x 64), 64 x 64 for small rh (k/v, rh 136: 0.51 vs 0.87 ms)."""
+def grad_config(rh: int, itemsize: int = 2, pair: bool = True) -> dict:
+    """block_grad's tiling for sm_90 (H100/H200): dM tile BI x BK (paired rotation: BK/2 chunk
+    columns and their BK/2 partners), tokens a step BT, launch options. rh > 160: 128 x 128 tiles
+    with 8 warps (each warpgroup one m64n128k16 wgmma a k-step; the fp32 accumulator is 64
+    registers a thread), 64-token steps. bf16 with the paired rotation or decouple: 3 stages of 32
+    KiB and registers capped at 128 (no spills on sm_90a: ptxas -v of an offline compile), so two
+    programs fit an SM and one's epilogue and pipeline fill overlap the other's dots; the unpaired
+    rotation (odd h) takes 140-240 registers: one program an SM, 4 stages. 4-byte inputs (fp32
+    checks): 2 stages. rh <= 160 (k/v at 1.1B, rh 136): 64 x 64 with 4 warps, where 128-wide tiles
+    would be mostly masked."""
     if rh <= 160:
-        return dict(BI=64, BK=64, BT=64, TB=1024, UPP=4, num_warps=4, num_stages=3)
-    # 4-byte inputs (fp32 checks) need twice the shared memory a stage: 4 stages of 128-wide fp32
-    # tiles ask 256 KiB, over the H100/H200 limit (227 KiB)
-    return dict(BI=128, BK=128, BT=64, TB=2048, UPP=2, num_warps=8, num_stages=4 if itemsize <= 2 else 2)
+        return dict(BI=64, BK=64, BT=64, num_warps=4, num_stages=3 if itemsize <= 2 else 2, maxnreg=None)
+    if itemsize > 2:
+        return dict(BI=128, BK=128, BT=64, num_warps=8, num_stages=2, maxnreg=None)
+    if pair:
+        return dict(BI=128, BK=128, BT=64, num_warps=8, num_stages=3, maxnreg=128)
+    return dict(BI=128, BK=128, BT=64, num_warps=8, num_stages=4, maxnreg=None)
 
 
 @triton.jit
@@ -100,49 +118,71 @@ def _add_kernel(w_ptr, m_ptr, cos_ptr, sin_ptr, tab_ptr, sw, RH: tl.constexpr, R
 
 
 @triton.jit
-def _grad_kernel(g_ptr, x_ptr, cos_ptr, sin_ptr, tab_ptr, part_ptr, T, sg, sx, n_units, NTB,
-                 RH: tl.constexpr, ROT: tl.constexpr, NSLOT: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, BI: tl.constexpr,
-                 BK: tl.constexpr, BT: tl.constexpr, TB: tl.constexpr, UPP: tl.constexpr):
+def _grad_kernel(g_ptr, x_ptr, cos_ptr, sin_ptr, tab_ptr, part_ptr, T, sg, sx, NS,
+                 RH: tl.constexpr, ROT: tl.constexpr, PAIR: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
+                 BI: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, TP: tl.constexpr):
+    """Program (tile, sp): item sp // NS over tokens [t0, t0 + TP), t0 = (sp % NS) TP, into one
+    accumulator acc = G^T X over the tile's rows and columns, rotated in the epilogue (the item's
+    chunk c is fixed) and stored into partial sp. PAIR (rotation, h = RH/2 keeps ALIGN): the tile's
+    BK columns are BK/2 chunk columns a and their partners a + h, so both sides of each rotation
+    pair are in acc and the rotated tile is stored in place (partials [n, RH, RH]); else columns are
+    contiguous and the sin part goes to its partner columns in a second slot ([n, 2, RH, RH])."""
     tile = tl.program_id(0)
     sp = tl.program_id(1)
-    nk = tl.cdiv(RH, BK)
+    BK2: tl.constexpr = BK // 2
+    H: tl.constexpr = RH // 2
+    if PAIR:
+        nk = tl.cdiv(H, BK2)
+    else:
+        nk = tl.cdiv(RH, BK)
     ti = tile // nk
     tk = tile % nk
     oi = ti * BI + tl.arange(0, BI)
-    ok = tk * BK + tl.arange(0, BK)
-    tot = tl.zeros((BI, BK), dtype=ACC)
-    tot2 = tl.zeros((BI, BK), dtype=ACC)
-    for j in range(UPP):
-        u = sp * UPP + j
-        it = tl.minimum(u, n_units - 1) // NTB
-        t0 = (tl.minimum(u, n_units - 1) % NTB) * TB
-        row0, c, i0, i1, k0, k1, xcol0 = _item(tab_ptr, it, ALIGN)
-        lo_i = tl.maximum(i0, ti * BI)
-        hi_i = tl.minimum(i1, ti * BI + BI)
-        lo_k = tl.maximum(k0, tk * BK)
-        hi_k = tl.minimum(k1, tk * BK + BK)
-        if (u < n_units) & (lo_i < hi_i) & (lo_k < hi_k):  # the unit touches this tile
-            mi = (oi >= i0) & (oi < i1)
-            mk = (ok >= k0) & (ok < k1)
-            acc = tl.zeros((BI, BK), dtype=ACC)
-            for s in range(TB // BT):
-                ot = t0 + s * BT + tl.arange(0, BT)
-                mt = ot < T
-                a = tl.load(g_ptr + ot[:, None] * sg + (row0 + oi)[None, :], mask=mt[:, None] & mi[None, :], other=0.0)
-                b = tl.load(x_ptr + ot[:, None] * sx + (xcol0 + ok)[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-                acc = tl.dot(tl.trans(a), b, acc, out_dtype=ACC)
-            if ROT:
-                cs, sn = _cos_sin(cos_ptr, sin_ptr, c, ok, RH, ACC)
-                tot += acc * cs[None, :]
-                tot2 += acc * sn[None, :]
-            else:
-                tot += acc
-    m = (oi < RH)[:, None] & (ok < RH)[None, :]
-    base = part_ptr + sp * NSLOT * RH * RH + oi[:, None] * RH
-    tl.store(base + ok[None, :], tot, mask=m)
-    if ROT:  # dM[:, j] += s'(j) B[:, j^h]: column k of the sin accumulator lands on k^h with sign s(k)
-        kp, sgn = _partner(ok, RH, ACC)
-        tl.store(base + RH * RH + kp[None, :], tot2 * sgn[None, :], mask=m)
+    q = tl.arange(0, BK)
+    if PAIR:  # column q of the tile: chunk column a = tk BK2 + q mod BK2, + h in the second half
+        ok = tk * BK2 + q + tl.where(q < BK2, 0, H - BK2)
+        okv = (tk * BK2 + q % BK2) < H
+    else:
+        ok = tk * BK + q
+        okv = ok < RH
+    row0, c, i0, i1, k0, k1, xcol0 = _item(tab_ptr, sp // NS, ALIGN)
+    mi = (oi >= i0) & (oi < i1)
+    mk = okv & (ok >= k0) & (ok < k1)
+    # an item that misses the tile (a piece's partial rows, a wrapped chunk's other side) runs no tokens
+    hit = tl.maximum(i0, ti * BI) < tl.minimum(i1, ti * BI + BI)
+    if PAIR:
+        a0 = tk * BK2
+        a1 = tl.minimum(a0 + BK2, H)
+        hit = hit & ((tl.maximum(k0, a0) < tl.minimum(k1, a1)) | (tl.maximum(k0, a0 + H) < tl.minimum(k1, a1 + H)))
+    else:
+        hit = hit & (tl.maximum(k0, tk * BK) < tl.minimum(k1, tk * BK + BK))
+    t0 = (sp % NS) * TP
+    acc = tl.zeros((BI, BK), dtype=ACC)
+    if hit:
+        for s in range(TP // BT):  # TP: a multiple of BT
+            ot = t0 + s * BT + tl.arange(0, BT)
+            mt = ot < T
+            a = tl.load(g_ptr + ot[:, None] * sg + (row0 + oi)[None, :], mask=mt[:, None] & mi[None, :], other=0.0)
+            b = tl.load(x_ptr + ot[:, None] * sx + (xcol0 + ok)[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+            acc = tl.dot(tl.trans(a), b, acc, out_dtype=ACC)
+    m = (oi < RH)[:, None] & okv[None, :]
+    base = part_ptr + sp * (1 if PAIR or not ROT else 2) * RH * RH + oi[:, None] * RH
+    if ROT:
+        if PAIR:  # dM[:, a] = acc[:, a] cos[a] - acc[:, a+h] sin[a+h], dM[:, a+h] = acc[:, a+h] cos[a+h]
+            # + acc[:, a] sin[a] (s = +1 below h, -1 above)
+            acc_a, acc_b = tl.split(tl.permute(tl.reshape(acc, (BI, 2, BK2)), (0, 2, 1)))  # no data movement
+            ka = tk * BK2 + tl.arange(0, BK2)
+            cs_a, sn_a = _cos_sin(cos_ptr, sin_ptr, c, ka, RH, ACC)
+            cs_b, sn_b = _cos_sin(cos_ptr, sin_ptr, c, ka + H, RH, ACC)
+            out = tl.join(acc_a * cs_a[None, :] - acc_b * sn_b[None, :], acc_b * cs_b[None, :] + acc_a * sn_a[None, :])
+            tl.store(base + ok[None, :], tl.reshape(tl.permute(out, (0, 2, 1)), (BI, BK)), mask=m)
+        else:  # dM[:, k] += acc[:, k] cos[k] (slot 0), dM[:, k^h] += s(k) acc[:, k] sin[k] (slot 1)
+            cs, sn = _cos_sin(cos_ptr, sin_ptr, c, ok, RH, ACC)
+            kp, sgn = _partner(ok, RH, ACC)
+            tl.store(base + ok[None, :], acc * cs[None, :], mask=m)
+            tl.store(base + RH * RH + kp[None, :], acc * (sn * sgn)[None, :], mask=m)
+    else:
+        tl.store(base + ok[None, :], acc, mask=m)
 
 
 _TABLES: dict = {}
@@ -174,21 +214,52 @@ def add_blocks_(W: torch.Tensor, M: torch.Tensor, rot, items: tuple, rh: int) ->
                       ACC=_acc(W.dtype), BI=ADD_TILE, BK=ADD_TILE)
 
 
+@functools.lru_cache(maxsize=None)
+def _sms(device: str) -> int:
+    """The GPU's SM count; 1 off the GPU (the interpreter: no token split for occupancy)."""
+    d = torch.device(device)
+    return torch.cuda.get_device_properties(d).multi_processor_count if d.type == "cuda" else 1
+
+
+def token_splits(T: int, programs: int, sms: int, min_tokens: int = 1024) -> int:
+    """How many token ranges (>= min_tokens each, or 1) each (item, tile) program is split into: the
+    fewest that give >= 1.5 programs an SM. Fitted to `launch/bench_rotgrad.py` on an H200 at 8B (T =
+    8,192, 132 SMs; results/perf/s4_call3/rotgrad.txt): q/k/v/o (52-64 programs) ran fastest at 4
+    ranges (q 0.104 ms vs 0.145 at 2), gate/up (369) at 1 (0.192 vs 0.237 at 4), down (99) the same at
+    2 and 4; more ranges cost fp32 partials written and summed."""
+    want = -(-3 * sms // (2 * max(programs, 1)))
+    return max(1, min(T // min_tokens, want))
+
+
 def block_grad(g2: torch.Tensor, x2: torch.Tensor, rot, items: tuple, rh: int, dtype, cfg: dict | None = None):
-    """dM [rh, rh] (in `dtype`) of one block adapter from the layer's output gradient g2 and input x2."""
-    cfg = cfg or grad_config(rh, g2.element_size())
+    """dM [rh, rh] (in `dtype`) of one block adapter from the layer's output gradient g2 and input x2.
+    `cfg` overrides grad_config's keys; TP (tokens a program; default from `token_splits`) and
+    PAIR (paired rotation columns; default where h keeps the alignment) too."""
     tab, align = _table(items, rh, g2.device)
     T = g2.shape[0]
-    TB = min(cfg["TB"], triton.next_power_of_2(max(T, cfg["BT"])))
-    ntb = triton.cdiv(T, TB)
-    n_units = tab.shape[0] * ntb
-    split = triton.cdiv(n_units, cfg["UPP"])
+    n_items = tab.shape[0]
+    rot_ = rot is not None
+    # rotation pairs in one tile, unless h = rh/2 would cut the loads' alignment (odd h: 2-byte x
+    # loads); cfg["PAIR"] forces either form (the tests run both)
+    pair = rot_ and (cfg or {}).get("PAIR", math.gcd(align, rh // 2) == align)
+    cfg = {**grad_config(rh, g2.element_size(), pair or not rot_), **(cfg or {})}
+    if pair:
+        tiles = triton.cdiv(rh, cfg["BI"]) * triton.cdiv(rh // 2, cfg["BK"] // 2)
+    else:
+        tiles = triton.cdiv(rh, cfg["BI"]) * triton.cdiv(rh, cfg["BK"])
+    BT = cfg["BT"]
+    TP = cfg.get("TP")
+    if TP is None:
+        n = token_splits(T, tiles * n_items, _sms(str(g2.device)))
+        TP = triton.cdiv(T, n)
+    TP = max(BT, triton.cdiv(TP, BT) * BT)
+    ns = max(1, triton.cdiv(T, TP))
     acc = torch.float64 if g2.dtype == torch.float64 else torch.float32
-    nslot = 2 if rot is not None else 1  # the sin accumulator's permuted columns go to slot 1
-    part = torch.empty(split, nslot, rh, rh, device=g2.device, dtype=acc)
-    cos, sin = rot if rot is not None else (part, part)
-    grid = (triton.cdiv(rh, cfg["BI"]) * triton.cdiv(rh, cfg["BK"]), split)
-    _grad_kernel[grid](g2, x2, cos, sin, tab, part, T, g2.stride(0), x2.stride(0), n_units, ntb, RH=rh,
-                       ROT=rot is not None, NSLOT=nslot, ALIGN=align, ACC=_acc(g2.dtype), BI=cfg["BI"], BK=cfg["BK"],
-                       BT=cfg["BT"], TB=TB, UPP=cfg["UPP"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    part = torch.empty(n_items * ns, 2 if rot_ and not pair else 1, rh, rh, device=g2.device, dtype=acc)
+    cos, sin = rot if rot_ else (part, part)
+    opts = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and g2.is_cuda else {}
+    _grad_kernel[(tiles, n_items * ns)](g2, x2, cos, sin, tab, part, T, g2.stride(0), x2.stride(0), ns, RH=rh,
+                                        ROT=rot_, PAIR=pair, ALIGN=align, ACC=_acc(g2.dtype), BI=cfg["BI"],
+                                        BK=cfg["BK"], BT=BT, TP=TP, num_warps=cfg["num_warps"],
+                                        num_stages=cfg["num_stages"], **opts)
     return part.sum((0, 1)).to(dtype)
