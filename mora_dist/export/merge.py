@@ -72,12 +72,9 @@ def merge_and_export(cfg: Config, path: str, out_dir: str, hf_dtype: torch.dtype
         if dist.get_rank() == 0:
             os.makedirs(mdir, exist_ok=True)
         dist.barrier()
-        sd = {}
-        for c in chunks:  # keys carry global layer numbers: the chunks' entries do not collide
-            part = c.sharded_state_dict()
-            clash = sorted(set(sd) & set(part))
-            if clash:
-                raise RuntimeError(f"megatron export: model chunks share state keys {clash[:3]}")
-            sd.update(part)
+        # virtual stages: one sub-dict per chunk, as megatron-LM saves them (the chunks' local module
+        # names repeat; the sharded tensors' keys carry global layer numbers, so any layout loads them)
+        sd = chunks[0].sharded_state_dict() if len(chunks) == 1 else {
+            f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
         dist_checkpointing.save(sd, mdir)
     return dict(step=step, hf=os.path.join(out_dir, "hf"), megatron=os.path.join(out_dir, "megatron"))
