@@ -120,8 +120,6 @@ class Trainer:
 
         self.cfg, self.ps = cfg, ps
         self.chunks, self.report = build_adapted_chunks(cfg)
-        if cfg.train.cuda_graph and len(self.chunks) > 1:
-            raise ValueError(f"train.cuda_graph: true is not supported with parallel.vpp={cfg.parallel.vpp}")
         # before DDP: it buckets trainable params
         self.full_rank = [f for c in self.chunks for f in enable_full_rank(c, cfg.train.full_rank)]
         n_full = sum(f.param.numel() for f in self.full_rank)
@@ -164,7 +162,7 @@ class Trainer:
         self.step = 0
         self.restarts = 0
         self.graph = None
-        if t.cuda_graph:  # one chunk (refused above under parallel.vpp)
+        if t.cuda_graph:
             if not torch.cuda.is_available():
                 raise ValueError("train.cuda_graph: true needs a GPU")
             from mora_dist.training.cuda_graph import MicrobatchGraph, ScheduleGraph, graph_safe_rng
@@ -174,7 +172,8 @@ class Trainer:
             if ps.get_pipeline_model_parallel_world_size() > 1:
                 # megatron synchronises the device after batched P2P transfers (an old torch race);
                 # a capture cannot contain a device sync, and the transfers are ordered on the stream
-                self.chunks[0].config.batch_p2p_sync = False
+                for c in self.chunks:
+                    c.config.batch_p2p_sync = False
                 self.graph = ScheduleGraph(lambda batches: self._schedule(iter(batches), len(batches), False))
             else:
                 self.graph = MicrobatchGraph(self._graph_fwd_bwd, self._zero_grads)
