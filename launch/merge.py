@@ -1,12 +1,13 @@
 """Merge a checkpoint's adapters into the base; write Megatron + Hugging Face checkpoints.
 
     torchrun --nproc_per_node=N launch/merge.py --checkpoint runs/x/ckpt [--out runs/x/merged]
-           [--tp T --pp P] [--dtype bf16|fp32] [--overwrite]
+           [--tp T --pp P [--vpp V]] [--dtype bf16|fp32] [--overwrite]
 
 --checkpoint may be a checkpoint directory (`step_N`) or the run's checkpoint root (uses `latest`).
 The checkpoint is checked whole before any work (a damaged one is named, never merged); the output
 is written beside --out and renamed into place, and an existing non-empty --out is refused unless
---overwrite. The world size must equal tp * pp (defaults: the training layout).
+--overwrite. The world size must equal tp * pp (defaults: the training layout; a --pp without --vpp
+merges without virtual pipeline stages).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     ap.add_argument("--tp", type=int)
     ap.add_argument("--pp", type=int)
+    ap.add_argument("--vpp", type=int, help="virtual pipeline stages per rank (parallel.vpp)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"])
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     args = ap.parse_args(argv)
@@ -70,12 +72,12 @@ def main(argv=None) -> int:
     from mora_dist.compat import mcore_cpu
 
     mcore_cpu.apply()
-    cfg = config_from_checkpoint(path, args.tp, args.pp)
+    cfg = config_from_checkpoint(path, args.tp, args.pp, args.vpp)
     if world != cfg.parallel.tp * cfg.parallel.pp:
         print(f"merge: world size {world} must equal tp*pp = {cfg.parallel.tp}*{cfg.parallel.pp} "
               "(pass --tp/--pp or change --nproc_per_node)", file=sys.stderr)
         return 2
-    init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     res = merge_and_export(cfg, path, out, dtype, overwrite=args.overwrite)
     import torch.distributed as dist

@@ -1,6 +1,6 @@
 """Multi-process test harness: run a function on N CPU ranks with gloo and megatron parallel state.
 
-`run_ranks(fn, world_size, tp=..., pp=...)` spawns `world_size` processes, initialises
+`run_ranks(fn, world_size, tp=..., pp=..., vpp=...)` spawns `world_size` processes, initialises
 torch.distributed (gloo) and megatron-core's parallel state (with the CPU workarounds of
 `mora_dist.compat.mcore_cpu`, applied first in each rank), calls `fn(rank, *args)` and returns every rank's return value.
 A failure on any rank raises in the test process with that rank's full traceback.
@@ -23,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, tp, pp, fn, args, queue):
+def _worker(rank, world_size, port, tp, pp, vpp, fn, args, queue):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
@@ -37,7 +37,7 @@ def _worker(rank, world_size, port, tp, pp, fn, args, queue):
 
         mcore_cpu.apply()
 
-        init_distributed(tp=tp, pp=pp, timeout_s=300)
+        init_distributed(tp=tp, pp=pp, timeout_s=300, vpp=vpp)
         out = fn(rank, *args)
         buf = io.BytesIO()  # by value: tensors must not travel through an exiting process's shm
         torch.save(out, buf)
@@ -47,12 +47,12 @@ def _worker(rank, world_size, port, tp, pp, fn, args, queue):
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(fn, world_size: int, *args, tp: int = 1, pp: int = 1, timeout: float = 600.0):
+def run_ranks(fn, world_size: int, *args, tp: int = 1, pp: int = 1, vpp: int = 1, timeout: float = 600.0):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, tp, pp, fn, args, queue))
+        ctx.Process(target=_worker, args=(r, world_size, port, tp, pp, vpp, fn, args, queue))
         for r in range(world_size)
     ]
     for p in procs:

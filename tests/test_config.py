@@ -103,3 +103,28 @@ def test_run_profile_is_two_positive_steps(tmp_path, monkeypatch):
     for bad in ("[4]", "[0,2]", "[3,0]"):
         with pytest.raises(ConfigError, match=r"run.profile must be \[first_step, n_steps\]"):
             _biomed(_sub(tmp_path, f"b{bad.count(',')}{bad[1]}{bad[-2]}"), monkeypatch, 2, f"run.profile={bad}")
+
+
+def test_vpp_errors_name_the_key_and_the_fix(tmp_path, monkeypatch):
+    """parallel.vpp (interleaved schedule): what megatron would reject inside the first step is a
+    one-line config error naming the key."""
+    from mora_dist.training.config import ConfigError
+    from train_utils import tiny_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    vpp = {"parallel.pp": 2, "parallel.vpp": 2}
+    assert tiny_config(tmp_path, **vpp, **{"model.num_layers": 4}).parallel.vpp == 2
+    assert tiny_config(tmp_path).parallel.vpp == 1  # default: off
+    cases = [({"parallel.vpp": 0}, r"parallel.vpp must be >= 1"),
+             ({"parallel.vpp": 2}, r"parallel.vpp=2 needs parallel.pp >= 2 .*; set parallel.vpp=1"),
+             ({**vpp, "model.num_layers": 6},
+              r"model.num_layers=6 is not divisible by parallel.pp \* parallel.vpp = 2 \* 2 .*change parallel.vpp"),
+             ({**vpp, "model.num_layers": 4, "train.global_batch": 6},
+              r"parallel.vpp=2: train.global_batch / \(train.micro_batch \* data-parallel size\) = 6 / \(2 \* 1\) = 3 "
+              r"micro-batches, not a multiple of parallel.pp=2 .*change train.global_batch or train.micro_batch"),
+             ({**vpp, "model.num_layers": 4, "train.cuda_graph": True},
+              r"train.cuda_graph: true is not supported with parallel.vpp=2")]
+    for over, msg in cases:
+        with pytest.raises(ConfigError, match=msg) as e:
+            tiny_config(tmp_path, **over)
+        assert "\n" not in str(e.value)

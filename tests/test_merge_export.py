@@ -60,7 +60,7 @@ def _logits_after_merge(rank, tmp, over, ckpt, out):
     path = state.latest(ckpt)
     cfg = config_from_checkpoint(path)
     merge_and_export(cfg, path, out)
-    fresh, _ = load_merged(cfg, path)  # same layout, then overwrite from the Megatron checkpoint
+    [fresh], _ = load_merged(cfg, path)  # same layout, then overwrite from the Megatron checkpoint
     with torch.no_grad():
         for p in fresh.parameters():
             p.zero_()

@@ -17,7 +17,9 @@ import torch.distributed as dist
 from mora_dist.training.config import Config, config_from_dict
 
 
-def config_from_checkpoint(path: str, tp: int | None = None, pp: int | None = None) -> Config:
+def config_from_checkpoint(path: str, tp: int | None = None, pp: int | None = None, vpp: int | None = None) -> Config:
+    """The run's stored config at the layout given (default: the training layout). A new `pp` without
+    `vpp` turns virtual pipeline stages off (the training vpp need not fit the new split)."""
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(path)["common"]
@@ -26,24 +28,30 @@ def config_from_checkpoint(path: str, tp: int | None = None, pp: int | None = No
         cfg.parallel.tp = tp
     if pp:
         cfg.parallel.pp = pp
+        cfg.parallel.vpp = 1
+    if vpp:
+        cfg.parallel.vpp = vpp
     cfg.parallel.sp = False
     return cfg
 
 
 def load_merged(cfg: Config, path: str):
-    """Build this stage's adapted model, load the checkpoint, merge; returns the plain GPTModel."""
+    """Build this stage's adapted model chunks (one, or one per virtual stage under parallel.vpp),
+    load the checkpoint, merge; returns (the list of plain GPTModel chunks, the checkpoint's step)."""
     from mora_dist.checkpoint import state
     from mora_dist.parallel.inject import unwrap_adapters
-    from mora_dist.training.loop import build_adapted_model
+    from mora_dist.training.loop import build_adapted_chunks, stage_module
     from mora_dist.training.optimizer import enable_full_rank
 
-    model, _ = build_adapted_model(cfg)
-    full_rank = enable_full_rank(model, cfg.train.full_rank)  # the checkpoint's trained values load into these
+    chunks, _ = build_adapted_chunks(cfg)
+    # the checkpoint's trained values load into these
+    full_rank = [f for c in chunks for f in enable_full_rank(c, cfg.train.full_rank)]
+    model = stage_module(chunks)
     params = [p for p in model.parameters() if p.requires_grad]
     holder = SimpleNamespace(model=model, cfg=cfg, step=0, restarts=0, opt=torch.optim.AdamW(params),
                              full_rank=full_rank)
     state.load(holder, path)
-    return unwrap_adapters(model), holder.step
+    return [unwrap_adapters(c) for c in chunks], holder.step
 
 
 def merge_and_export(cfg: Config, path: str, out_dir: str, hf_dtype: torch.dtype | None = None,
@@ -57,12 +65,16 @@ def merge_and_export(cfg: Config, path: str, out_dir: str, hf_dtype: torch.dtype
     from mora_dist.utils.atomic_dir import atomic_output
     from mora_dist.models import export_hf
 
-    model, step = load_merged(cfg, path)
+    chunks, step = load_merged(cfg, path)
     with atomic_output(out_dir, overwrite, "merge output") as tmp:
-        export_hf(model, os.path.join(tmp, "hf"), dtype=hf_dtype)
+        export_hf(chunks, os.path.join(tmp, "hf"), dtype=hf_dtype)
         mdir = os.path.join(tmp, "megatron")
         if dist.get_rank() == 0:
             os.makedirs(mdir, exist_ok=True)
         dist.barrier()
-        dist_checkpointing.save(model.sharded_state_dict(), mdir)
+        # virtual stages: one sub-dict per chunk, as megatron-LM saves them (the chunks' local module
+        # names repeat; the sharded tensors' keys carry global layer numbers, so any layout loads them)
+        sd = chunks[0].sharded_state_dict() if len(chunks) == 1 else {
+            f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+        dist_checkpointing.save(sd, mdir)
     return dict(step=step, hf=os.path.join(out_dir, "hf"), megatron=os.path.join(out_dir, "megatron"))

@@ -78,6 +78,9 @@ def transformer_config(spec: LlamaSpec, params_dtype: torch.dtype = torch.float3
         )
     if spec.num_layers % pp:
         raise ValueError(f"PP={pp} must divide num_layers ({spec.num_layers})")
+    vpp = (ps.get_virtual_pipeline_model_parallel_world_size() or 1) if pp > 1 else 1
+    if spec.num_layers % (pp * vpp):
+        raise ValueError(f"PP={pp} x VPP={vpp} must divide num_layers ({spec.num_layers})")
     kw = dict(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -96,6 +99,8 @@ def transformer_config(spec: LlamaSpec, params_dtype: torch.dtype = torch.float3
         init_method_std=spec.init_method_std,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        # interleaved schedule: layers per model chunk and their global offsets follow from it
+        virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size() if pp > 1 else None,
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -103,6 +108,11 @@ def transformer_config(spec: LlamaSpec, params_dtype: torch.dtype = torch.float3
         fp16=params_dtype == torch.float16,
         window_size=(spec.sliding_window - 1, 0) if spec.sliding_window else None,
     )
+    if vpp > 1:
+        # megatron-LM's P2P setting for the interleaved schedule: one isend/irecv per direction (at PP=2
+        # the two directions on separate communicators). Batched, a step's four transfers go to one
+        # peer at PP=2, and its activation and gradient sends meet the peer's receives in the wrong order.
+        kw.update(overlap_p2p_comm=True, batch_p2p_comm=False)
     kw.update(mcore_cpu.config_overrides())
     if torch.cuda.is_available():
         kw.update(kernels.CUDA_FUSIONS)
@@ -140,6 +150,9 @@ def build_model(
     if not isinstance(spec, LlamaSpec):
         spec = LlamaSpec.from_hf(spec)
     config = transformer_config(spec, params_dtype, sequence_parallel, **config_overrides)
+    if config.virtual_pipeline_model_parallel_size and vp_stage is None:
+        raise ValueError(f"virtual pipeline stages are on (VPP={config.virtual_pipeline_model_parallel_size}): "
+                         "build each model chunk with vp_stage=0..VPP-1")
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:

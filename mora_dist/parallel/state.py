@@ -22,11 +22,12 @@ def env_from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_s: int = 600) -> None:
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_s: int = 600, vpp: int = 1) -> None:
     """Initialise torch.distributed and megatron's parallel state. On GPU the default group is
     "cpu:gloo,cuda:nccl": CUDA tensors go through NCCL, the few CPU tensors the loop reduces
     (loss/signal flags, counts) through gloo, so the same code runs on CPU and GPU.
 
+    vpp > 1: that many virtual pipeline stages per rank (megatron's interleaved schedule; pp > 1).
     Reads the usual torchrun variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK).
     On a CPU-only torch the process's entry point must have applied `mora_dist.compat.mcore_cpu`.
     """
@@ -44,7 +45,10 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_s: int = 6
             f"world size {world} is not divisible by tensor_parallel ({tp}) * pipeline_parallel ({pp})"
         )
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        if vpp > 1 and pp < 2:
+            raise ValueError(f"virtual pipeline stages (vpp={vpp}) need pipeline_parallel > 1 (got {pp})")
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
     from megatron.core import tensor_parallel
 
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

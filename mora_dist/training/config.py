@@ -50,6 +50,9 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    # virtual pipeline stages per rank (megatron's interleaved 1F1B, virtual_pipeline_model_parallel_size):
+    # each rank holds vpp model chunks of num_layers / (pp * vpp) layers; 1 = off. docs/design.md section 3
+    vpp: int = 1
     sp: bool = False
     overlap_sp: bool = True  # under SP: adapted layers' all-gather / reduce-scatter overlapped with their GEMMs
 
@@ -269,6 +272,31 @@ def resolve_model_shape(cfg: Config) -> None:
         setattr(m, key, getattr(spec, spec_key))
 
 
+def _check_vpp(cfg: Config, dp: int) -> None:
+    """parallel.vpp (megatron's interleaved schedule): what megatron would reject deep inside the first step."""
+    t, p, m = cfg.train, cfg.parallel, cfg.model
+    if p.vpp < 1:
+        raise ConfigError(f"parallel.vpp must be >= 1 (1 = no virtual pipeline stages), got {p.vpp}")
+    if p.vpp == 1:
+        return
+    if p.pp < 2:
+        raise ConfigError(f"parallel.vpp={p.vpp} needs parallel.pp >= 2 (virtual stages interleave pipeline "
+                          f"stages; got parallel.pp={p.pp}); set parallel.vpp=1")
+    if m.num_layers % (p.pp * p.vpp):
+        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp * parallel.vpp = "
+                          f"{p.pp} * {p.vpp} (each virtual stage holds num_layers / (pp * vpp) layers); "
+                          "change parallel.vpp")
+    n_micro = t.global_batch // (t.micro_batch * dp)
+    if n_micro % p.pp:
+        raise ConfigError(f"parallel.vpp={p.vpp}: train.global_batch / (train.micro_batch * data-parallel size) = "
+                          f"{t.global_batch} / ({t.micro_batch} * {dp}) = {n_micro} micro-batches, not a multiple "
+                          f"of parallel.pp={p.pp} (megatron's interleaved schedule runs them in groups of pp); "
+                          "change train.global_batch or train.micro_batch")
+    if t.cuda_graph:  # the Trainer's code path exists (launch/device/vpp_graph_check.py) but no GPU run has checked it
+        raise ConfigError(f"train.cuda_graph: true is not supported with parallel.vpp={p.vpp} (capture of the "
+                          "interleaved schedule is unverified); set parallel.vpp=1 or train.cuda_graph=false")
+
+
 def validate(cfg: Config, source: str = "config", world_size: Optional[int] = None) -> None:
     """Checks that need several sections or the launch environment; run before any rank works."""
     from mora_dist.training.config_rules import check_ranges
@@ -287,6 +315,7 @@ def validate(cfg: Config, source: str = "config", world_size: Optional[int] = No
                           f"data-parallel size = {t.micro_batch} * {dp}")
     if m.num_layers % p.pp:
         raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}")
+    _check_vpp(cfg, dp)
     if m.num_query_groups % p.tp or m.num_attention_heads % p.tp:
         raise ConfigError(f"model.num_query_groups={m.num_query_groups} / num_attention_heads must be divisible "
                           f"by parallel.tp={p.tp}")

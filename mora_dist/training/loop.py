@@ -1,9 +1,17 @@
 """The training loop: megatron-core pipeline schedules over an adapter-wrapped GPTModel.
 
 Per step: the jagged/cosine LR; a ReLoRA/ReMoRA restart when due (restarts.py); then the shared
-optimizer step (step.py): micro-batches through `get_forward_backward_func` (1F1B under PP);
-megatron DistributedDataParallel reduces the gradients over DP in its fp32 grad buffers;
-the global grad norm is completed over TP/PP and clipped; the optimizer steps.
+optimizer step (step.py): micro-batches through `get_forward_backward_func` (1F1B under PP, the
+interleaved 1F1B under `parallel.vpp` > 1); megatron DistributedDataParallel reduces the gradients
+over DP in its fp32 grad buffers; the global grad norm is completed over TP/PP and clipped; the
+optimizer steps.
+
+Model chunks: a rank holds one GPTModel for its pipeline stage, or, with `parallel.vpp` = V > 1,
+V chunks (virtual stages vp_stage 0..V-1, each num_layers / (pp * V) layers, the layers of rank r's
+chunk v being those of global virtual stage v * pp + r), each wrapped in its own DDP. `Trainer.model`
+is the one GPTModel, or an nn.ModuleList of the chunks: whatever walks it (adapted_layers,
+fixed_adapters, defer_tp_grads, named_adapters, checkpoints, restarts) walks every chunk, and the
+layers' global names (checkpoint keys, seeds) are the same under any pipeline split.
 
 What trains: the adapters and the full-rank parts `train.full_rank` names (embedding, output layer,
 norms: their own param group at `train.full_rank_lr`). Optimizer (`train.optimizer`, see
@@ -26,16 +34,19 @@ from mora_dist.training.schedule import jagged_cosine_lr
 from mora_dist.training.step import optimizer_step
 
 
-def build_adapted_model(cfg: Config):
-    """This pipeline stage's Llama GPTModel (HF weights or random init) with the configured adapters.
-    Returns (model, AdapterReport)."""
+def build_adapted_model(cfg: Config, vp_stage: int | None = None):
+    """This pipeline stage's Llama GPTModel (HF weights or random init) with the configured adapters;
+    with `vp_stage`, that virtual stage's chunk. Returns (model, AdapterReport)."""
     from megatron.core import parallel_state as ps
 
     from mora_dist.parallel.inject import apply_adapters
     from mora_dist.training.model import build_for_training
 
-    model = build_for_training(cfg.model, cfg.parallel, cfg.train.recompute, ps.is_pipeline_first_stage(),
-                               ps.is_pipeline_last_stage(), seq_length=cfg.data.seq_length, compile=cfg.train.compile)
+    plain = vp_stage is None
+    model = build_for_training(cfg.model, cfg.parallel, cfg.train.recompute,
+                               ps.is_pipeline_first_stage(ignore_virtual=plain, vp_stage=vp_stage),
+                               ps.is_pipeline_last_stage(ignore_virtual=plain, vp_stage=vp_stage),
+                               seq_length=cfg.data.seq_length, compile=cfg.train.compile, vp_stage=vp_stage)
     if cfg.train.recompute and getattr(model, "pre_process", False):
         # The embedding is frozen, so its output does not require grad, and megatron's checkpointed
         # layers (an autograd Function of their *inputs*) would then drop every adapter gradient.
@@ -44,6 +55,40 @@ def build_adapted_model(cfg: Config):
     for layer in adapted_layers(model):
         layer.overlap_sp = cfg.parallel.overlap_sp
     return model, report
+
+
+def build_adapted_chunks(cfg: Config):
+    """This rank's model chunks: [the stage's model], or one per virtual stage under `parallel.vpp`
+    (megatron's parallel state must have been initialised with the same vpp). Returns (chunks, the
+    AdapterReport summed over them)."""
+    from megatron.core import parallel_state as ps
+
+    vpp = cfg.parallel.vpp
+    state_vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+    if state_vpp != vpp:
+        raise ValueError(f"parallel.vpp={vpp} but megatron's parallel state has {state_vpp} virtual stages: "
+                         "initialise it with init_distributed(..., vpp=cfg.parallel.vpp)")
+    if vpp == 1:
+        model, report = build_adapted_model(cfg)
+        return [model], report
+    chunks, total = [], None
+    for v in range(vpp):
+        model, report = build_adapted_model(cfg, vp_stage=v)
+        chunks.append(model)
+        if total is None:
+            total = report
+        else:
+            total.trainable += report.trainable
+            total.frozen += report.frozen
+            total.layers += report.layers
+            for k, n in report.per_target.items():
+                total.per_target[k] = total.per_target.get(k, 0) + n
+    return chunks, total
+
+
+def stage_module(chunks: list) -> torch.nn.Module:
+    """One module for the rank's chunks: the model itself, or an nn.ModuleList of the virtual stages."""
+    return chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
 
 
 def _loss_func(loss_mask, output):
@@ -74,8 +119,9 @@ class Trainer:
         from mora_dist.training.optimizer import build_optimizer, enable_full_rank
 
         self.cfg, self.ps = cfg, ps
-        model, self.report = build_adapted_model(cfg)
-        self.full_rank = enable_full_rank(model, cfg.train.full_rank)  # before DDP: it buckets trainable params
+        self.chunks, self.report = build_adapted_chunks(cfg)
+        # before DDP: it buckets trainable params
+        self.full_rank = [f for c in self.chunks for f in enable_full_rank(c, cfg.train.full_rank)]
         n_full = sum(f.param.numel() for f in self.full_rank)
         self.report.trainable, self.report.frozen = self.report.trainable + n_full, self.report.frozen - n_full
         self.optimizer_kind = resolve_optimizer(cfg.train, torch.cuda.is_available())
@@ -90,14 +136,14 @@ class Trainer:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.ddp = DistributedDataParallel(model.config, ddp_config, model)
+                self.ddps = [DistributedDataParallel(c.config, ddp_config, c) for c in self.chunks]
             torch.cuda.current_stream().wait_stream(side)
         else:
-            self.ddp = DistributedDataParallel(model.config, ddp_config, model)
-        self.model = model
+            self.ddps = [DistributedDataParallel(c.config, ddp_config, c) for c in self.chunks]
+        self.model = model = stage_module(self.chunks)
         self._reduce_tp = defer_tp_grads(model)  # replicated adapter grads: one TP all-reduce a step
-        self.params = [p for p in self.ddp.parameters() if p.requires_grad]
-        self.opt = build_optimizer(cfg, self.ddp, self.params, self.full_rank, self.optimizer_kind)
+        self.params = [p for d in self.ddps for p in d.parameters() if p.requires_grad]
+        self.opt = build_optimizer(cfg, self.ddps, self.params, self.full_rank, self.optimizer_kind)
         t, d = cfg.train, cfg.data
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.dp = dp
@@ -126,10 +172,19 @@ class Trainer:
             if ps.get_pipeline_model_parallel_world_size() > 1:
                 # megatron synchronises the device after batched P2P transfers (an old torch race);
                 # a capture cannot contain a device sync, and the transfers are ordered on the stream
-                model.config.batch_p2p_sync = False
+                for c in self.chunks:
+                    c.config.batch_p2p_sync = False
                 self.graph = ScheduleGraph(lambda batches: self._schedule(iter(batches), len(batches), False))
             else:
                 self.graph = MicrobatchGraph(self._graph_fwd_bwd, self._zero_grads)
+
+    @property
+    def ddp(self):
+        """The DDP-wrapped model of a rank with one chunk (`ddps`: every chunk's)."""
+        if len(self.ddps) != 1:
+            raise AttributeError(f"Trainer.ddp: this rank holds {len(self.ddps)} model chunks "
+                                 "(parallel.vpp); use Trainer.ddps")
+        return self.ddps[0]
 
     # --- one step ---------------------------------------------------------------------------
     def lr_at(self, step: int, peak: float | None = None) -> float:
@@ -141,12 +196,23 @@ class Trainer:
     def _run_schedule(self, source, step: int, forward_only: bool):
         return self._schedule(source.microbatches(step), source.num_microbatches, forward_only)
 
+    def _data_iterators(self, batches):
+        """megatron's data iterator: `batches` for one chunk; under parallel.vpp one iterator per chunk
+        over the same micro-batches (the interleaved schedule runs every micro-batch through every chunk,
+        each reading its own iterator in micro-batch order)."""
+        if len(self.ddps) == 1:
+            return batches
+        batches = list(batches)
+        return [iter(batches) for _ in self.ddps]
+
     def _schedule(self, batches, n: int, forward_only: bool):
-        """megatron's schedule (1F1B under PP) over `n` micro-batches from the iterator `batches`."""
+        """megatron's schedule (1F1B under PP, interleaved under parallel.vpp) over `n` micro-batches
+        from the iterator `batches`."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         return get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=batches, model=[self.ddp], num_microbatches=n,
+            forward_step_func=_forward_step, data_iterator=self._data_iterators(batches), model=self.ddps,
+            num_microbatches=n,
             seq_length=self.cfg.data.seq_length, micro_batch_size=self.cfg.train.micro_batch,
             forward_only=forward_only)
 
@@ -158,7 +224,8 @@ class Trainer:
         return loss.detach()
 
     def _zero_grads(self) -> None:
-        self.ddp.zero_grad_buffer()
+        for d in self.ddps:
+            d.zero_grad_buffer()
         for p in self.params:
             p.grad = None
         if self.optimizer_kind == "distributed":
@@ -212,9 +279,10 @@ class Trainer:
 
             # DP reduction, then the norms' TP all-reduce under SP and the tied embedding's over its
             # first/last-stage group (megatron's own gradient finalisation)
-            finalize_model_grads([self.ddp])
+            finalize_model_grads(self.ddps)
         else:
-            self.ddp.finish_grad_sync()
+            for d in self.ddps:
+                d.finish_grad_sync()
         self._reduce_tp(lambda p: p.main_grad)
         if self.optimizer_kind != "distributed":  # the DistributedOptimizer reads its shards of main_grad
             for p in self.params:

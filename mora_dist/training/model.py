@@ -17,16 +17,19 @@ def llama_spec(mcfg):
 
 
 def build_for_training(mcfg, pcfg, recompute: bool, pre_process: bool, post_process: bool, seq_length: int,
-                       compile: bool = True):
+                       compile: bool = True, vp_stage=None):
     """Random init (no hf_dir) draws layer by layer in construction order, so it differs between
-    pipeline layouts; runs that must agree across PP sizes start from an HF directory."""
+    pipeline layouts; runs that must agree across PP sizes start from an HF directory. Under virtual
+    pipeline stages (`vp_stage`) the chunks are built in order 0, 1, ...: the seed is set before the
+    first, the later ones continue its random stream."""
     from mora_dist.models import build_model, load_hf_checkpoint
 
     dtype = torch.bfloat16 if mcfg.dtype == "bf16" else torch.float32
     extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
-    torch.manual_seed(mcfg.seed)
+    if not vp_stage:
+        torch.manual_seed(mcfg.seed)
     model = build_model(llama_spec(mcfg), pre_process, post_process, dtype, sequence_parallel=pcfg.sp,
-                        compile=compile, **extra)
+                        compile=compile, vp_stage=vp_stage, **extra)
     if mcfg.hf_dir:
         load_hf_checkpoint(model, mcfg.hf_dir)
     return model

@@ -100,15 +100,15 @@ def enable_full_rank(model, parts) -> list[FullRankParam]:
     return out
 
 
-def build_optimizer(cfg, ddp, params: list, full_rank: list[FullRankParam], kind: str):
+def build_optimizer(cfg, ddps: list, params: list, full_rank: list[FullRankParam], kind: str):
     """torch AdamW (`kind` adamw) or megatron's DistributedOptimizer (distributed) over the trainable
-    `params` of `ddp`: the adapters' param group (peak LR train.lr) and, with full-rank parts, theirs
+    `params` of the DDP-wrapped model chunks `ddps` (one, or one per virtual pipeline stage): the adapters' param group (peak LR train.lr) and, with full-rank parts, theirs
     (train.full_rank_lr). Each group's peak LR is its `max_lr` (megatron's key)."""
     t = cfg.train
     full_lr = t.lr if t.full_rank_lr is None else t.full_rank_lr
     full = {id(f.param) for f in full_rank}
     if kind == "distributed":
-        return DistributedAdam(cfg, ddp, full, full_lr)
+        return DistributedAdam(cfg, ddps, full, full_lr)
     groups = [{"params": [p for p in params if id(p) not in full], "max_lr": t.lr}]
     if full:
         groups.append({"params": [p for p in params if id(p) in full], "max_lr": full_lr})
@@ -128,7 +128,7 @@ class DistributedAdam:
         """The per-parameter view of its sharded Adam state (`optim.adam_state`)."""
         return DistributedAdamState(self.opt)
 
-    def __init__(self, cfg, ddp, full_rank_ids: set, full_rank_lr: float):
+    def __init__(self, cfg, ddps: list, full_rank_ids: set, full_rank_lr: float):
         from megatron.core.optimizer import OptimizerConfig, ParamKey, ParamPredicate, get_megatron_optimizer
 
         from mora_dist.parallel.inject import adapted_layers
@@ -144,7 +144,7 @@ class DistributedAdam:
         # (the replicated ones are counted once, as Trainer.grad_norm counts them)
         from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
-        for layer in adapted_layers(ddp.module):
+        for layer in [m for d in ddps for m in adapted_layers(d.module)]:
             for a in layer.adapters.values():
                 for n, p in a.named_parameters():
                     if a.is_sharded(n) and a.shard.tp_size > 1:
@@ -155,7 +155,7 @@ class DistributedAdam:
         if full_rank_ids:
             key = ParamKey(predicate=ParamPredicate(name="mora_full_rank", fn=lambda p: id(p) in full_rank_ids))
             overrides[key] = {"max_lr": full_rank_lr}
-        self.opt = get_megatron_optimizer(conf, [ddp], config_overrides=overrides)
+        self.opt = get_megatron_optimizer(conf, list(ddps), config_overrides=overrides)
 
     @property
     def param_groups(self) -> list:

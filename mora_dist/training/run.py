@@ -23,7 +23,7 @@ def run(cfg: Config, stop: dict | None = None) -> dict:
     from mora_dist.training import preflight
 
     stop = stop if stop is not None else {}
-    init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.model.seed)
+    init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.model.seed, vpp=cfg.parallel.vpp)
     try:
         plan = preflight.prepare(cfg)  # lock, checkpoint choice, config and token checks (RunError)
     except BaseException:
