@@ -21,12 +21,17 @@ def main():
     from train_utils import tiny_config
 
     init_distributed(pp=2, vpp=2)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"vpp{dist.get_rank()}_"))
+    # one directory for every rank: megatron's dataset builder writes its index cache on rank 0 only
+    tmp = pathlib.Path(tempfile.gettempdir()) / "vpp_graph_check"
     out = {}
     for method in ("lora", "mora"):
         for graph in (False, True):
-            cfg = tiny_config(tmp, **{"parallel.pp": 2, "parallel.vpp": 2, "model.num_layers": 4, "train.steps": 7,
-                                      "train.compile": False, "adapter.method": method, "adapter.r": 4})
+            for r in range(dist.get_world_size()):  # in turn: tiny_config (re)writes the shared data files
+                if dist.get_rank() == r:
+                    cfg = tiny_config(tmp, **{"parallel.pp": 2, "parallel.vpp": 2, "model.num_layers": 4,
+                                              "train.steps": 7, "train.compile": False, "adapter.method": method,
+                                              "adapter.r": 4})
+                dist.barrier()
             cfg.train.cuda_graph = graph  # past the config's refusal: this run is what would lift it
             t = Trainer(cfg)
             out[f"{method}_{'graph' if graph else 'eager'}"] = [t.train_step()["loss"] for _ in range(cfg.train.steps)]
