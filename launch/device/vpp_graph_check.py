@@ -23,6 +23,7 @@ def main():
     init_distributed(pp=2, vpp=2)
     # one directory for every rank: megatron's dataset builder writes its index cache on rank 0 only
     tmp = pathlib.Path(tempfile.gettempdir()) / "vpp_graph_check"
+    tmp.mkdir(exist_ok=True)
     out = {}
     for method in ("lora", "mora"):
         for graph in (False, True):
