@@ -17,6 +17,9 @@ def main():
     import torch.distributed as dist
 
     from mora_dist.parallel.state import destroy_distributed, init_distributed
+    import torch
+
+    from mora_dist.training.cuda_graph import graph_safe_rng
     from mora_dist.training.loop import Trainer
     from train_utils import tiny_config
 
@@ -34,6 +37,8 @@ def main():
                                               "adapter.r": 4})
                 dist.barrier()
             cfg.train.cuda_graph = graph  # past the config's refusal: this run is what would lift it
+            torch.manual_seed(cfg.model.seed)  # both runs from the same RNG state: the graphed Trainer switches
+            graph_safe_rng(cfg.model.seed)     # megatron's tracker to its graph-safe form, so the eager one does too
             t = Trainer(cfg)
             out[f"{method}_{'graph' if graph else 'eager'}"] = [t.train_step()["loss"] for _ in range(cfg.train.steps)]
             t.close()
