@@ -205,8 +205,14 @@ def test_round_trip_counts_and_rejects(corpus, run2):
 
 
 def test_one_worker_identical_and_restart_noop(corpus, run2, tmp_path):
+    """--workers 1 on the local machine runs in the driver's process (no Ray) and writes the bytes of
+    Ray's 2-worker run."""
     prefix = str(tmp_path / "ds")
-    dp_tokenize.run(args(corpus, prefix, 1))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        man = dp_tokenize.run(args(corpus, prefix, 1))
+    assert "1 worker, in this process" in buf.getvalue() and "on Ray" not in buf.getvalue()
+    assert man["_run"]["ray_seconds"] == 0.0 and man["_run"]["tokens_this_run"] == run2[1]["_run"]["tokens_this_run"]
     assert outputs(prefix) == outputs(run2[0])
     before = open(prefix + ".manifest.json").read()
     again = dp_tokenize.run(args(corpus, prefix, 1))  # complete: nothing to do, nothing changes
@@ -215,9 +221,13 @@ def test_one_worker_identical_and_restart_noop(corpus, run2, tmp_path):
         dp_tokenize.run(args(corpus, prefix, 1)[:-2] + ["--unit-lines", "7"])
 
 
-def test_sigkill_then_restart_is_byte_identical(corpus, run2, ray_session, tmp_path):
+@pytest.mark.parametrize("killed", ["ray", "in_process"])
+def test_sigkill_then_restart_is_byte_identical(corpus, run2, ray_session, tmp_path, killed):
+    """A run killed mid-way (one Ray worker, or --workers 1 in the driver's process) resumes on 2 Ray
+    workers to the bytes of an uninterrupted run."""
     prefix = str(tmp_path / "ds")
-    cmd = [sys.executable, "-m", "data_pipeline.tokenize", *args(corpus, prefix, 1, "--address", ray_session)]
+    extra = ("--address", ray_session) if killed == "ray" else ()
+    cmd = [sys.executable, "-m", "data_pipeline.tokenize", *args(corpus, prefix, 1, *extra)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     work, deadline = prefix + ".work", time.time() + 120
     try:

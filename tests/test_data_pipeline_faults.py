@@ -87,7 +87,7 @@ def test_sigkilled_run_leaves_no_ray_processes(tmp_path):
     src, tok = _corpus(tmp_path, 12)
     prefix = str(tmp_path / "ds")
     proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.tokenize", "--input", src, "--tokenizer", tok,
-                             "--output-prefix", prefix, "--workers", "1", "--part-bytes", "100000"],
+                             "--output-prefix", prefix, "--workers", "2", "--part-bytes", "100000"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, tree = time.time() + 120, set()
     try:
