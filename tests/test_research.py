@@ -208,6 +208,21 @@ def test_round2_driver_grid_then_seeds_at_the_best_lr(tmp_path):
     assert [x["eval_at_step"] for x in u["recs"] if "eval_at_step" in x] == list(range(4, u["cfg"]["steps"] + 1, 4))
     text = summarize.round2_tables(out)
     assert "ReLoRA, scale 0.5" in text and "LoRA r=8" in text and "±" in text
+    # --grid-only: the same pick from the same grid, but no seeds queued
+    study = round2.Study(out, 20, 3, True, ["relora_s0.5"], seeds=False)
+    best = sel["relora_s0.5"]["best_lr"]
+    assert study.followup(f"pretrain/relora_s0.5_lr{best}_seed0", status) == []
+    assert study.picked[("pretrain", "relora_s0.5")]["best_lr"] == best
+    # a later call with only the seeds: --seeds-from the selection, --pt-only drops the UUID group in it
+    out2 = tmp_path / "r2_seeds"
+    rc = round2.main([str(out2), "--smoke", "--pt-only", "--seeds-from", str(out / "selection.json"),
+                      "--progress-every", "1000"])
+    status2 = json.loads((out2 / "status.json").read_text())
+    assert rc == 0 and sorted(status2) == [f"pretrain/relora_s0.5_lr{best}_seed{sd}" for sd in (1, 2)], status2
+    assert all(v.startswith("rc 0") for v in status2.values()) and not (out2 / "selection.json").exists()
+    seeds = summarize.round2_runs(out2, "pretrain")
+    assert sorted(r["seed"] for r in seeds) == [1, 2] and all(r["lr"] == float(best) for r in seeds)
+    assert seeds[0]["cfg"]["restart_every"] == every and seeds[0]["cfg"]["adapter_scale"] == 0.5
 
 
 def test_round2_runs_merge_directories_and_skip_failed(tmp_path):
