@@ -106,6 +106,53 @@ def test_gpu_study_driver_runs_collects_and_packs(tmp_path):
     assert "| uuid/lora_lr1e-2 | LoRA |" in gs.table(list(rows.values()))
 
 
+def test_gpu_placement_choice():
+    """pick_gpu: the GPU with the fewest running jobs, the lowest index on a tie; gpu_ids: which
+    CUDA_VISIBLE_DEVICES entries the jobs get (none on a machine without GPUs unless forced)."""
+    import gpu_study as gs
+
+    assert [gs.pick_gpu(x) for x in ([0, 0], [1, 0], [1, 1], [2, 1], [0, 3, 0], [4, 2, 2])] == [0, 1, 0, 1, 0, 1]
+    assert gs.visible_gpus({"CUDA_VISIBLE_DEVICES": "5, 7"}) == ["5", "7"]
+    assert gs.visible_gpus({"CUDA_VISIBLE_DEVICES": "3,-1,4"}) == ["3"] and gs.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert gs.gpu_ids(None, ["5", "7"]) == ["5", "7"] and gs.gpu_ids(1, ["5", "7"]) == ["5"]
+    assert gs.gpu_ids(None, []) == [] and gs.gpu_ids(1, []) == []  # CPU: the jobs' environment is left alone
+    assert gs.gpu_ids(2, []) == ["0", "1"]  # forced: a CPU check of the placement
+    with pytest.raises(ValueError):
+        gs.gpu_ids(3, ["5", "7"])
+
+
+@pytest.mark.integration  # runs tiny subprocesses (no torch), ~6 s
+def test_run_jobs_places_each_job_on_the_least_loaded_gpu(tmp_path, monkeypatch):
+    """run_jobs with 2 GPUs (CUDA_VISIBLE_DEVICES=5,7) and 2 jobs at a time: a long job holds GPU 5, so
+    every later job goes to GPU 7 (least-loaded, not round-robin); a job that sets its own
+    CUDA_VISIBLE_DEVICES keeps it and is not placed. Each job reports what it saw."""
+    import json
+
+    import gpu_study as gs
+
+    script = tmp_path / "show.py"
+    script.write_text("import os, sys, time\na = sys.argv[1:]\nout = a[a.index('--out') + 1]\n"
+                      "os.makedirs(out, exist_ok=True)\n"
+                      "open(os.path.join(out, 'cvd'), 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))\n"
+                      "time.sleep(float(a[0]))\n")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    jobs = [gs.job("g", n, str(script), t) for n, t in (("long", "5"), ("b", "0"), ("c", "0"), ("d", "0"))]
+    jobs.append(dict(gs.job("g", "own", str(script), "0"), env={"CUDA_VISIBLE_DEVICES": "9"}))
+    root = tmp_path / "study"
+    done = gs.run_jobs(jobs, root, budget=60, parallel=2, stop_margin=10, progress_every=1000,
+                       repo=tmp_path, min_run=1)
+    assert all(v.startswith("rc 0") for v in done.values()), done
+    seen = {n: (root / "g" / n / "cvd").read_text() for n in ("long", "b", "c", "d", "own")}
+    assert seen == {"long": "5", "b": "7", "c": "7", "d": "7", "own": "9"}
+    assert json.loads((root / "placement.json").read_text()) == {f"g/{n}": seen[n] for n in ("long", "b", "c", "d")}
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(gs, "visible_gpus", lambda environ=None: [])  # a machine without GPUs, gpus=1
+    done = gs.run_jobs([gs.job("g", "cpu", str(script), "0")], tmp_path / "cpu", budget=60, parallel=2,
+                       stop_margin=10, progress_every=1000, repo=tmp_path, min_run=1, gpus=1)
+    assert (tmp_path / "cpu" / "g" / "cpu" / "cvd").read_text() == "unset"
+    assert not (tmp_path / "cpu" / "placement.json").exists()
+
+
 def test_vera_equal_budget_rank():
     import common
 
@@ -161,6 +208,21 @@ def test_round2_driver_grid_then_seeds_at_the_best_lr(tmp_path):
     assert [x["eval_at_step"] for x in u["recs"] if "eval_at_step" in x] == list(range(4, u["cfg"]["steps"] + 1, 4))
     text = summarize.round2_tables(out)
     assert "ReLoRA, scale 0.5" in text and "LoRA r=8" in text and "±" in text
+    # --grid-only: the same pick from the same grid, but no seeds queued
+    study = round2.Study(out, 20, 3, True, ["relora_s0.5"], seeds=False)
+    best = sel["relora_s0.5"]["best_lr"]
+    assert study.followup(f"pretrain/relora_s0.5_lr{best}_seed0", status) == []
+    assert study.picked[("pretrain", "relora_s0.5")]["best_lr"] == best
+    # a later call with only the seeds: --seeds-from the selection, --pt-only drops the UUID group in it
+    out2 = tmp_path / "r2_seeds"
+    rc = round2.main([str(out2), "--smoke", "--pt-only", "--seeds-from", str(out / "selection.json"),
+                      "--progress-every", "1000"])
+    status2 = json.loads((out2 / "status.json").read_text())
+    assert rc == 0 and sorted(status2) == [f"pretrain/relora_s0.5_lr{best}_seed{sd}" for sd in (1, 2)], status2
+    assert all(v.startswith("rc 0") for v in status2.values()) and not (out2 / "selection.json").exists()
+    seeds = summarize.round2_runs(out2, "pretrain")
+    assert sorted(r["seed"] for r in seeds) == [1, 2] and all(r["lr"] == float(best) for r in seeds)
+    assert seeds[0]["cfg"]["restart_every"] == every and seeds[0]["cfg"]["adapter_scale"] == 0.5
 
 
 def test_round2_runs_merge_directories_and_skip_failed(tmp_path):

@@ -1,13 +1,18 @@
-"""Run many small research runs (uuid_memorize.py, pretrain_relora.py) as parallel processes on one
-GPU (or the CPU) under one wall-clock budget, then collect their results into one table and pack
-everything into one tarball.
+"""Run many small research runs (uuid_memorize.py, pretrain_relora.py) as parallel processes on the
+GPUs of one machine (or the CPU) under one wall-clock budget, then collect their results into one
+table and pack everything into one tarball.
 
     python launch/research/gpu_study.py --plan smoke --root /tmp/study --budget 150 --tar $OUT/smoke.tgz
     python launch/research/gpu_study.py --plan sweep --root /tmp/study --budget 540 --tar $OUT/sweep.tgz
     python launch/research/gpu_study.py --collect DIR          # table of runs already on disk
 
 Tiny models are launch-bound (Python and kernel launches, not GPU arithmetic), so one process per
-configuration, single-threaded, many at once, is the way to use the GPU. Every job gets
+configuration, single-threaded, many at once, is the way to use the GPU. With several GPUs
+(--gpus, default: every visible one) each job is started with CUDA_VISIBLE_DEVICES set to the GPU
+that runs the fewest of the driver's jobs at that moment (the lowest index on a tie), so a job always
+sees one GPU as cuda:0; --parallel caps the jobs running at once over all GPUs together (not per
+GPU). With one GPU every job is pinned to it (the device it would see anyway); with none (the CPU)
+CUDA_VISIBLE_DEVICES is left alone. Every job gets
 `--deadline` = start + budget - --stop-margin and stops itself cleanly (its last record says
 "truncated" when its planned epochs/steps were not reached); a job still alive at start + budget
 is terminated. Plans (the exact configurations of the study) are defined in PLANS below; the
@@ -161,6 +166,46 @@ def command(j, root: Path, deadline: float):
             ["--out", str(out)] + (["--deadline", f"{deadline:.0f}"] if deadline else []))
 
 
+def visible_gpus(environ=None) -> list:
+    """The GPUs jobs may be placed on, as CUDA_VISIBLE_DEVICES entries: the entries of the driver's own
+    CUDA_VISIBLE_DEVICES when it is set (up to the first invalid one, as CUDA reads it), else one index
+    per GPU that `nvidia-smi -L` lists; [] on a machine without one."""
+    env = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in env:
+        out = []
+        for x in env["CUDA_VISIBLE_DEVICES"].split(","):
+            if not x.strip() or x.strip().startswith("-"):
+                break
+            out.append(x.strip())
+        return out
+    try:
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    n = sum(line.startswith("GPU ") for line in r.stdout.splitlines()) if r.returncode == 0 else 0
+    return [str(i) for i in range(n)]
+
+
+def gpu_ids(gpus, visible: list) -> list:
+    """The CUDA_VISIBLE_DEVICES entries of the `gpus` GPUs to use ([] = leave the jobs' environment alone):
+    gpus None = every visible GPU; gpus beyond the visible ones is an error, except on a machine with none
+    visible, where gpus > 1 gives indices 0..gpus-1 (a CPU check of the placement)."""
+    if gpus is None:
+        return list(visible)
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    if not visible:
+        return [str(i) for i in range(gpus)] if gpus > 1 else []
+    if gpus > len(visible):
+        raise ValueError(f"gpus={gpus} but only {len(visible)} visible: {visible}")
+    return list(visible[:gpus])
+
+
+def pick_gpu(load: list) -> int:
+    """Index of the least-loaded GPU (load[i] = the driver's jobs running on GPU i); the lowest on a tie."""
+    return min(range(len(load)), key=lambda i: (load[i], i))
+
+
 def gpu_line() -> str:
     try:
         r = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader"],
@@ -189,15 +234,20 @@ def last_line(path: Path) -> str:
 
 
 def run_jobs(jobs, root: Path, budget: float, parallel: int, stop_margin: float, progress_every: float,
-             repo: Path, min_run: float = 30, followup=None) -> dict:
-    """Run `jobs` (dicts from job()) under root, `parallel` at a time; a queued job starts only while
-    at least `min_run` seconds are left before the jobs' deadline. `followup(key, done)`, called when
-    a job ends, returns more jobs to queue (a study's second phase). Returns {group/name: how it ended}."""
+             repo: Path, min_run: float = 30, followup=None, gpus=None) -> dict:
+    """Run `jobs` (dicts from job()) under root, `parallel` at a time in all (over all GPUs together); a
+    queued job starts only while at least `min_run` seconds are left before the jobs' deadline.
+    `followup(key, done)`, called when a job ends, returns more jobs to queue (a study's second phase).
+    `gpus` (default: every visible GPU, see gpu_ids): each job starts with CUDA_VISIBLE_DEVICES set to
+    the GPU with the fewest running jobs (pick_gpu; a job whose own env sets it is not placed), and
+    ROOT/placement.json records where each ran. Returns {group/name: how it ended}."""
     root.mkdir(parents=True, exist_ok=True)
     start = time.time()
     deadline = start + budget - stop_margin
     env0 = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1",
                 PYTHONUNBUFFERED="1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    ids = gpu_ids(gpus, visible_gpus())
+    load, placement = [0] * len(ids), {}
     cmds, queue = {}, []
     cmd_file = open(root / "commands.txt", "w")
 
@@ -215,21 +265,31 @@ def run_jobs(jobs, root: Path, budget: float, parallel: int, stop_margin: float,
     running, done = {}, {}
     next_report = start
     print(f"[study] {len(jobs)} jobs, {parallel} at a time, budget {budget:.0f}s, job deadline "
-          f"+{deadline - start:.0f}s", flush=True)
+          f"+{deadline - start:.0f}s; " + (f"GPUs {','.join(ids)} (CUDA_VISIBLE_DEVICES per job)" if ids
+                                         else "jobs' CUDA_VISIBLE_DEVICES left as is"), flush=True)
     while queue or running:
         now = time.time()
         while queue and len(running) < parallel and now < deadline - min_run:
             j = queue.pop(0)
             key = j["group"] + "/" + j["name"]
             log = open(root / j["group"] / (j["name"] + ".log"), "w")
-            running[key] = (subprocess.Popen(cmds[key], cwd=repo, env=dict(env0, **j["env"]), stdout=log,
+            env = dict(env0)
+            if ids and "CUDA_VISIBLE_DEVICES" not in j["env"]:  # a job that sets its own is left alone
+                g = pick_gpu(load)
+                load[g] += 1
+                placement[key] = ids[g]
+                env["CUDA_VISIBLE_DEVICES"] = ids[g]
+            running[key] = (subprocess.Popen(cmds[key], cwd=repo, env=dict(env, **j["env"]), stdout=log,
                                              stderr=subprocess.STDOUT, start_new_session=True), log, now)
         for key, (proc, log, t0) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
                 done[key] = f"rc {proc.returncode} after {time.time() - t0:.0f}s"
-                print(f"[study +{time.time() - start:.0f}s] {key}: {done[key]}", flush=True)
+                on = f" (gpu {placement[key]})" if key in placement else ""
+                print(f"[study +{time.time() - start:.0f}s] {key}: {done[key]}{on}", flush=True)
                 del running[key]
+                if key in placement:
+                    load[ids.index(placement[key])] -= 1
                 if followup:
                     enqueue(followup(key, done))
         if queue and now >= deadline - min_run:
@@ -247,10 +307,13 @@ def run_jobs(jobs, root: Path, budget: float, parallel: int, stop_margin: float,
                 proc.wait()
                 log.close()
                 done[key] = "killed at the budget"
+                if key in placement:
+                    load[ids.index(placement[key])] -= 1
             running = {}
         if now >= next_report:
             next_report = now + progress_every
-            print(f"[study +{now - start:.0f}s] running {len(running)}, queued {len(queue)}, done {len(done)}; "
+            per = f" ({'/'.join(map(str, load))} per GPU)" if len(ids) > 1 else ""
+            print(f"[study +{now - start:.0f}s] running {len(running)}{per}, queued {len(queue)}, done {len(done)}; "
                   f"{gpu_line()}", flush=True)
             for key in running:
                 g, n = key.split("/")
@@ -259,6 +322,8 @@ def run_jobs(jobs, root: Path, budget: float, parallel: int, stop_margin: float,
     cmd_file.close()
     print(f"[study] all jobs ended after {time.time() - start:.0f}s", flush=True)
     (root / "status.json").write_text(json.dumps(done, indent=1) + "\n")
+    if placement:
+        (root / "placement.json").write_text(json.dumps(placement, indent=1) + "\n")
     return done
 
 
@@ -349,8 +414,9 @@ def table(rows) -> str:
 
 
 def pack(root: Path, tar_path: Path) -> None:
-    """Tarball of commands.txt, summary.json and every run's metrics.jsonl, run.json and log."""
-    keep = {"metrics.jsonl", "run.json", "commands.txt", "summary.json", "status.json"}
+    """Tarball of commands.txt, summary.json, status.json, placement.json and every run's metrics.jsonl,
+    run.json and log."""
+    keep = {"metrics.jsonl", "run.json", "commands.txt", "summary.json", "status.json", "placement.json"}
     tar_path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(tar_path, "w:gz") as tar:
         for f in sorted(root.rglob("*")):
@@ -364,7 +430,9 @@ def main(argv=None):
     p.add_argument("--root", help="where the runs go (ROOT/<group>/<run>)")
     p.add_argument("--budget", type=float, default=500, help="seconds of wall clock for all jobs")
     p.add_argument("--stop-margin", type=float, default=40, help="jobs' own deadline: this long before the budget")
-    p.add_argument("--parallel", type=int, default=64)
+    p.add_argument("--parallel", type=int, default=64, help="jobs at once, over all GPUs together")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="spread the jobs over this many GPUs (default: every visible one; each job sees one)")
     p.add_argument("--progress-every", type=float, default=30)
     p.add_argument("--tar", help="write the tarball here")
     p.add_argument("--collect", metavar="DIR", help="only print the table of the runs under DIR")
@@ -375,7 +443,8 @@ def main(argv=None):
     if not (a.plan and a.root):
         p.error("--plan and --root are required (or --collect DIR)")
     root = Path(a.root).resolve()
-    done = run_jobs(PLANS[a.plan](), root, a.budget, a.parallel, a.stop_margin, a.progress_every, HERE.parent.parent)
+    done = run_jobs(PLANS[a.plan](), root, a.budget, a.parallel, a.stop_margin, a.progress_every, HERE.parent.parent,
+                    gpus=a.gpus)
     failed = {k: v for k, v in done.items() if v != "rc 0" and not v.startswith("rc 0 ")}
     for k, v in failed.items():
         print(f"[study] FAILED {k}: {v}; log tail: {last_line(root / (k + '.log'))}", flush=True)

@@ -1,11 +1,19 @@
 """Issue 20's studies in one device call: pretraining (full-rank, ReLoRA at scale 0.5 and 2, ReMoRA with
 the paper's 2-type and the released 4-type schedule, LoRA and MoRA without restarts) and UUID
 memorisation with the paper's metric (LoRA, MoRA decouple / rotation / sharing at r=8, sharing at r=64),
-all as parallel processes on one GPU (gpu_study.run_jobs), in two phases per method: an LR grid at
-seed 0, then seeds 1 and 2 at that method's best LR (queued as soon as its grid has ended).
+all as parallel processes on the machine's GPUs (gpu_study.run_jobs: each run sees one GPU, the one
+with the fewest runs when it starts; --parallel caps the runs at once over all GPUs together), in two
+phases per method: an LR grid at seed 0, then seeds 1 and 2 at that method's best LR (queued as soon
+as its grid has ended).
 
     python launch/research/round2.py OUT                  # the study: one H200, ~7 min expected, stops by --budget
     python launch/research/round2.py OUT --smoke          # the same driver on a CPU: tiny models, 20 steps
+
+A study too long for one call runs in pieces (launch/device/research_5k.sh):
+    python launch/research/round2.py OUT1 --pt-only --grid-only --groups full relora_s2   # grids; picks in OUT1/selection.json
+    python launch/research/round2.py OUT2 --seeds-from OUT1/selection.json                # then only their seeds
+--grid-only picks each group's best LR (selection.json) but queues no seeds; --seeds-at GROUP=LR or
+--seeds-from SELECTION.json runs only seeds 1 and 2 at that LR, and without --groups only those groups.
 
 OUT gets ROOT/pretrain/<group>_lr<lr>_seed<s>/ and ROOT/uuid/... (metrics.jsonl, run.json, log per
 run), commands.txt, status.json, selection.json (each group's grid and picked LR) and summary.json;
@@ -79,8 +87,9 @@ def uuid_args(epochs: int, smoke: bool) -> str:
 class Study:
     """The jobs of both phases; `followup` queues a group's seeds once its grid has ended."""
 
-    def __init__(self, root: Path, pt_steps: int, uuid_epochs: int, smoke: bool, groups=None, seeds_at=None):
-        self.root, self.picked = root, {}
+    def __init__(self, root: Path, pt_steps: int, uuid_epochs: int, smoke: bool, groups=None, seeds_at=None,
+                 seeds=True):
+        self.root, self.picked, self.seeds = root, {}, seeds  # seeds=False: pick the best LRs, queue no seeds
         self.seeds_at = dict(seeds_at or {})  # group -> LR picked in an earlier call: its seeds only
         pt, uu = pt_args(pt_steps, smoke), uuid_args(uuid_epochs, smoke)
         self.specs = {}
@@ -129,8 +138,19 @@ class Study:
         self.picked[(kind, group)] = dict(kind=kind, group=group, grid=lrs, scores=scores, best_lr=best,
                                           at_edge=best in (lrs[0], lrs[-1]), picked_at=time.time())
         (self.root / "selection.json").write_text(json.dumps(list(self.picked.values()), indent=1) + "\n")
-        print(f"[round2] {kind}/{group}: best lr {best} of {lrs} (scores {scores}); seeds {SEEDS} queued", flush=True)
-        return [self.job(kind, group, best, sd) for sd in SEEDS]
+        then = f"seeds {SEEDS} queued" if self.seeds else f"seeds {SEEDS} left to a later call (--grid-only)"
+        print(f"[round2] {kind}/{group}: best lr {best} of {lrs} (scores {scores}); {then}", flush=True)
+        return [self.job(kind, group, best, sd) for sd in SEEDS] if self.seeds else []
+
+
+def seeds_from(files) -> dict:
+    """{group: best_lr} of the groups that earlier calls' selection.json files picked an LR for."""
+    out = {}
+    for f in files:
+        for sel in json.loads(Path(f).read_text()):
+            if sel.get("best_lr") is not None:
+                out[sel["group"]] = sel["best_lr"]
+    return out
 
 
 def main(argv=None):
@@ -141,23 +161,42 @@ def main(argv=None):
     p.add_argument("--stop-margin", type=float, default=20, help="jobs stop themselves this long before the budget")
     p.add_argument("--pt-steps", type=int, default=500)
     p.add_argument("--uuid-epochs", type=int, default=63, help="16 steps each at 1024 pairs, batch 64")
-    p.add_argument("--parallel", type=int, default=64)
+    p.add_argument("--parallel", type=int, default=64, help="runs at once, over all GPUs together")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="spread the runs over this many GPUs (default: every visible one; each run sees one)")
     p.add_argument("--groups", nargs="*", help="only these groups (names in PT_GROUPS / UUID_GROUPS)")
+    p.add_argument("--pt-only", action="store_true", help="only the pretraining groups (no UUID runs)")
+    p.add_argument("--grid-only", action="store_true",
+                   help="run the seed-0 grids and write selection.json, but queue no seeds (a later call runs them)")
     p.add_argument("--seeds-at", nargs="*", default=[], metavar="GROUP=LR",
-                   help="run only the seeds of GROUP at LR (its grid ran in an earlier call)")
+                   help="run only the seeds of GROUP at LR (its grid ran in an earlier call); without --groups, "
+                        "only these groups run")
+    p.add_argument("--seeds-from", nargs="*", default=[], metavar="SELECTION_JSON",
+                   help="as --seeds-at, for every group that these earlier calls' selection.json picked an LR for "
+                        "(--seeds-at wins for a group in both)")
     p.add_argument("--progress-every", type=float, default=60)
     a = p.parse_args(argv)
     try:
-        seeds_at = dict(x.split("=", 1) for x in a.seeds_at)
+        seeds_at = dict(seeds_from(a.seeds_from), **dict(x.split("=", 1) for x in a.seeds_at))
     except ValueError:
         p.error(f"--seeds-at takes GROUP=LR pairs, got {a.seeds_at}")
+    known = set(PT_GROUPS) | set(UUID_GROUPS)
+    unknown = sorted((set(a.groups or ()) | set(seeds_at)) - known)
+    if unknown:
+        p.error(f"unknown groups {unknown}; known: {sorted(known)}")
+    groups = a.groups or (sorted(seeds_at) if seeds_at else None)  # seeds only: just those groups
+    if a.pt_only:
+        groups = [g for g in (groups or PT_GROUPS) if g in PT_GROUPS]
+    if groups is not None and not groups:
+        p.error("no group left to run")
     if a.smoke:
         a.pt_steps, a.uuid_epochs = 20, 3
     root = Path(a.out).resolve()
-    study = Study(root, a.pt_steps, a.uuid_epochs, a.smoke, a.groups, seeds_at)
+    study = Study(root, a.pt_steps, a.uuid_epochs, a.smoke, groups, seeds_at, seeds=not a.grid_only)
     t0 = time.time()
     done = gs.run_jobs(study.grid(), root, a.budget, a.parallel, a.stop_margin, a.progress_every,
-                       gs.HERE.parent.parent, min_run=60 if not a.smoke else 5, followup=study.followup)
+                       gs.HERE.parent.parent, min_run=60 if not a.smoke else 5, followup=study.followup,
+                       gpus=a.gpus)
     failed = {k: v for k, v in done.items() if not v.startswith("rc 0")}
     for k, v in failed.items():
         print(f"[round2] FAILED {k}: {v}; log tail: {gs.last_line(root / (k + '.log'))}", flush=True)
