@@ -77,8 +77,18 @@ def _tp_case(rank, sp, train_w):
     ss = slice(r * S // tp, (r + 1) * S // tp)
     x = (x0[ss] if sp else x0).clone().requires_grad_(True)
     W = W0[vs].clone().requires_grad_(train_w)
-    loss = linear_cross_entropy(x, W, labels, tp_group=ps.get_tensor_model_parallel_group(), sequence_parallel=sp,
-                                chunk_elems=7 * V // tp)
+    from megatron.core.tensor_parallel import mappings
+
+    gather = mappings.gather_from_sequence_parallel_region
+    if sp and not train_w:  # frozen W under SP: the loss's own gather and reduce, not megatron's mapping
+        def refuse(*a, **k):
+            raise AssertionError("frozen W under SP went through megatron's gather/reduce-scatter")
+        mappings.gather_from_sequence_parallel_region = refuse
+    try:
+        loss = linear_cross_entropy(x, W, labels, tp_group=ps.get_tensor_model_parallel_group(),
+                                    sequence_parallel=sp, chunk_elems=7 * V // tp)
+    finally:
+        mappings.gather_from_sequence_parallel_region = gather
     (loss * gl).sum().backward()
     loss_r, gx_r, gw_r = _reference(x0, W0, labels, gl)
     out = dict(loss=(loss.double() - loss_r).abs().max().item(),

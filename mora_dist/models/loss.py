@@ -15,9 +15,16 @@ token: 869 of 1,106 ms of an 8B step, docs/performance.md). Here the hidden stat
   with a trainable W (full fine-tuning, ReLoRA's head) the backward recomputes each chunk's
   logits for dW = G^T x and dx = G W.
 
-TP/SP: x arrives as the rank's sequence shard under SP (all-gathered here, gradient
-reduce-scattered) or replicated (gradient all-reduced); D and dx are partial sums over the
-vocabulary shards, reduced by those mappings' backward like megatron's column-parallel output layer.
+TP/SP: x arrives as the rank's sequence shard under SP or replicated (gradient all-reduced); D and
+dx are partial sums over the vocabulary shards. Under SP with a frozen W (`_LinearCrossEntropySP`)
+the sum goes in the forward, where it hides behind the next chunk's logits GEMM: each chunk's D is
+summed straight onto the rank that owns its rows (an asynchronous reduce, not a reduce-scatter of
+[tokens, h] in the backward, which at 8B / TP=2 cost 1-2 ms a micro-batch with nothing to hide
+behind). Every rank walks the rows in the same order (the softmax statistics are all-reduced row
+by row), so the all-gather of x cannot hide behind a rank's own rows here; the backward
+is then dx = g * D on the rank's own rows, with no collective. This is exact because the per-token
+upstream gradient g is the same on every TP rank (each computes the same loss). With a trainable W
+the megatron mapping is used (all-gather forward, reduce-scatter backward).
 """
 from __future__ import annotations
 
@@ -119,6 +126,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dx, (dw.to(weight.dtype) if dw is not None else None), None, None, None, None
 
 
+class _LinearCrossEntropySP(torch.autograd.Function):
+    """loss [N] (replicated) of the rows all-gathered from x_loc [N/tp, h] (this rank's sequence block,
+    rank-major) against a frozen W [V_local, h]; the gradient of x_loc (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x_loc, weight, labels, v0: int, group, chunk_elems: int):
+        n_tp, r, m = dist.get_world_size(group), dist.get_rank(group), x_loc.shape[0]
+        vl = weight.shape[0]
+        loc = labels - v0
+        hit = (loc >= 0) & (loc < vl)
+        tgt = torch.where(hit, loc, 0)
+        X = x_loc.new_empty(n_tp * m, x_loc.shape[1])
+        dist.all_gather_into_tensor(X, x_loc.contiguous(), group=group)
+        loss = torch.empty(n_tp * m, dtype=_acc(x_loc.dtype), device=x_loc.device)
+        D = torch.empty_like(x_loc)  # sum over the vocabulary shards of this rank's rows
+        sums = []  # (work, buffer): the buffer must live until its reduce is done
+        for j in range(n_tp):  # every rank in the same row order: the softmax statistics are summed row-wise
+            for a, b in _chunks(m, vl, chunk_elems):
+                i0, i1 = j * m + a, j * m + b
+                z = X[i0:i1] @ weight.t()
+                lse, loss[i0:i1] = _lse_and_loss(z, tgt[i0:i1], hit[i0:i1], group)
+                d = D[a:b] if j == r else x_loc.new_empty(b - a, x_loc.shape[1])
+                torch.mm(_fn("grad")(z, lse, tgt[i0:i1], hit[i0:i1]), weight, out=d)
+                sums.append((dist.reduce(d, dst=dist.get_global_rank(group, j), group=group, async_op=True), d))
+        for work, _ in sums:
+            work.wait()
+        ctx.rows = (r * m, (r + 1) * m)
+        ctx.save_for_backward(D)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        (D,) = ctx.saved_tensors
+        a, b = ctx.rows
+        return D * g[a:b, None].to(D.dtype), None, None, None, None, None
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          tp_group=None, sequence_parallel: bool = False,
                          chunk_elems: Optional[int] = None) -> torch.Tensor:
@@ -127,6 +171,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     from megatron.core.tensor_parallel import mappings
 
     tp = dist.get_world_size(tp_group) if tp_group is not None and dist.is_initialized() else 1
+    flat = labels.t().reshape(-1)  # [b, s] -> token order of the (gathered) [s * b, h] rows
+    if tp > 1 and sequence_parallel and not weight.requires_grad:
+        s_loc, b, h = hidden.shape
+        v0 = dist.get_rank(tp_group) * weight.shape[0]
+        loss = _LinearCrossEntropySP.apply(hidden.reshape(s_loc * b, h), weight, flat, v0, tp_group,
+                                           chunk_elems or CHUNK_ELEMS)
+        return loss.view(s_loc * tp, b).t()
     if tp > 1:
         if sequence_parallel:
             hidden = mappings.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True,
@@ -136,7 +187,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     s, b, h = hidden.shape
     x = hidden.reshape(s * b, h)  # a true 2-D matrix (a [s, 1, h] view may carry a stride that matmul batches over)
     v0 = dist.get_rank(tp_group) * weight.shape[0] if tp > 1 else 0
-    flat = labels.t().reshape(-1)  # [b, s] -> token order of x: (s, b)
     loss = _LinearCrossEntropy.apply(x, weight, flat, v0, tp_group if tp > 1 else None,
                                      chunk_elems or CHUNK_ELEMS)
     return loss.view(s, b).t()
