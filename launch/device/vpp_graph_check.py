@@ -37,7 +37,7 @@ def main():
                                               "train.steps": 7, "train.compile": False, "adapter.method": method,
                                               "adapter.r": 4})
                 dist.barrier()
-            cfg.train.cuda_graph = graph  # set after the config: tiny_config validates on a GPU-less path
+            cfg.train.cuda_graph = graph  # the eager and graphed runs differ only here
             torch.manual_seed(cfg.model.seed)  # both runs from the same RNG state: the graphed Trainer switches
             graph_safe_rng(cfg.model.seed)     # megatron's tracker to its graph-safe form, so the eager one does too
             t = Trainer(cfg)
