@@ -196,7 +196,7 @@ def test_block_row_shards(d_in, d_out, rh, tp):
     columns, and the shards' partial dM (zero where a shard holds no used chunk) sum to d loss / d M
     (float64 autograd through the dense update), rotation and decouple, adapter rows from layer row 3
     on. Under TRITON_INTERPRET=1 (test_merged_layer_triton_kernels) the Triton kernels run, the
-    gradient by both implementations (cfg IMPL v9 and new) too."""
+    gradient by both implementations (cfg IMPL v9, and new with its default and contiguous columns) too."""
     from mora_dist.adapters import blockdiag
 
     gen = torch.Generator().manual_seed(rh + d_in)
@@ -209,12 +209,14 @@ def test_block_row_shards(d_in, d_out, rh, tp):
         dw = _dense_block_update(glob, M, rot)
         ((x @ dw.t()) * g[:, 3:3 + d_out]).sum().backward()
         dM = torch.zeros(rh, rh, dtype=D)
-        dM_impl = {"v9": torch.zeros(rh, rh, dtype=D), "new": torch.zeros(rh, rh, dtype=D)}
+        cfgs = {"v9": {"IMPL": "v9"}, "new": {"IMPL": "new"}, "new unpaired": {"IMPL": "new", "PAIR": False}}
+        dM_impl = {k: torch.zeros(rh, rh, dtype=D) for k in cfgs}
         for r in range(tp):
             a, b = r * n, (r + 1) * n
             geo = blockdiag.geometry(rh, d_in, d_out, (a, b))
             empty += not blockdiag.items(geo, segs)
-            assert (blockdiag._kernels(x, geo) is not None) == (os.environ.get("TRITON_INTERPRET") == "1")
+            kern = blockdiag._kernels(x, geo)
+            assert (kern is not None) == (os.environ.get("TRITON_INTERPRET") == "1")
             W0 = torch.randn(n_out, b - a, generator=gen, dtype=D)
             W = W0.clone()
             blockdiag.add_blocks_(W, [(geo, segs)], [M.detach()], [rot])
@@ -223,13 +225,11 @@ def test_block_row_shards(d_in, d_out, rh, tp):
             part = blockdiag.block_grads(g, x[:, a:b].contiguous(), [(geo, segs)], [M.detach()], [rot], [True])[0]
             assert part.dtype == D and (part.abs().max() == 0) == (not blockdiag.items(geo, segs))
             dM += part
-            kern = blockdiag._kernels(x, geo)
-            for impl in dM_impl if kern is not None and blockdiag.items(geo, segs) else ():
-                dM_impl[impl] += kern.block_grad(g, x[:, a:b].contiguous(), rot, blockdiag.items(geo, segs), rh, D,
-                                                 {"IMPL": impl})
+            for k in cfgs if kern is not None and blockdiag.items(geo, segs) else ():
+                dM_impl[k] += kern.block_grad(g, x[:, a:b].contiguous(), rot, blockdiag.items(geo, segs), rh, D, cfgs[k])
         torch.testing.assert_close(dM, M.grad, rtol=1e-10, atol=1e-10)
-        for impl in dM_impl if os.environ.get("TRITON_INTERPRET") == "1" else ():
-            torch.testing.assert_close(dM_impl[impl], M.grad, rtol=1e-10, atol=1e-10)
+        for k in cfgs if kern is not None else ():
+            torch.testing.assert_close(dM_impl[k], M.grad, rtol=1e-10, atol=1e-10, msg=k)
     assert empty == (4 if d_in == 248 else 0)
 
 
