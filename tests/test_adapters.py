@@ -149,11 +149,12 @@ def _dense_block_update(geo, M, rot):
 def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
     """d loss / d M of MoRA block adapters (`blockdiag.block_grads`, rotation and decouple) over 300
     tokens against float64 autograd through the dense update. Under TRITON_INTERPRET=1
-    (test_merged_layer_triton_kernels) the Triton kernel runs, once with its own tiling and then with
-    tiles small enough that rh and h = rh/2 cut them and the tokens split into 4 ranges (the last
-    one and a 16-token step partial), rotation both with pairs (a, a + h) in one tile and with
-    contiguous column tiles (partner columns in a second partial); at rh 176 its own 128 x 128
-    tiles in both rotation forms."""
+    (test_merged_layer_triton_kernels) the Triton kernels run: the one `grad_impl` picks (v9 here,
+    rh <= 256) with its own tiling; the new kernel with tiles small enough that rh and h = rh/2 cut
+    them and the tokens split into 4 ranges (the last one and a 16-token step partial), rotation
+    both with pairs (a, a + h) in one tile and with contiguous column tiles (partner columns in a
+    second partial), at rh 176 with its own 128 x 128 tiles in both rotation forms; v9 (rotation)
+    with small tiles, 3 units of 64 tokens a program, units crossing items, the last one partial."""
     from mora_dist.adapters import blockdiag
 
     gen = torch.Generator().manual_seed(rh + d_in)
@@ -171,11 +172,13 @@ def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
         torch.testing.assert_close(got[0], M.grad, rtol=1e-10, atol=1e-10)
         if kern is None:
             continue
-        if rh > 64:  # its own tiles, rotation in the other form (block_grads ran the default one)
-            cfgs = [dict(kern.grad_config(rh, 8), PAIR=False)] if rot is not None else []
+        assert kern.grad_impl(rh) == "v9"  # what block_grads ran
+        if rh > 64:  # the new kernel's own tiles, rotation in both forms
+            cfgs = [dict(kern.grad_config(rh, 8), IMPL="new", PAIR=p) for p in (True, False)]
         else:
-            cfgs = [dict(BI=16, BK=32, BT=16, TP=96, num_warps=4, num_stages=2, PAIR=p) for p in (True, False)]
-        for cfg in cfgs[:1 if rot is None else None]:
+            cfgs = [dict(BI=16, BK=32, BT=16, TP=96, num_warps=4, num_stages=2, IMPL="new", PAIR=p) for p in (True, False)]
+            cfgs += [dict(BI=16, BK=32, BT=32, TB=64, UPP=3, num_warps=4, num_stages=2, IMPL="v9")] if rot is not None else []
+        for cfg in cfgs[1 if rot is None else 0:]:
             got = kern.block_grad(g, x, rot, blockdiag.items(geo, segs), rh, D, cfg)
             torch.testing.assert_close(got, M.grad, rtol=1e-10, atol=1e-10)
 
@@ -192,7 +195,8 @@ def test_block_row_shards(d_in, d_out, rh, tp):
     `MoRA.block_operator` gives at TP > 1): each of tp shards' weight add equals the dense update's
     columns, and the shards' partial dM (zero where a shard holds no used chunk) sum to d loss / d M
     (float64 autograd through the dense update), rotation and decouple, adapter rows from layer row 3
-    on. Under TRITON_INTERPRET=1 (test_merged_layer_triton_kernels) the Triton kernels run."""
+    on. Under TRITON_INTERPRET=1 (test_merged_layer_triton_kernels) the Triton kernels run, the
+    gradient by both implementations (cfg IMPL v9, and new with its default and contiguous columns) too."""
     from mora_dist.adapters import blockdiag
 
     gen = torch.Generator().manual_seed(rh + d_in)
@@ -205,11 +209,14 @@ def test_block_row_shards(d_in, d_out, rh, tp):
         dw = _dense_block_update(glob, M, rot)
         ((x @ dw.t()) * g[:, 3:3 + d_out]).sum().backward()
         dM = torch.zeros(rh, rh, dtype=D)
+        cfgs = {"v9": {"IMPL": "v9"}, "new": {"IMPL": "new"}, "new unpaired": {"IMPL": "new", "PAIR": False}}
+        dM_impl = {k: torch.zeros(rh, rh, dtype=D) for k in cfgs}
         for r in range(tp):
             a, b = r * n, (r + 1) * n
             geo = blockdiag.geometry(rh, d_in, d_out, (a, b))
             empty += not blockdiag.items(geo, segs)
-            assert (blockdiag._kernels(x, geo) is not None) == (os.environ.get("TRITON_INTERPRET") == "1")
+            kern = blockdiag._kernels(x, geo)
+            assert (kern is not None) == (os.environ.get("TRITON_INTERPRET") == "1")
             W0 = torch.randn(n_out, b - a, generator=gen, dtype=D)
             W = W0.clone()
             blockdiag.add_blocks_(W, [(geo, segs)], [M.detach()], [rot])
@@ -218,7 +225,11 @@ def test_block_row_shards(d_in, d_out, rh, tp):
             part = blockdiag.block_grads(g, x[:, a:b].contiguous(), [(geo, segs)], [M.detach()], [rot], [True])[0]
             assert part.dtype == D and (part.abs().max() == 0) == (not blockdiag.items(geo, segs))
             dM += part
+            for k in cfgs if kern is not None and blockdiag.items(geo, segs) else ():
+                dM_impl[k] += kern.block_grad(g, x[:, a:b].contiguous(), rot, blockdiag.items(geo, segs), rh, D, cfgs[k])
         torch.testing.assert_close(dM, M.grad, rtol=1e-10, atol=1e-10)
+        for k in cfgs if kern is not None else ():
+            torch.testing.assert_close(dM_impl[k], M.grad, rtol=1e-10, atol=1e-10, msg=k)
     assert empty == (4 if d_in == 248 else 0)
 
 

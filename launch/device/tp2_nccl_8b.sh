@@ -1,5 +1,5 @@
 # Issue 16 (and 15's block-gradient kernel), one nvidia-h200-x2 call (repo root, megatron wheel in .bench/, $OUT set).
-# 1. launch/bench_rotgrad.py on GPU 0: MoRA's block-gradient kernel against the v9 copy at the 8B shapes
+# 1. launch/bench_rotgrad.py on GPU 0: MoRA's block-gradient kernels (v9, new; dispatched since s5-rothybrid) at the 8B shapes
 #    (rotation and decouple) with the refitted token-split rule.
 # 2. 8B LoRA, seq 4096, mbs 2, gb 8, train.cuda_graph: TP=1, then TP=2 + SP (SP overlapped, the default) with
 #    NCCL's defaults and with settings that leave the GEMMs more of the SMs (the overlapped collectives ran

@@ -26,6 +26,8 @@ the rotation tables, so the chunk matrices W_c = M R_c are never materialised:
   instead (x' = x cos + partner(x) sin, then one dot) was not taken: the dot would read x'
   rounded to bf16 (dM no longer the fp32 sum of exact products), and wgmma reads its B operand
   from shared memory, so x' would take a register round trip every step plus the partner loads.
+  v9 (`_grad_kernel_v9`) stays as a second implementation of the same sum, faster at the 8B
+  q/k/v/o shapes (rh <= 256, H200): `grad_impl` picks one per adapter, cfg["IMPL"] forces it.
 
 Why this is fast where a first version (27-37 ms a step) was not: every offset is a multiple of
 ALIGN (gcd of the table, rh and 8), declared with `tl.multiple_of`, and masks only cut at such
@@ -47,7 +49,27 @@ ADD_TILE = 64  # chunk rows x chunk columns per program of the add
 NF = tl.constexpr(7)  # fields of a work item
 
 
-def grad_config(rh: int, itemsize: int = 2, pair: bool = True) -> dict:
+def grad_impl(rh: int) -> str:
+    """Which of block_grad's two kernels serves an adapter of rank rh: "v9" (`_grad_kernel_v9`) for
+    rh <= 256, "new" (`_grad_kernel`) above. From `launch/bench_rotgrad.py` on an H200 at the 8B
+    shapes (results/perf/s5_call1/rotgrad.txt; T = 8,192, r = 8), ms per layer and micro-batch:
+
+        proj (rh, items)  q (256, 16)  k (202, 13)  v (202, 13)  o (256, 16)  gate/up (384, 41)  down (384, 11)
+        rotation  v9      0.061        0.094        0.095        0.077        0.264 / 0.265      0.087
+                  new     0.108        0.125        0.113        0.089        0.195 / 0.191      0.079
+        decouple  v9      0.067        0.115        0.110        0.110        0.230 / 0.232      0.113
+                  new     0.120        0.119        0.114        0.114        0.192 / 0.194      0.097
+
+    v9 wins every rh <= 256 projection (q/k/v/o), new every rh 384 one (gate/up/down): rotation 0.943
+    (v9) / 0.899 (new) -> 0.792 ms a layer, decouple 0.976 / 0.950 -> 0.885, if the rule holds in the
+    step (not yet timed). The new kernel's (item, tile) program count separates the table the same way
+    (52-64 vs 99-369); the layer's width does not (o and down both write 4,096 rows). At 1.1B (rh 136,
+    180, 248) this picks v9 everywhere: the kernel it was measured with before issue 15's change (the
+    new one was never timed there)."""
+    return "v9" if rh <= 256 else "new"
+
+
+def grad_config(rh: int, itemsize: int = 2, pair: bool = True, impl: str = "new") -> dict:
     """block_grad's tiling for sm_90 (H100/H200): dM tile BI x BK (paired rotation: BK/2 chunk
     columns and their BK/2 partners), tokens a step BT, launch options. rh > 160: 128 x 128 tiles
     with 8 warps (each warpgroup one m64n128k16 wgmma a k-step; the fp32 accumulator is 64
@@ -56,7 +78,13 @@ def grad_config(rh: int, itemsize: int = 2, pair: bool = True) -> dict:
     programs fit an SM and one's epilogue and pipeline fill overlap the other's dots; the unpaired
     rotation (odd h) takes 140-240 registers: one program an SM, 4 stages. 4-byte inputs (fp32
     checks): 2 stages. rh <= 160 (k/v at 1.1B, rh 136): 64 x 64 with 4 warps, where 128-wide tiles
-    would be mostly masked."""
+    would be mostly masked. v9 (picked on the H100 over the 1.1B model's adapters): the same tiles,
+    4 stages (2 for 4-byte inputs) at rh > 160, plus TB tokens a unit and UPP units a program."""
+    if impl == "v9":
+        if rh <= 160:
+            return dict(BI=64, BK=64, BT=64, TB=1024, UPP=4, num_warps=4, num_stages=3, maxnreg=None)
+        return dict(BI=128, BK=128, BT=64, TB=2048, UPP=2, num_warps=8, num_stages=4 if itemsize <= 2 else 2,
+                    maxnreg=None)
     if rh <= 160:
         return dict(BI=64, BK=64, BT=64, num_warps=4, num_stages=3 if itemsize <= 2 else 2, maxnreg=None)
     if itemsize > 2:
@@ -93,6 +121,35 @@ def _partner(ok, RH: tl.constexpr, ACC: tl.constexpr):
     (M R_c)[:, k] = M[:, k] cos_c[k] + s(k) M[:, k^h] sin_c[k]."""
     h = RH // 2
     return tl.where(ok < h, ok + h, ok - h), tl.where(ok < h, 1.0, -1.0).to(ACC)
+
+
+@triton.jit
+def _meets(a0, a1, b0, b1):
+    """Whether [a0, a1) and [b0, b1) overlap."""
+    return tl.maximum(a0, b0) < tl.minimum(a1, b1)
+
+
+@triton.jit
+def _dot_tokens(acc, g_ptr, x_ptr, sg, sx, T, t0, row0, oi, mi, xcol0, ok, mk,
+                ACC: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr):
+    """acc + G^T X over tokens [t0, t0 + STEPS BT) (< T): G the layer rows row0 + oi of g (mask mi),
+    X the columns xcol0 + ok of x (mask mk)."""
+    for s in range(STEPS):
+        ot = t0 + s * BT + tl.arange(0, BT)
+        mt = ot < T
+        a = tl.load(g_ptr + ot[:, None] * sg + (row0 + oi)[None, :], mask=mt[:, None] & mi[None, :], other=0.0)
+        b = tl.load(x_ptr + ot[:, None] * sx + (xcol0 + ok)[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _store_rot(base, ok, m, a_cos, a_sin, RH: tl.constexpr, ACC: tl.constexpr):
+    """Unpaired rotation epilogue: dM[:, k] += a_cos[:, k] (slot 0), dM[:, k^h] += s(k) a_sin[:, k]
+    (slot 1, RH * RH on), a_cos / a_sin the tile's product already scaled by cos_c / sin_c."""
+    kp, sgn = _partner(ok, RH, ACC)
+    tl.store(base + ok[None, :], a_cos, mask=m)
+    tl.store(base + RH * RH + kp[None, :], a_sin * sgn[None, :], mask=m)
 
 
 @triton.jit
@@ -149,22 +206,16 @@ def _grad_kernel(g_ptr, x_ptr, cos_ptr, sin_ptr, tab_ptr, part_ptr, T, sg, sx, N
     mi = (oi >= i0) & (oi < i1)
     mk = okv & (ok >= k0) & (ok < k1)
     # an item that misses the tile (a piece's partial rows, a wrapped chunk's other side) runs no tokens
-    hit = tl.maximum(i0, ti * BI) < tl.minimum(i1, ti * BI + BI)
+    hit = _meets(i0, i1, ti * BI, ti * BI + BI)
     if PAIR:
         a0 = tk * BK2
         a1 = tl.minimum(a0 + BK2, H)
-        hit = hit & ((tl.maximum(k0, a0) < tl.minimum(k1, a1)) | (tl.maximum(k0, a0 + H) < tl.minimum(k1, a1 + H)))
+        hit = hit & (_meets(k0, k1, a0, a1) | _meets(k0, k1, a0 + H, a1 + H))
     else:
-        hit = hit & (tl.maximum(k0, tk * BK) < tl.minimum(k1, tk * BK + BK))
-    t0 = (sp % NS) * TP
+        hit = hit & _meets(k0, k1, tk * BK, tk * BK + BK)
     acc = tl.zeros((BI, BK), dtype=ACC)
-    if hit:
-        for s in range(TP // BT):  # TP: a multiple of BT
-            ot = t0 + s * BT + tl.arange(0, BT)
-            mt = ot < T
-            a = tl.load(g_ptr + ot[:, None] * sg + (row0 + oi)[None, :], mask=mt[:, None] & mi[None, :], other=0.0)
-            b = tl.load(x_ptr + ot[:, None] * sx + (xcol0 + ok)[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-            acc = tl.dot(tl.trans(a), b, acc, out_dtype=ACC)
+    if hit:  # TP: a multiple of BT
+        acc = _dot_tokens(acc, g_ptr, x_ptr, sg, sx, T, (sp % NS) * TP, row0, oi, mi, xcol0, ok, mk, ACC, BT, TP // BT)
     m = (oi < RH)[:, None] & okv[None, :]
     base = part_ptr + sp * (1 if PAIR or not ROT else 2) * RH * RH + oi[:, None] * RH
     if ROT:
@@ -178,11 +229,49 @@ def _grad_kernel(g_ptr, x_ptr, cos_ptr, sin_ptr, tab_ptr, part_ptr, T, sg, sx, N
             tl.store(base + ok[None, :], tl.reshape(tl.permute(out, (0, 2, 1)), (BI, BK)), mask=m)
         else:  # dM[:, k] += acc[:, k] cos[k] (slot 0), dM[:, k^h] += s(k) acc[:, k] sin[k] (slot 1)
             cs, sn = _cos_sin(cos_ptr, sin_ptr, c, ok, RH, ACC)
-            kp, sgn = _partner(ok, RH, ACC)
-            tl.store(base + ok[None, :], acc * cs[None, :], mask=m)
-            tl.store(base + RH * RH + kp[None, :], acc * (sn * sgn)[None, :], mask=m)
+            _store_rot(base, ok, m, acc * cs[None, :], acc * sn[None, :], RH, ACC)
     else:
         tl.store(base + ok[None, :], acc, mask=m)
+
+
+@triton.jit
+def _grad_kernel_v9(g_ptr, x_ptr, cos_ptr, sin_ptr, tab_ptr, part_ptr, T, sg, sx, n_units, NTB,
+                    RH: tl.constexpr, ROT: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
+                    BI: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, TB: tl.constexpr, UPP: tl.constexpr):
+    """The kernel before issue 15's change (`grad_impl` says where it is faster): program (tile, sp)
+    runs units sp UPP .. sp UPP + UPP - 1 of the n_units (item, token block) units (unit u: item
+    u // NTB, tokens [(u % NTB) TB, + TB)); each unit's product is scaled into a cos and (rotation)
+    a sin accumulator, stored into partial sp after the last unit (slot 1: the sin part on k^h).
+    Columns contiguous (no pairing)."""
+    tile = tl.program_id(0)
+    sp = tl.program_id(1)
+    nk = tl.cdiv(RH, BK)
+    ti = tile // nk
+    tk = tile % nk
+    oi = ti * BI + tl.arange(0, BI)
+    ok = tk * BK + tl.arange(0, BK)
+    tot = tl.zeros((BI, BK), dtype=ACC)
+    tot2 = tl.zeros((BI, BK), dtype=ACC)
+    for j in range(UPP):
+        u = tl.minimum(sp * UPP + j, n_units - 1)
+        row0, c, i0, i1, k0, k1, xcol0 = _item(tab_ptr, u // NTB, ALIGN)
+        if (sp * UPP + j < n_units) & _meets(i0, i1, ti * BI, ti * BI + BI) & _meets(k0, k1, tk * BK, tk * BK + BK):
+            mi = (oi >= i0) & (oi < i1)
+            mk = (ok >= k0) & (ok < k1)
+            acc = _dot_tokens(tl.zeros((BI, BK), dtype=ACC), g_ptr, x_ptr, sg, sx, T, (u % NTB) * TB, row0, oi, mi,
+                              xcol0, ok, mk, ACC, BT, TB // BT)
+            if ROT:
+                cs, sn = _cos_sin(cos_ptr, sin_ptr, c, ok, RH, ACC)
+                tot += acc * cs[None, :]
+                tot2 += acc * sn[None, :]
+            else:
+                tot += acc
+    m = (oi < RH)[:, None] & (ok < RH)[None, :]
+    base = part_ptr + sp * (2 if ROT else 1) * RH * RH + oi[:, None] * RH
+    if ROT:
+        _store_rot(base, ok, m, tot, tot2, RH, ACC)
+    else:
+        tl.store(base + ok[None, :], tot, mask=m)
 
 
 _TABLES: dict = {}
@@ -232,34 +321,46 @@ def token_splits(T: int, programs: int, sms: int, min_tokens: int = 1024) -> int
 
 
 def block_grad(g2: torch.Tensor, x2: torch.Tensor, rot, items: tuple, rh: int, dtype, cfg: dict | None = None):
-    """dM [rh, rh] (in `dtype`) of one block adapter from the layer's output gradient g2 and input x2.
-    `cfg` overrides grad_config's keys; TP (tokens a program; default from `token_splits`) and
-    PAIR (paired rotation columns; default where h keeps the alignment) too."""
+    """dM [rh, rh] (in `dtype`) of one block adapter from the layer's output gradient g2 and input x2,
+    by the kernel `grad_impl` picks for rh. `cfg` overrides grad_config's keys; IMPL ("v9" / "new")
+    the kernel; for "new" TP (tokens a program; default from `token_splits`) and PAIR (paired
+    rotation columns; default where h keeps the alignment), for "v9" TB and UPP."""
+    cfg = cfg or {}
     tab, align = _table(items, rh, g2.device)
     T = g2.shape[0]
     n_items = tab.shape[0]
     rot_ = rot is not None
+    impl = cfg.get("IMPL") or grad_impl(rh)
+    assert impl in ("v9", "new"), impl
     # rotation pairs in one tile, unless h = rh/2 would cut the loads' alignment (odd h: 2-byte x
-    # loads); cfg["PAIR"] forces either form (the tests run both)
-    pair = rot_ and (cfg or {}).get("PAIR", math.gcd(align, rh // 2) == align)
-    cfg = {**grad_config(rh, g2.element_size(), pair or not rot_), **(cfg or {})}
-    if pair:
-        tiles = triton.cdiv(rh, cfg["BI"]) * triton.cdiv(rh // 2, cfg["BK"] // 2)
-    else:
-        tiles = triton.cdiv(rh, cfg["BI"]) * triton.cdiv(rh, cfg["BK"])
+    # loads); cfg["PAIR"] forces either form (the tests run both); v9 never pairs
+    pair = rot_ and impl == "new" and cfg.get("PAIR", math.gcd(align, rh // 2) == align)
+    cfg = {**grad_config(rh, g2.element_size(), pair or not rot_, impl), **cfg}
     BT = cfg["BT"]
-    TP = cfg.get("TP")
-    if TP is None:
-        n = token_splits(T, tiles * n_items, _sms(str(g2.device)))
-        TP = triton.cdiv(T, n)
-    TP = max(BT, triton.cdiv(TP, BT) * BT)
-    ns = max(1, triton.cdiv(T, TP))
+    if impl == "v9":
+        tiles = triton.cdiv(rh, cfg["BI"]) * triton.cdiv(rh, cfg["BK"])
+        TB = min(cfg["TB"], triton.next_power_of_2(max(T, BT)))
+        ntb = triton.cdiv(T, TB)
+        progs = triton.cdiv(n_items * ntb, cfg["UPP"])
+        kernel, args, consts = _grad_kernel_v9, (n_items * ntb, ntb), dict(TB=TB, UPP=cfg["UPP"])
+    else:
+        if pair:
+            tiles = triton.cdiv(rh, cfg["BI"]) * triton.cdiv(rh // 2, cfg["BK"] // 2)
+        else:
+            tiles = triton.cdiv(rh, cfg["BI"]) * triton.cdiv(rh, cfg["BK"])
+        TP = cfg.get("TP")
+        if TP is None:
+            n = token_splits(T, tiles * n_items, _sms(str(g2.device)))
+            TP = triton.cdiv(T, n)
+        TP = max(BT, triton.cdiv(TP, BT) * BT)
+        ns = max(1, triton.cdiv(T, TP))
+        progs = n_items * ns
+        kernel, args, consts = _grad_kernel, (ns,), dict(PAIR=pair, TP=TP)
     acc = torch.float64 if g2.dtype == torch.float64 else torch.float32
-    part = torch.empty(n_items * ns, 2 if rot_ and not pair else 1, rh, rh, device=g2.device, dtype=acc)
+    part = torch.empty(progs, 2 if rot_ and not pair else 1, rh, rh, device=g2.device, dtype=acc)
     cos, sin = rot if rot_ else (part, part)
     opts = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and g2.is_cuda else {}
-    _grad_kernel[(tiles, n_items * ns)](g2, x2, cos, sin, tab, part, T, g2.stride(0), x2.stride(0), ns, RH=rh,
-                                        ROT=rot_, PAIR=pair, ALIGN=align, ACC=_acc(g2.dtype), BI=cfg["BI"],
-                                        BK=cfg["BK"], BT=BT, TP=TP, num_warps=cfg["num_warps"],
-                                        num_stages=cfg["num_stages"], **opts)
+    kernel[(tiles, progs)](g2, x2, cos, sin, tab, part, T, g2.stride(0), x2.stride(0), *args, RH=rh, ROT=rot_,
+                           ALIGN=align, ACC=_acc(g2.dtype), BI=cfg["BI"], BK=cfg["BK"], BT=BT,
+                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts, **opts)
     return part.sum((0, 1)).to(dtype)
