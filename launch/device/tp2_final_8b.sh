@@ -1,9 +1,12 @@
-# Issue 16's 8B rows in one nvidia-h200-x2 call (repo root, megatron wheel in .bench/, $OUT set): LoRA r=8 and
+# Issue 15's block-gradient microbench, then issue 16's 8B rows in one nvidia-h200-x2 call (repo root, megatron wheel in .bench/, $OUT set): LoRA r=8 and
 # MoRA rotation, seq 4096, mbs 2, gb 8, train.cuda_graph, TP=1 and TP=2 + SP with NCCL_PROTO=Simple (the
 # overlapped SP collectives otherwise run NCCL's LL protocol: previous call 13,419 vs 13,254 tokens/s per GPU),
 # then TP=2 + SP with NCCL's defaults again for a second side-by-side sample. A run starts only with time left.
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .bench/megatron*.whl && export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 S=$(date +%s)
+# MoRA's block-gradient kernels at the 8B shapes on GPU 0 first: v9, new and the dispatched pick (`dispatch ms`)
+(CUDA_VISIBLE_DEVICES=0 timeout 90 python3 launch/bench_rotgrad.py; CUDA_VISIBLE_DEVICES=0 timeout 70 python3 launch/bench_rotgrad.py --decouple) > $OUT/rotgrad.txt 2>&1
+grep -E "^ *(proj|layer)" $OUT/rotgrad.txt; echo "  ($(( $(date +%s) - S )) s)"
 run() {  # run NAME METHODS LAYOUTS NEED_S [ENV=VALUE ...]
   local name=$1 methods=$2 layouts=$3 need=$4; shift 4
   local left=$(( 580 - $(date +%s) + S ))
