@@ -1,7 +1,7 @@
-# Issue 15's block-gradient microbench, then issue 16's 8B rows in one nvidia-h200-x2 call (repo root, megatron wheel in .bench/, $OUT set): LoRA r=8 and
-# MoRA rotation, seq 4096, mbs 2, gb 8, train.cuda_graph, TP=1 and TP=2 + SP with NCCL_PROTO=Simple (the
-# overlapped SP collectives otherwise run NCCL's LL protocol: previous call 13,419 vs 13,254 tokens/s per GPU),
-# then TP=2 + SP with NCCL's defaults again for a second side-by-side sample. A run starts only with time left.
+# Issue 15's block-gradient microbench, then issue 16's 8B rows, in one nvidia-h200-x2 call (repo root, megatron
+# wheel in .bench/, $OUT set): LoRA r=8 and MoRA rotation, seq 4096, mbs 2, gb 8, train.cuda_graph, TP=1 and
+# TP=2 + SP with NCCL's defaults, then LoRA TP=2 + SP with NCCL_PROTO=Simple if time is left (fifth session:
+# +1.2% in one call, 0.0% in the next). A run starts only with time left.
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .bench/megatron*.whl && export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 S=$(date +%s)
 # MoRA's block-gradient kernels at the 8B shapes on GPU 0 first: v9, new and the dispatched pick (`dispatch ms`)
@@ -18,7 +18,6 @@ import json
 for r in json.load(open('$OUT/$name/rows.json')): print('$name', '$*', {k: r.get(k) for k in ('config', 'layout', 'tokens_per_s_per_gpu', 'peak_gib', 'wall_s', 'exited', 'error')})"
   echo "  ($(( $(date +%s) - S )) s)"
 }
-run simple lora,mora-rotation tp1,tp2sp 300 NCCL_PROTO=Simple
-run default_lora lora tp2sp 70
-run default_rot mora-rotation tp2sp 70
-cd $OUT && rm -rf */tokens_* && tar czf runs.tgz $(ls -d simple default_lora default_rot 2>/dev/null) && rm -rf simple default_lora default_rot
+run main lora,mora-rotation tp1,tp2sp 300
+run simple_lora lora tp2sp 70 NCCL_PROTO=Simple
+cd $OUT && rm -rf */tokens_* && tar czf runs.tgz $(ls -d main simple_lora 2>/dev/null) && rm -rf main simple_lora
