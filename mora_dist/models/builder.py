@@ -100,7 +100,7 @@ def transformer_config(spec: LlamaSpec, params_dtype: torch.dtype = torch.float3
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         # interleaved schedule: layers per model chunk and their global offsets follow from it
-        virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size() if pp > 1 else None,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,

@@ -72,6 +72,13 @@ def _chunks(n: int, vocab: int, chunk_elems: int):
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
+def _local_targets(labels: torch.Tensor, v0: int, vl: int):
+    """(target column in this vocab shard [v0, v0 + vl), 0 where outside; whether it is inside)."""
+    loc = labels - v0
+    hit = (loc >= 0) & (loc < vl)
+    return torch.where(hit, loc, 0), hit
+
+
 def _lse_and_loss(z, tgt, hit, group):
     m = z.max(-1).values.to(_acc(z.dtype))
     _all_reduce(m, dist.ReduceOp.MAX, group)
@@ -88,9 +95,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, labels, v0: int, group, chunk_elems: int):
         n, vl = x.shape[0], weight.shape[0]
-        loc = labels - v0
-        hit = (loc >= 0) & (loc < vl)
-        tgt = torch.where(hit, loc, 0)
+        tgt, hit = _local_targets(labels, v0, vl)
         loss = torch.empty(n, dtype=_acc(x.dtype), device=x.device)
         lse = torch.empty_like(loss)
         keep_d = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
@@ -134,9 +139,7 @@ class _LinearCrossEntropySP(torch.autograd.Function):
     def forward(ctx, x_loc, weight, labels, v0: int, group, chunk_elems: int):
         n_tp, r, m = dist.get_world_size(group), dist.get_rank(group), x_loc.shape[0]
         vl = weight.shape[0]
-        loc = labels - v0
-        hit = (loc >= 0) & (loc < vl)
-        tgt = torch.where(hit, loc, 0)
+        tgt, hit = _local_targets(labels, v0, vl)
         X = x_loc.new_empty(n_tp * m, x_loc.shape[1])
         dist.all_gather_into_tensor(X, x_loc.contiguous(), group=group)
         loss = torch.empty(n_tp * m, dtype=_acc(x_loc.dtype), device=x_loc.device)

@@ -31,6 +31,15 @@ class AdapterReport:
     per_target: dict = field(default_factory=dict)
     layers: int = 0
 
+    def __iadd__(self, other: "AdapterReport") -> "AdapterReport":
+        """Add another model chunk's counts (a rank with several virtual pipeline stages)."""
+        self.trainable += other.trainable
+        self.frozen += other.frozen
+        self.layers += other.layers
+        for k, n in other.per_target.items():
+            self.per_target[k] = self.per_target.get(k, 0) + n
+        return self
+
     def __str__(self):
         tot = self.trainable + self.frozen
         rows = "\n".join(f"  {k:>6}: {v:,}" for k, v in sorted(self.per_target.items()))

@@ -63,26 +63,18 @@ def build_adapted_chunks(cfg: Config):
     AdapterReport summed over them)."""
     from megatron.core import parallel_state as ps
 
+    from mora_dist.parallel.inject import AdapterReport
+
     vpp = cfg.parallel.vpp
     state_vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
     if state_vpp != vpp:
         raise ValueError(f"parallel.vpp={vpp} but megatron's parallel state has {state_vpp} virtual stages: "
                          "initialise it with init_distributed(..., vpp=cfg.parallel.vpp)")
-    if vpp == 1:
-        model, report = build_adapted_model(cfg)
-        return [model], report
-    chunks, total = [], None
-    for v in range(vpp):
-        model, report = build_adapted_model(cfg, vp_stage=v)
+    chunks, total = [], AdapterReport()
+    for vp_stage in ([None] if vpp == 1 else range(vpp)):
+        model, report = build_adapted_model(cfg, vp_stage=vp_stage)
         chunks.append(model)
-        if total is None:
-            total = report
-        else:
-            total.trainable += report.trainable
-            total.frozen += report.frozen
-            total.layers += report.layers
-            for k, n in report.per_target.items():
-                total.per_target[k] = total.per_target.get(k, 0) + n
+        total += report
     return chunks, total
 
 
