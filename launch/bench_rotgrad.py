@@ -1,9 +1,10 @@
 """Time MoRA's block gradient kernels (`mora_dist.kernels.blockdiag.block_grad`, issue 15) at the
-Llama-3-8B projection shapes on one GPU: both implementations (v9, new) and the one `grad_impl`
+Llama-3-8B (or, with --size 1b, the 1.1B) projection shapes on one GPU: both implementations (v9, new) and the one `grad_impl`
 picks per shape (dispatch), side by side:
 
     python3 launch/bench_rotgrad.py                      # rotation, T = 8192 tokens (mbs 2 x seq 4096)
     python3 launch/bench_rotgrad.py --decouple --reps 50
+    python3 launch/bench_rotgrad.py --size 1b            # the 1.1B shapes (T = 8192: mbs 4 x seq 2048)
     python3 launch/bench_rotgrad.py --cfg '{"IMPL": "new", "num_stages": 4, "maxnreg": null}' --cfg '{"IMPL": "new", "TP": 2048}'
 
 Each row: one adapter's dM from bf16 g [T, n_out] and x [T, d_in] as the merged path calls it
@@ -30,8 +31,12 @@ from mora_dist.kernels import blockdiag as kern  # noqa: E402
 
 
 # --- shapes ------------------------------------------------------------------------------------
+SHAPES = {"8b": dict(hidden=4096, ffn=14336, heads=32, groups=8),  # Llama-3-8B
+          "1b": dict(hidden=2048, ffn=5632, heads=32, groups=4)}   # the 1.1B (TinyLlama) shape of bench.py
+
+
 def projections(hidden=4096, ffn=14336, heads=32, groups=8, r=8):
-    """(name, d_in, d_out, layer rows n_out, segments) of the 8B layer's adapters as the model places
+    """(name, d_in, d_out, layer rows n_out, segments) of a layer's adapters as the model places
     them: linear_qkv holds per query group [q rows; k rows; v rows], linear_fc1 [gate; up]."""
     hd = hidden // heads
     qw, kw = hidden // groups, hd  # q / k rows a group
@@ -69,6 +74,7 @@ def timed(fn, reps, warmup=3):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=sorted(SHAPES), default="8b", help="layer shape (1b: grad_impl's rule was fitted on 8b)")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20)
@@ -78,7 +84,7 @@ def main():
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}, "
-          f"T = {args.tokens}, {'decouple' if args.decouple else 'rotation'}, r = {args.r}")
+          f"{args.size}, T = {args.tokens}, {'decouple' if args.decouple else 'rotation'}, r = {args.r}")
     gen = torch.Generator(device=dev).manual_seed(0)
     variants = [("v9", {"IMPL": "v9"}), ("new", {"IMPL": "new"}), ("dispatch", None)] + \
         [(f"cfg{i}", json.loads(c)) for i, c in enumerate(args.cfg, 1)]
@@ -86,7 +92,7 @@ def main():
         [f"{n} TF/s" for n, _ in variants] + [f"{n} err" for n, _ in variants]
     rows, tot = [], [0.0] * len(variants)
     x_cache = {}
-    for name, d_in, d_out, n_out, segs in projections(r=args.r):
+    for name, d_in, d_out, n_out, segs in projections(r=args.r, **SHAPES[args.size]):
         rh = mora_rank(d_in, d_out, args.r)
         rh -= rh % 2
         ad = build_adapter(AdapterConfig("mora", r=args.r, mora_type="decouple" if args.decouple else "rotation"),
