@@ -1,4 +1,4 @@
-# Issue 20's 5,000-step pretraining study (docs/results/README.md, "Next: the 5,000-step study"), one
+# Issue 20's 5,000-step pretraining study (docs/results/README.md, "The 5,000-step pretraining study"), one
 # piece per device call, on an nvidia-h200-x2 (2 GPUs, 32 cores): launch/research/round2.py spreads the
 # runs over both GPUs (each run sees one: the one with the fewest runs when it starts). Run from the
 # repo root with the megatron-core wheel in .bench/ (carry it) and $OUT set:
