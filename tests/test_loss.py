@@ -65,7 +65,7 @@ def test_micro_batch_one_transposed_view():
                                              - F.one_hot(labels[0], V)) * gl[0][:, None] @ W0)
 
 
-def _tp_case(rank, sp, train_w):
+def _tp_case(rank, sp, train_w, fwd_reduce=True):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -80,13 +80,13 @@ def _tp_case(rank, sp, train_w):
     from megatron.core.tensor_parallel import mappings
 
     gather = mappings.gather_from_sequence_parallel_region
-    if sp and not train_w:  # frozen W under SP: the loss's own gather and reduce, not megatron's mapping
+    if sp and not train_w and fwd_reduce:  # frozen W under SP: the loss's own gather and reduce, not megatron's
         def refuse(*a, **k):
             raise AssertionError("frozen W under SP went through megatron's gather/reduce-scatter")
         mappings.gather_from_sequence_parallel_region = refuse
     try:
         loss = linear_cross_entropy(x, W, labels, tp_group=ps.get_tensor_model_parallel_group(),
-                                    sequence_parallel=sp, chunk_elems=7 * V // tp)
+                                    sequence_parallel=sp, sp_forward_reduce=fwd_reduce, chunk_elems=7 * V // tp)
     finally:
         mappings.gather_from_sequence_parallel_region = gather
     (loss * gl).sum().backward()
@@ -109,7 +109,9 @@ def test_vocab_parallel_matches_plain(tp):
 
 
 def _tp_all(rank):
-    return {(sp, w): _tp_case(rank, sp, w) for sp in (False, True) for w in (False, True)}
+    cases = {(sp, w): _tp_case(rank, sp, w) for sp in (False, True) for w in (False, True)}
+    cases[(True, False, "mapping")] = _tp_case(rank, True, False, fwd_reduce=False)  # parallel.overlap_sp_loss=false
+    return cases
 
 
 def _model_case(rank):

@@ -13,6 +13,14 @@ def _train(rank, tmp, overrides):
     return [t.train_step()["loss"] for _ in range(cfg.train.steps)]
 
 
+def _train_sp_loss_flag(rank, tmp, overrides):
+    """_train's losses and each chunk's loss path flag (parallel.overlap_sp_loss reaches the model)."""
+    from mora_dist.training.loop import Trainer
+
+    t = Trainer(tiny_config(tmp, **overrides))
+    return [t.train_step()["loss"] for _ in range(t.cfg.train.steps)], [c.sp_forward_reduce for c in t.chunks]
+
+
 BASE = {"adapter.method": "mora", "adapter.r": 4}
 
 
@@ -77,3 +85,10 @@ def test_tp2_pp2_sp_world4_matches_single_process(tmp_path, method):
     assert ref[-1] < ref[0] - 0.05, ref
     for a, b in zip(got, ref):
         assert abs(a - b) <= 1e-4 * abs(b), (got, ref)
+    if method.get("adapter.method") == "lora":
+        # parallel.overlap_sp_loss=false: the loss through megatron's gather / reduce-scatter, same losses
+        res = run_ranks(_train_sp_loss_flag, 4, tmp_path, {**cfg, "parallel.tp": 2, "parallel.pp": 2,
+                        "parallel.sp": True, "parallel.overlap_sp_loss": False}, tp=2, pp=2)
+        assert all(flags == [False] for _, flags in res), res
+        for a, b in zip(res[0][0], ref):
+            assert abs(a - b) <= 1e-4 * abs(b), (res[0][0], ref)

@@ -28,6 +28,8 @@ def _gpt_model_class():
     from megatron.core.models.gpt import GPTModel
 
     class LlamaGPTModel(GPTModel):
+        sp_forward_reduce = True  # parallel.overlap_sp_loss (training/loop.py sets it per model)
+
         def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
             plain = (labels is None or not self.post_process or self.mtp_process
                      or self.config.mtp_num_layers is not None or kwargs.get("inference_context") is not None)
@@ -36,7 +38,8 @@ def _gpt_model_class():
             weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
                       else self.output_layer.weight)
             return linear_cross_entropy(hidden_states, weight, labels, tp_group=self.pg_collection.tp,
-                                        sequence_parallel=self.output_layer.sequence_parallel)
+                                        sequence_parallel=self.output_layer.sequence_parallel,
+                                        sp_forward_reduce=self.sp_forward_reduce)
 
     return LlamaGPTModel
 

@@ -167,15 +167,16 @@ class _LinearCrossEntropySP(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         tp_group=None, sequence_parallel: bool = False,
+                         tp_group=None, sequence_parallel: bool = False, sp_forward_reduce: bool = True,
                          chunk_elems: Optional[int] = None) -> torch.Tensor:
     """Per-token loss [b, s] (fp32; float64 for float64 inputs) of hidden states [s(/tp under SP), b, h] through the
-    vocab-parallel output weight [V/tp, h] (this rank's rows), labels [b, s] (global ids)."""
+    vocab-parallel output weight [V/tp, h] (this rank's rows), labels [b, s] (global ids). sp_forward_reduce
+    (`parallel.overlap_sp_loss`): under SP with a frozen W, `_LinearCrossEntropySP`; False: megatron's mapping."""
     from megatron.core.tensor_parallel import mappings
 
     tp = dist.get_world_size(tp_group) if tp_group is not None and dist.is_initialized() else 1
     flat = labels.t().reshape(-1)  # [b, s] -> token order of the (gathered) [s * b, h] rows
-    if tp > 1 and sequence_parallel and not weight.requires_grad:
+    if tp > 1 and sequence_parallel and sp_forward_reduce and not weight.requires_grad:
         s_loc, b, h = hidden.shape
         v0 = dist.get_rank(tp_group) * weight.shape[0]
         loss = _LinearCrossEntropySP.apply(hidden.reshape(s_loc * b, h), weight, flat, v0, tp_group,

@@ -55,6 +55,9 @@ class ParallelConfig:
     vpp: int = 1
     sp: bool = False
     overlap_sp: bool = True  # under SP: adapted layers' all-gather / reduce-scatter overlapped with their GEMMs
+    # under SP with a frozen output layer: the loss's input gradient summed onto each row's owner in the
+    # forward (models/loss.py::_LinearCrossEntropySP); false: megatron's all-gather / reduce-scatter (an A/B switch)
+    overlap_sp_loss: bool = True
 
 
 @dataclass

@@ -54,6 +54,7 @@ def build_adapted_model(cfg: Config, vp_stage: int | None = None):
     report = apply_adapters(model, cfg.adapter)
     for layer in adapted_layers(model):
         layer.overlap_sp = cfg.parallel.overlap_sp
+    model.sp_forward_reduce = cfg.parallel.overlap_sp_loss
     return model, report
 
 
@@ -120,18 +121,17 @@ class Trainer:
         distributed = self.optimizer_kind == "distributed"
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=distributed)
-        if cfg.train.cuda_graph and torch.cuda.is_available():
-            # DDP keeps each parameter's AccumulateGrad node (its grad hooks live there), and a node
-            # runs on the stream it was made on: made on the legacy default stream, the captured
-            # backward would have to join that stream, which CUDA forbids. Made on a side stream, it
-            # joins the capture (PyTorch's recipe for DDP under CUDA graphs).
-            side = torch.cuda.Stream()
+        # Under graphs DDP is made on a side stream: DDP keeps each parameter's AccumulateGrad node (its
+        # grad hooks live there), and a node runs on the stream it was made on: made on the legacy default
+        # stream, the captured backward would have to join that stream, which CUDA forbids. Made on a side
+        # stream, it joins the capture (PyTorch's recipe for DDP under CUDA graphs).
+        side = torch.cuda.Stream() if cfg.train.cuda_graph and torch.cuda.is_available() else None
+        if side is not None:
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.ddps = [DistributedDataParallel(c.config, ddp_config, c) for c in self.chunks]
-            torch.cuda.current_stream().wait_stream(side)
-        else:
+        with torch.cuda.stream(side):  # None: a no-op
             self.ddps = [DistributedDataParallel(c.config, ddp_config, c) for c in self.chunks]
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
         self.model = model = stage_module(self.chunks)
         self._reduce_tp = defer_tp_grads(model)  # replicated adapter grads: one TP all-reduce a step
         self.params = [p for d in self.ddps for p in d.parameters() if p.requires_grad]
