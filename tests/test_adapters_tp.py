@@ -270,3 +270,31 @@ def test_row_parallel_mora_blocks_on_merged_path(tp):
                 empty += 1
                 assert part == 0, (rank, case, part)
     assert empty >= (1 if tp == 2 else 2) * len(ROW_BLOCK_TYPES) * 2  # (96, 20): shards without a used chunk
+
+
+def test_sm_carveout_only_beside_collectives(monkeypatch):
+    """parallel.overlap_sm_carveout: the GEMMs inside `_beside_collective` run through cuBLASLt with the
+    carveout, and both flags are restored after (the GEMMs outside keep all SMs); off (0) or without
+    CUDA it touches neither. The CPU build has no cuBLASLt, so the library switch is recorded."""
+    from mora_dist.parallel import overlap
+
+    libs = []
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library",
+                        lambda lib=None: libs.append(lib) or "cublas-before")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        overlap.set_sm_carveout(0)
+        with overlap._beside_collective():
+            assert torch._C._get_sm_carveout_experimental() is None
+        assert libs == []
+        overlap.set_sm_carveout(8)
+        with overlap._beside_collective():
+            assert torch._C._get_sm_carveout_experimental() == 8
+            assert libs == [None, "cublaslt"]
+        assert torch._C._get_sm_carveout_experimental() is None and libs[-1] == "cublas-before"
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with overlap._beside_collective():
+            assert torch._C._get_sm_carveout_experimental() is None
+        assert len(libs) == 3
+    finally:
+        overlap.set_sm_carveout(0)

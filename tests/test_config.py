@@ -120,6 +120,7 @@ def test_vpp_errors_name_the_key_and_the_fix(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^train.cuda_graph: true needs a GPU"):
         tiny_config(tmp_path, **vpp, **{"model.num_layers": 4, "train.cuda_graph": True})
     cases = [({"parallel.vpp": 0}, r"parallel.vpp must be >= 1"),
+             ({"parallel.overlap_sm_carveout": -1}, r"parallel.overlap_sm_carveout must be in \[0, 128\) \(SMs; 0 = off\), got -1"),
              ({"parallel.vpp": 2}, r"parallel.vpp=2 needs parallel.pp >= 2 .*; set parallel.vpp=1"),
              ({**vpp, "model.num_layers": 6},
               r"model.num_layers=6 is not divisible by parallel.pp \* parallel.vpp = 2 \* 2 .*change parallel.vpp"),

@@ -14,11 +14,14 @@ def _train(rank, tmp, overrides):
 
 
 def _train_sp_loss_flag(rank, tmp, overrides):
-    """_train's losses and each chunk's loss path flag (parallel.overlap_sp_loss reaches the model)."""
+    """_train's losses, each chunk's loss path flag and the overlap carveout (the parallel keys reach
+    the model and parallel/overlap.py)."""
+    from mora_dist.parallel import overlap
     from mora_dist.training.loop import Trainer
 
     t = Trainer(tiny_config(tmp, **overrides))
-    return [t.train_step()["loss"] for _ in range(t.cfg.train.steps)], [c.sp_forward_reduce for c in t.chunks]
+    losses = [t.train_step()["loss"] for _ in range(t.cfg.train.steps)]
+    return losses, [c.sp_forward_reduce for c in t.chunks], overlap._carveout
 
 
 BASE = {"adapter.method": "mora", "adapter.r": 4}
@@ -87,8 +90,9 @@ def test_tp2_pp2_sp_world4_matches_single_process(tmp_path, method):
         assert abs(a - b) <= 1e-4 * abs(b), (got, ref)
     if method.get("adapter.method") == "lora":
         # parallel.overlap_sp_loss=false: the loss through megatron's gather / reduce-scatter, same losses
-        res = run_ranks(_train_sp_loss_flag, 4, tmp_path, {**cfg, "parallel.tp": 2, "parallel.pp": 2,
-                        "parallel.sp": True, "parallel.overlap_sp_loss": False}, tp=2, pp=2)
-        assert all(flags == [False] for _, flags in res), res
+        # with a carveout set (a no-op for CPU GEMMs): the key reaches parallel/overlap.py
+        res = run_ranks(_train_sp_loss_flag, 4, tmp_path, {**cfg, "parallel.tp": 2, "parallel.pp": 2, "parallel.sp": True,
+                        "parallel.overlap_sp_loss": False, "parallel.overlap_sm_carveout": 8}, tp=2, pp=2)
+        assert all(flags == [False] and carve == 8 for _, flags, carve in res), res
         for a, b in zip(res[0][0], ref):
             assert abs(a - b) <= 1e-4 * abs(b), (res[0][0], ref)

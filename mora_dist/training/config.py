@@ -58,6 +58,8 @@ class ParallelConfig:
     # under SP with a frozen output layer: the loss's input gradient summed onto each row's owner in the
     # forward (models/loss.py::_LinearCrossEntropySP); false: megatron's all-gather / reduce-scatter (an A/B switch)
     overlap_sp_loss: bool = True
+    # SMs that cuBLAS leaves to NCCL while a GEMM runs next to SP's collectives (parallel/overlap.py); 0 = off
+    overlap_sm_carveout: int = 0
 
 
 @dataclass

@@ -27,6 +27,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from mora_dist.parallel import overlap
 from mora_dist.parallel.inject import adapted_layers, defer_tp_grads, fixed_adapters
 
 from mora_dist.training.config import Config, resolve_optimizer
@@ -112,6 +113,7 @@ class Trainer:
         from mora_dist.training.optimizer import build_optimizer, enable_full_rank
 
         self.cfg, self.ps = cfg, ps
+        overlap.set_sm_carveout(cfg.parallel.overlap_sm_carveout)
         self.chunks, self.report = build_adapted_chunks(cfg)
         # before DDP: it buckets trainable params
         self.full_rank = [f for c in self.chunks for f in enable_full_rank(c, cfg.train.full_rank)]
