@@ -3,7 +3,8 @@
 Measured on the 1.1B model of docs/design.md section 5 (H100, docs/performance.md): megatron's config
 fusions (compiled SwiGLU, fused residual add, native fused vocab-parallel cross entropy) took the
 frozen step from 142 to 129 ms; compiling our fp32 RMSNorm (7 elementwise kernels -> 1) and
-megatron's unfused RoPE (cos/sin/rotate/cat -> 1) took it to 86 ms. The output layer + loss is
+megatron's unfused RoPE (cos/sin/rotate/cat -> 1) took it to 86 ms. RoPE is now a hand-written pass
+each way (`mora_dist/kernels/rope.py`: the compiled one streamed at ~1 TB/s at the 8B shape). The output layer + loss is
 `loss.linear_cross_entropy`; its per-chunk softmax passes are compiled here too. On the CPU none of this is
 used (tests compare against float64/HF references with the plain eager arithmetic).
 `build_model(compile=False)` (training: `train.compile: false`) keeps RMSNorm/RoPE eager; for
@@ -40,8 +41,23 @@ def compile_default() -> bool:
     return os.environ.get("MORA_DIST_COMPILE", "1") != "0"
 
 
+def rope_dispatch(fallback):
+    """megatron's `_apply_rotary_pos_emb_bshd` with the one-pass Triton kernel (`kernels/rope.py`) where it
+    serves (non-interleaved, whole-head rotation, CUDA or the interpreter), else `fallback` (same arguments)."""
+    from mora_dist.kernels import rope
+
+    def apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
+        if (not rotary_interleaved and not multi_latent_attention and rope.supports(t, freqs)
+                and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")):
+            return rope.apply(t, freqs, mscale)
+        return fallback(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+
+    return apply_rotary_pos_emb_bshd
+
+
 def enable_compiled() -> None:
-    """Compile RMSNorm and megatron's RoPE application once per process (CUDA only)."""
+    """Compile RMSNorm, put the RoPE kernel (compiled megatron RoPE where it does not serve) in megatron's
+    RoPE application, once per process (CUDA only)."""
     global _rms_norm_compiled
     if _rms_norm_compiled is not None or not torch.cuda.is_available():
         return
@@ -49,7 +65,8 @@ def enable_compiled() -> None:
     _rms_norm_compiled = torch.compile(rms_norm, dynamic=False)
     from megatron.core.models.common.embeddings import rope_utils
 
-    rope_utils._apply_rotary_pos_emb_bshd = torch.compile(rope_utils._apply_rotary_pos_emb_bshd, dynamic=False)
+    rope_utils._apply_rotary_pos_emb_bshd = rope_dispatch(
+        torch.compile(rope_utils._apply_rotary_pos_emb_bshd, dynamic=False))
     from mora_dist.models import loss  # the loss chunk's softmax passes: one kernel each over bf16 logits
 
     loss._compiled.update(stats=torch.compile(loss._stats, dynamic=False),
