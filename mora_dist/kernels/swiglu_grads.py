@@ -44,9 +44,11 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Default tiling (untimed: the bench's --cfg sweeps it). TP x FP = 1024 x 512 gives 8 x 28 = 224
-# programs at the 8B shape (H200: 132 SMs, two programs resident a SM).
-CONFIG = dict(BT=64, BF=128, TP=1024, FP=512, num_warps=8, num_stages=2)
+# Default tiling, untimed (launch/bench_swiglu.py sweeps others): TP x FP = 1024 x 512 gives 8 x 28 =
+# 224 programs at the 8B shape. Sub-tiles of 32 x 64 with 8 warps: the smallest ptxas keeps
+# spill-free (255 registers, 8 bytes of stack, sm_90a; 64 x 128 spills 1.8 KB: launch/kernel_aot.py),
+# so one program a SM; maxnreg (None: ptxas' choice) trades spills for a second one.
+CONFIG = dict(BT=32, BF=64, TP=1024, FP=512, num_warps=8, num_stages=2, maxnreg=None)
 
 
 @triton.jit
@@ -180,6 +182,7 @@ def _run(y, dact, out, E, Z, cfg=None):
             shape = (n, op.shape[1], rows) if (kind, src) == ("e", "c") else (n, rows, op.shape[1])
             bufs[kind, src] = torch.empty(shape, dtype=acc, device=y.device)
     fwd = dact is None and out is not None  # the forward: act stored
+    opts = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and y.is_cuda else {}
     get = lambda d, k: d.get(k, y)  # noqa: E731  (a dummy pointer where a product is off)
     _swiglu_kernel[(n_t * n_f,)](
         y, y if dact is None else dact, y if out is None else out,
@@ -191,7 +194,7 @@ def _run(y, dact, out, E, Z, cfg=None):
         EA="a" in E, EB="b" in E, EC="c" in E, ZA="a" in Z, ZB="b" in Z, ZC="c" in Z,
         ACC=tl.float64 if fp64 else tl.float32, DOT=dot, RND=_INTERPRET and y.dtype == torch.bfloat16, R=R,
         BT=BT, BF=BF, TP=TP, FP=FP,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **opts)
     return {k: b[0] if b.shape[0] == 1 else b.sum(0) for k, b in bufs.items()}
 
 
