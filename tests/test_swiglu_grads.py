@@ -17,10 +17,14 @@ kernels = pytest.mark.skipif(DEV == "cpu" and os.environ.get("TRITON_INTERPRET")
                              reason="Triton kernels: a GPU, or test_swiglu_kernels_interpreted (TRITON_INTERPRET=1)")
 # (T, F, r_gate, r_up, r_down): token and column counts that cut every block and range
 SHAPES = [(100, 80, 8, 3, 5), (64, 48, 4, 4, 4), (77, 56, 3, 7, 8)]
-# tilings: one program (the GPU default), and small tiles: several token / column ranges (partial
-# slots summed after), several sub-tiles a range, last ones partial
-CFGS = [None, dict(BT=16, BF=16, TP=32, FP=32, num_warps=4, num_stages=1),
+# tilings: the GPU default's sub-tiles in one program (ranges cut to 128 x 128: the interpreter runs
+# masked sub-tiles past T and F too), and small tiles: several token / column ranges (partial slots
+# summed after), several sub-tiles a range, the last ones partial
+CFGS = [dict(TP=128, FP=128), dict(BT=16, BF=16, TP=32, FP=32, num_warps=4, num_stages=1),
         dict(BT=16, BF=32, TP=48, FP=64, num_warps=4, num_stages=1)]
+IDS = ["one-program", "small", "mixed"]
+CASES = [pytest.param(*sh, c, id=f"{'-'.join(map(str, sh))}-{i}") for sh in SHAPES for c, i in zip(CFGS, IDS)
+         if i != "one-program" or sh == SHAPES[0]]
 
 
 def _megatron():
@@ -64,8 +68,7 @@ def test_megatron_swiglu_back_is_the_derivative():
 
 
 @kernels
-@pytest.mark.parametrize("cfg", CFGS, ids=["one-program", "small", "mixed"])
-@pytest.mark.parametrize("T,F,ra,rb,rc", SHAPES)
+@pytest.mark.parametrize("T,F,ra,rb,rc,cfg", CASES)
 def test_float64(T, F, ra, rb, rc, cfg):
     """Every output of the three calls in float64 (fp64 dots) against the float64 reference; the
     backward with all products and with subsets (None operands give None and leave g unchanged)."""
@@ -96,7 +99,7 @@ def test_float64(T, F, ra, rb, rc, cfg):
 
 
 @kernels
-@pytest.mark.parametrize("cfg", CFGS[:2], ids=["one-program", "small"])
+@pytest.mark.parametrize("cfg", CFGS[:2], ids=IDS[:2])
 def test_bfloat16(cfg):
     """bf16 inputs (the model's dtype) against float64 from the same bf16 values. g and act: one
     rounding of the fp32 value to bf16, so |err| <= 2^-8 |ref| (+ 1e-30 where ref is 0). The
@@ -132,6 +135,6 @@ def test_swiglu_kernels_interpreted():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                         "-k", "not interpreted"],
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
-    n = 1 + len(SHAPES) * len(CFGS) + 2
+    n = 1 + len(CASES) + 2
     assert r.returncode == 0 and f"{n} passed" in r.stdout and "skipped" not in r.stdout, \
         r.stdout[-3000:] + r.stderr[-2000:]
