@@ -32,13 +32,16 @@ from mora_dist.kernels import swiglu_grads as sw  # noqa: E402
 PTRS = dict(g_ptr="*bf16", x_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", tab_ptr="*i32", part_ptr="*fp32")
 
 
-def compile_one(fn, scalars: dict, consts: dict, cfg: dict, ptrs: dict = PTRS, regs: bool = False):
+def compile_one(fn, scalars: dict, consts: dict, cfg: dict, ptrs: dict = PTRS, regs: bool = False, div16=()):
+    """div16: arguments known to be multiples of 16 (pointers: 16-byte aligned), as Triton's JIT
+    specializes them at launch (tt.divisibility): what lets it vectorize loads and stores."""
     sig = {**ptrs, **scalars, **{c: "constexpr" for c in consts}}
     opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("maxnreg"):
         opts["maxnreg"] = cfg["maxnreg"]
-    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options=opts)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=opts)
     out = sum(1 for line in c.asm["ptx"].splitlines() if re.match(r"\s+[a-z]", line)), len(c.asm["cubin"])
     return out + resources(c.asm["cubin"]) if regs else out
 
@@ -57,6 +60,9 @@ def resources(cubin: bytes):
 SW_PTRS = {p: "*bf16" for p in ("y_ptr", "d_ptr", "o_ptr", "ha_ptr", "hb_ptr", "hc_ptr", "qa_ptr", "qb_ptr", "qc_ptr")}
 SW_PTRS.update({p: "*fp32" for p in ("ea_ptr", "eb_ptr", "ec_ptr", "za_ptr", "zb_ptr", "zc_ptr")})
 SW_SCALARS = {s: "i32" for s in ("T", "F", "s_y", "s_d", "s_o", "ra", "rb", "rc", "sc_f", "sc_r")}
+# the 8B shape's launch: aligned tensors, T = 8,192, F = 14,336 and the row strides are multiples of
+# 16; the ranks (8) are not
+SW_DIV16 = (*SW_PTRS, "T", "F", "s_y", "s_d", "s_o", "sc_r")
 SW_CALLS = {  # the constexpr switches `swiglu_grads._run` sets for each call
     "fwd": dict(BWD=False, STORE_ACT=True, NEED_ACT=True, EA=False, EB=False, EC=False, ZA=False, ZB=False, ZC=True),
     "bwd": dict(BWD=True, STORE_ACT=False, NEED_ACT=True, EA=True, EB=True, EC=True, ZA=True, ZB=True, ZC=False),
@@ -72,7 +78,8 @@ def swiglu_rows():
         cfg = {**sw.CONFIG, **over}
         consts = dict(SW_CALLS[call], ACC=tl.float32, DOT=tl.bfloat16, RND=False, R=16,
                       **{k_: cfg[k_] for k_ in ("BT", "BF", "TP", "FP")})
-        n, size, reg, stack = compile_one(sw._swiglu_kernel, SW_SCALARS, consts, cfg, SW_PTRS, regs=True)
+        n, size, reg, stack = compile_one(sw._swiglu_kernel, SW_SCALARS, consts, cfg, SW_PTRS, regs=True,
+                                          div16=SW_DIV16)
         tiling = f"{cfg['BT']}x{cfg['BF']} of {cfg['TP']}x{cfg['FP']} w{cfg['num_warps']} s{cfg['num_stages']}" + \
             (f" maxnreg {cfg['maxnreg']}" if cfg.get("maxnreg") else "")
         print(f"{call:6s}  {tiling:36s} {n:5d} {size:6d}  {reg:4} {stack:6}", flush=True)

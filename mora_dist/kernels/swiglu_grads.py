@@ -24,8 +24,8 @@ computes bf16 dots wrongly (triton 3.6), so under it the bf16-rounded operands g
 (the same products; only the summation order differs).
 
 Tiling and reductions: a program owns a tile of TP tokens x FP columns of F and walks it in
-BT x BF sub-tiles, columns outer and tokens inner. E-type products (reduced over tokens: g^T H,
-act^T Z) accumulate in registers over the token loop and are stored once per column sub-tile
+BT x BF sub-tiles, columns outer and tokens inner. E-type products (reduced over tokens: H^T g,
+Z^T act, i.e. E^T and dP) accumulate in registers over the token loop and are stored once per column sub-tile
 into an fp32 partial buffer with one slot per token range; Z-type products (reduced over
 columns: g Q, act P^T) go to a buffer with one slot per column range, read-added-written by the
 one program that owns those rows (a barrier orders its store and the next column sub-tile's
@@ -45,9 +45,11 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Default tiling, untimed (launch/bench_swiglu.py sweeps others): TP x FP = 1024 x 512 gives 8 x 28 =
-# 224 programs at the 8B shape. Sub-tiles of 32 x 64 with 8 warps: the smallest ptxas keeps
-# spill-free (255 registers, 8 bytes of stack, sm_90a; 64 x 128 spills 1.8 KB: launch/kernel_aot.py),
-# so one program a SM; maxnreg (None: ptxas' choice) trades spills for a second one.
+# 224 programs at the 8B shape. Sub-tiles of 32 x 64 with 8 warps: the backward compiles to 214
+# registers without spills for sm_90a (64 x 128 spills: launch/kernel_aot.py), one program a SM;
+# maxnreg (None: ptxas' choice) trades spills for a second one. Both products take the tile as
+# their B operand (E^T = H^T g, Z^T = Q^T g^T, accumulators [R, .]): with g as the A operand
+# (E = g^T H, Z = g Q) the backward needed 255 registers and 50% more instructions.
 CONFIG = dict(BT=32, BF=64, TP=1024, FP=512, num_warps=8, num_stages=2, maxnreg=None)
 
 
@@ -65,29 +67,29 @@ def _round(x, DT: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _e_acc(acc, tile, h_ptr, r, ot, mt, R: tl.constexpr, DOT: tl.constexpr):
-    """acc [BF, R] += tile^T [BF, BT] @ H[ot, :r] (H [T, r] contiguous; zero past r and T)."""
+    """acc [R, BF] += H[ot, :r]^T [R, BT] @ tile [BT, BF] (H [T, r] contiguous; zero past r and T)."""
     ok = tl.arange(0, R)
-    h = tl.load(h_ptr + ot[:, None] * r + ok[None, :], mask=mt[:, None] & (ok < r)[None, :], other=0.0)
-    return tl.dot(tl.trans(tile), h.to(DOT), acc, out_dtype=acc.dtype)
+    h = tl.load(h_ptr + ok[:, None] + ot[None, :] * r, mask=(ok < r)[:, None] & mt[None, :], other=0.0)
+    return tl.dot(h.to(DOT), tile, acc, out_dtype=acc.dtype)
 
 
 @triton.jit
 def _e_store(acc, e_ptr, r, of, mf, s_f, s_r, R: tl.constexpr):
     ok = tl.arange(0, R)
-    tl.store(e_ptr + of[:, None] * s_f + ok[None, :] * s_r, acc, mask=mf[:, None] & (ok < r)[None, :])
+    tl.store(e_ptr + ok[:, None] * s_r + of[None, :] * s_f, acc, mask=(ok < r)[:, None] & mf[None, :])
 
 
 @triton.jit
 def _z_add(tile, q_ptr, z_ptr, r, of, mf, ot, mt, fi, R: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
-    """Z[ot, :r] (this program's slot, [T, r]) += tile [BT, BF] @ Q[of, :r] (Q [F, r] contiguous);
-    the first column sub-tile (fi = 0) writes without reading."""
+    """Z[ot, :r] (this program's slot, [T, r]) += (Q[of, :r]^T [R, BF] @ tile^T [BF, BT])^T (Q [F, r]
+    contiguous); the first column sub-tile (fi = 0) writes without reading."""
     ok = tl.arange(0, R)
-    mr = (ok < r)[None, :]
-    q = tl.load(q_ptr + of[:, None] * r + ok[None, :], mask=mf[:, None] & mr, other=0.0)
-    ptrs = z_ptr + ot[:, None] * r + ok[None, :]
-    m = mt[:, None] & mr
+    mr = (ok < r)[:, None]
+    q = tl.load(q_ptr + ok[:, None] + of[None, :] * r, mask=mr & mf[None, :], other=0.0)
+    ptrs = z_ptr + ok[:, None] + ot[None, :] * r
+    m = mr & mt[None, :]
     z = tl.load(ptrs, mask=m & (fi > 0), other=0.0)
-    tl.store(ptrs, tl.dot(tile, q.to(DOT), z, out_dtype=ACC), mask=m)
+    tl.store(ptrs, tl.dot(q.to(DOT), tl.trans(tile), z, out_dtype=ACC), mask=m)
 
 
 @triton.jit
@@ -111,9 +113,9 @@ def _swiglu_kernel(y_ptr, d_ptr, o_ptr, ha_ptr, hb_ptr, hc_ptr, qa_ptr, qb_ptr, 
     for fi in range(FP // BF):
         of = f0 + fi * BF + tl.arange(0, BF)
         mf = of < F
-        ea = tl.zeros((BF, R), dtype=ACC)
-        eb = tl.zeros((BF, R), dtype=ACC)
-        ec = tl.zeros((BF, R), dtype=ACC)
+        ea = tl.zeros((R, BF), dtype=ACC)
+        eb = tl.zeros((R, BF), dtype=ACC)
+        ec = tl.zeros((R, BF), dtype=ACC)
         for ti in range(TP // BT):
             ot = t0 + ti * BT + tl.arange(0, BT)
             mt = ot < T
