@@ -25,11 +25,11 @@ computes bf16 dots wrongly (triton 3.6), so under it the bf16-rounded operands g
 
 Tiling and reductions: a program owns a tile of TP tokens x FP columns of F and walks it in
 BT x BF sub-tiles, columns outer and tokens inner. E-type products (reduced over tokens: H^T g,
-Z^T act, i.e. E^T and dP) accumulate in registers over the token loop and are stored once per column sub-tile
-into an fp32 partial buffer with one slot per token range; Z-type products (reduced over
-columns: g Q, act P^T) go to a buffer with one slot per column range, read-added-written by the
-one program that owns those rows (a barrier orders its store and the next column sub-tile's
-load). The slots are summed after by torch: deterministic, run to run and for any grid, which
+Z^T act, i.e. E^T and dP) accumulate in registers over the token loop and are stored once per
+column sub-tile into an fp32 partial buffer with one slot per token range; Z-type products
+(reduced over columns: g Q, act P^T) go to a buffer with one slot per column range,
+read-added-written by the one program that owns those rows (a barrier orders its store and the
+next column sub-tile's load). The slots are summed after by torch: deterministic, run to run and for any grid, which
 atomics (tl.atomic_add into one fp32 output) would not be; the partials are small against what
 the fusion removes (8B shape, default tiling: 8 token slots x 3 E products x F x r and 28 column
 slots x 2 Z products x T x r fp32 at r = 8: 26 MB written and read back once by the sum, ~4% of
