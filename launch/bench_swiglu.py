@@ -94,13 +94,14 @@ def main():
     err = lambda x, w: ((x.float() - w.float()).abs().max() / w.float().abs().max()).item()  # noqa: E731
 
     e2 = 2  # bytes a bf16 element
-    n_t, n_f = T // sw.CONFIG["TP"], F // sw.CONFIG["FP"]
     gb = dict(
         fwd_a=(T * 2 * F + T * F + T * F) * e2, fwd0=(T * 2 * F + T * F) * e2,
         bwd_a=(T * 2 * F + T * F + T * 2 * F + 2 * T * 2 * F + T * F) * e2, bwd0=(T * 2 * F + T * F + T * 2 * F) * e2)
-    gb["fwd_b"] = gb["fwd0"] + 2 * n_f * T * r * 4
-    gb["bwd_b"] = gb["bwd0"] + 2 * (3 * n_t * F * r + 2 * n_f * T * r) * 4
     gb = {k: v / 1e9 for k, v in gb.items()}
+
+    def partials(cfg):  # GB of (b)'s fp32 partial slots, written and read back by the sum: (fwd, bwd)
+        n_t, n_f = triton.cdiv(T, cfg["TP"]), triton.cdiv(F, cfg["FP"])
+        return 2 * n_f * T * r * 4 / 1e9, 2 * (3 * n_t * F * r + 2 * n_f * T * r) * 4 / 1e9
 
     rows = [["call", "path", "ms", "GB", "GB/s"]]
 
@@ -119,16 +120,18 @@ def main():
         fwd_b = lambda cfg=cfg: sw.swiglu_forward_lora(y, Pd, cfg=cfg)  # noqa: E731
         bwd_b = lambda cfg=cfg: sw.swiglu_backward_lora(y, dact, Hg, Qg, Hu, Qu, Zd, cfg=cfg)  # noqa: E731
         t_fb, t_bb = timed(fwd_b, args.reps), timed(bwd_b, args.reps)
-        row("fwd", f"(b) {tag}", t_fb, gb["fwd_b"])
+        p_fwd, p_bwd = partials(cfg)
+        row("fwd", f"(b) {tag}", t_fb, gb["fwd0"] + p_fwd)
         row("fwd", f"(b) {tag}, act only", timed(lambda cfg=cfg: sw.swiglu_forward_lora(y, cfg=cfg), args.reps),
             gb["fwd0"])
-        row("bwd", f"(b) {tag}", t_bb, gb["bwd_b"])
+        row("bwd", f"(b) {tag}", t_bb, gb["bwd0"] + p_bwd)
         row("bwd", f"(b) {tag}, g only", timed(lambda cfg=cfg: sw.swiglu_backward_lora(y, dact, cfg=cfg), args.reps),
             gb["bwd0"])
         saved = (t_fa + t_ba) - (t_fb + t_bb)
-        summary.append(f"{tag} {json.dumps(over) if over else ''}: saved {t_fa - t_fb:.3f} ms fwd + {t_ba - t_bb:.3f} ms "
-                       f"bwd = {saved:.3f} ms a layer and micro-batch, {saved * args.layers * args.micro:.1f} ms an "
-                       f"8B step ({args.layers} layers x {args.micro} micro-batches)")
+        summary.append(f"{tag} {json.dumps(over) if over else ''}: saved {t_fa - t_fb:.3f} ms fwd + "
+                       f"{t_ba - t_bb:.3f} ms bwd = {saved:.3f} ms a layer and micro-batch, "
+                       f"{saved * args.layers * args.micro:.1f} ms an 8B step ({args.layers} layers x {args.micro} "
+                       "micro-batches)")
         out_b = dict(zip(names, (*fwd_b(), *bwd_b())))
         errs.append((tag, out_b))
     w = [max(len(str(rw[i])) for rw in rows) for i in range(len(rows[0]))]
