@@ -4,7 +4,8 @@ Measured on the 1.1B model of docs/design.md section 5 (H100, docs/performance.m
 fusions (compiled SwiGLU, fused residual add, native fused vocab-parallel cross entropy) took the
 frozen step from 142 to 129 ms; compiling our fp32 RMSNorm (7 elementwise kernels -> 1) and
 megatron's unfused RoPE (cos/sin/rotate/cat -> 1) took it to 86 ms. RoPE is now a hand-written pass
-each way (`mora_dist/kernels/rope.py`: the compiled one streamed at ~1 TB/s at the 8B shape). The output layer + loss is
+each way (`mora_dist/kernels/rope.py`: the compiled one streamed at ~1 TB/s at the 8B shape), and
+megatron's SwiGLU backward the g-only pass of `mora_dist/kernels/swiglu_grads.py` (~2.2 TB/s compiled). The output layer + loss is
 `loss.linear_cross_entropy`; its per-chunk softmax passes are compiled here too. On the CPU none of this is
 used (tests compare against float64/HF references with the plain eager arithmetic).
 `build_model(compile=False)` (training: `train.compile: false`) keeps RMSNorm/RoPE eager; for
@@ -55,9 +56,26 @@ def rope_dispatch(fallback):
     return apply_rotary_pos_emb_bshd
 
 
+def swiglu_back_dispatch(fallback):
+    """megatron's `swiglu_back(g, y)` by the Triton SwiGLU backward (`kernels/swiglu_grads.py`, g only: one
+    read of y and g, one write, fp32 math and one rounding as the compiled formula) for 2-D inputs with unit
+    last strides on CUDA or the interpreter, else `fallback`. Why: the compiled formula (a `cat` of two
+    halves) streamed at ~2.2 TB/s at the 8B shape (538 us a layer and micro-batch for 1.18 GB)."""
+    from mora_dist.kernels import swiglu_grads
+
+    def swiglu_back(g, y):
+        if ((y.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and y.dim() == 2 and g.dim() == 2
+                and g.dtype == y.dtype and y.shape == (g.shape[0], 2 * g.shape[1])
+                and y.stride(1) == 1 and g.stride(1) == 1):
+            return swiglu_grads.swiglu_backward_lora(y, g)[0]
+        return fallback(g, y)
+
+    return swiglu_back
+
+
 def enable_compiled() -> None:
     """Compile RMSNorm, put the RoPE kernel (compiled megatron RoPE where it does not serve) in megatron's
-    RoPE application, once per process (CUDA only)."""
+    RoPE application and the SwiGLU backward kernel in its fused SwiGLU, once per process (CUDA only)."""
     global _rms_norm_compiled
     if _rms_norm_compiled is not None or not torch.cuda.is_available():
         return
@@ -67,6 +85,9 @@ def enable_compiled() -> None:
 
     rope_utils._apply_rotary_pos_emb_bshd = rope_dispatch(
         torch.compile(rope_utils._apply_rotary_pos_emb_bshd, dynamic=False))
+    from megatron.core.fusions import fused_bias_swiglu  # SwiGLUFunction.backward looks it up per call
+
+    fused_bias_swiglu.swiglu_back = swiglu_back_dispatch(fused_bias_swiglu.swiglu_back)
     from mora_dist.models import loss  # the loss chunk's softmax passes: one kernel each over bf16 logits
 
     loss._compiled.update(stats=torch.compile(loss._stats, dynamic=False),
