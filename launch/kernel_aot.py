@@ -1,7 +1,7 @@
-"""Compile MoRA's block-gradient kernels and the fused SwiGLU + factor-gradient kernel for sm_90a
-without a GPU (Triton's bundled ptxas) and print their size: a check that a kernel change builds for
-the H100/H200, and that a refactor kept the code of a kernel that was timed (same PTX instruction
-count as before).
+"""Compile MoRA's block-gradient kernels, the fused SwiGLU + factor-gradient kernel and the RoPE
+kernel for sm_90a without a GPU (Triton's bundled ptxas) and print their size: a check that a kernel
+change builds for the H100/H200, and that a refactor kept the code of a kernel that was timed (same
+PTX instruction count as before). RoPE rows: forward / backward at head dim 128, bf16.
 
     PYTHONPATH=. .venv/bin/python launch/kernel_aot.py
 
@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mora_dist.kernels import blockdiag as k  # noqa: E402
 from mora_dist.kernels import swiglu_grads as sw  # noqa: E402
+from mora_dist.kernels import rope  # noqa: E402
 
 PTRS = dict(g_ptr="*bf16", x_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", tab_ptr="*i32", part_ptr="*fp32")
 
@@ -85,6 +86,18 @@ def swiglu_rows():
         print(f"{call:6s}  {tiling:36s} {n:5d} {size:6d}  {reg:4} {stack:6}", flush=True)
 
 
+def rope_rows():
+    """The RoPE kernel (kernels/rope.py) at head dim 128, bf16: forward and backward."""
+    print("rope    pass      ptx  cubin  regs  stack")
+    ptrs = dict(t_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", out_ptr="*bf16")
+    scalars = {a: "i32" for a in ("R", "B", "H", "s_t0", "s_t1", "s_t2")}
+    for bwd in (False, True):
+        n, size, reg, stack = compile_one(rope._rope_kernel, scalars, dict(HALF=64, BACKWARD=bwd, ACC=tl.float32,
+                                          BLOCK_R=32, BLOCK_D=64), dict(num_warps=4, num_stages=1), ptrs, regs=True,
+                                          div16=(*ptrs, "s_t0", "s_t1", "s_t2"))
+        print(f"rope    {'backward' if bwd else 'forward':8s} {n:5d} {size:6d}  {reg:4} {stack:6}", flush=True)
+
+
 def main() -> None:
     print(f"triton {triton.__version__}, target sm_90a")
     print("kernel  rot   rh  pair  tiling                   ptx  cubin")
@@ -105,6 +118,7 @@ def main() -> None:
             tiling = f"{cfg['BI']}x{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']}"
             print(f"{impl:6s} {str(rot):5s} {rh:4d}  {str(pair):5s} {tiling:22s} {n:5d} {size:6d}", flush=True)
     swiglu_rows()
+    rope_rows()
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def test_rope_dispatch_matches_megatron(monkeypatch):
         (torch.randn(s, b, h, d, generator=gen, dtype=torch.float64), _freqs(s, d, gen, False), 1e-12,
          dict(mscale=0.7)),
         # megatron's key: a view of the fused q/k/v output [s, b, groups, (heads/group + 2) * d]
-        (torch.randn(s, b, h, 4 * d, generator=gen, dtype=torch.float64)[..., 2 * d:3 * d], _freqs(s, d, gen), 1e-12, {}),
+        (torch.randn(s, b, h, 4 * d, generator=gen, dtype=torch.float64)[..., 2 * d:3 * d], _freqs(s, d, gen),
+         1e-12, {}),
         (torch.randn(s, b, h, d, generator=gen, dtype=torch.float32), _freqs(s, d, gen), 1e-6, {}),
     ]
     for t, f, tol, kw in served:

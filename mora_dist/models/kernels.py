@@ -3,12 +3,13 @@
 Measured on the 1.1B model of docs/design.md section 5 (H100, docs/performance.md): megatron's config
 fusions (compiled SwiGLU, fused residual add, native fused vocab-parallel cross entropy) took the
 frozen step from 142 to 129 ms; compiling our fp32 RMSNorm (7 elementwise kernels -> 1) and
-megatron's unfused RoPE (cos/sin/rotate/cat -> 1) took it to 86 ms. RoPE is now a hand-written pass
-each way (`mora_dist/kernels/rope.py`: the compiled one streamed at ~1 TB/s at the 8B shape), and
-megatron's SwiGLU backward the g-only pass of `mora_dist/kernels/swiglu_grads.py` (~2.2 TB/s compiled). The output layer + loss is
-`loss.linear_cross_entropy`; its per-chunk softmax passes are compiled here too. On the CPU none of this is
-used (tests compare against float64/HF references with the plain eager arithmetic).
-`build_model(compile=False)` (training: `train.compile: false`) keeps RMSNorm/RoPE eager; for
+megatron's unfused RoPE (cos/sin/rotate/cat -> 1) took it to 86 ms. RoPE is now a hand-written
+pass each way (`mora_dist/kernels/rope.py`: the compiled one streamed at ~1 TB/s at the 8B shape),
+and megatron's SwiGLU backward the g-only pass of `mora_dist/kernels/swiglu_grads.py` (the compiled
+one: ~2.2 TB/s); neither is timed in a step yet (docs/performance.md, 8B section). The output layer +
+loss is `loss.linear_cross_entropy`; its per-chunk softmax passes are compiled here too. On the CPU
+none of this is used (tests compare against float64/HF references with the plain eager arithmetic).
+`build_model(compile=False)` (training: `train.compile: false`) keeps RMSNorm/RoPE/SwiGLU as megatron's; for
 processes without a config (launch/bench.py, the research scripts) MORA_DIST_COMPILE=0 overrides the
 default (`compile_default`).
 """
