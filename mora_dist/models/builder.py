@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from mora_dist.models import kernels
 from mora_dist.models.config import LlamaSpec, rope_inv_freq
+from mora_dist.models.embedding import replicate_when_frozen
 from mora_dist.models.loss import linear_cross_entropy
 from mora_dist.models.spec import llama_block_spec
 from mora_dist.compat import mcore_cpu
@@ -176,6 +177,7 @@ def build_model(
     )
     if pre_process:
         model.embedding.register_forward_hook(_canonical_strides)
+        replicate_when_frozen(model.embedding.word_embeddings)  # TP > 1 with SP: no reduce-scatter while frozen
     rope = model.rotary_pos_emb
     rope.inv_freq = rope_inv_freq(spec).to(rope.inv_freq.device)
     if hasattr(type(rope).forward, "cache_clear"):  # forward() is lru_cached on (self, seq_len)
