@@ -28,6 +28,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mora_dist.adapters import AdapterConfig, Shard, blockdiag, build_adapter, mora_rank  # noqa: E402
 from mora_dist.kernels import blockdiag as kern  # noqa: E402
+from mora_dist.utils.gpu_time import cuda_ms as timed  # noqa: E402
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -59,17 +60,6 @@ def reference(g, x, rot, items, rh, n_used):
     return blockdiag.chunk_mats_grad(dWc, rot)
 
 
-def timed(fn, reps, warmup=3):
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main():
