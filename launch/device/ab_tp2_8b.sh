@@ -1,7 +1,7 @@
 # A/B of the TP=2 + SP switches that are built but not timed, in one nvidia-h200-x2 call (repo root, megatron
 # wheel in .bench/, $OUT set): first GPU 0's kernel microbenches (MoRA block gradients at the 1.1B shapes, to
 # refit kernels/blockdiag.grad_impl; the RoPE kernel against the compiled megatron RoPE it replaced; the fused
-# SwiGLU + factor-gradient kernels if launch/bench_swiglu.py is there), then 8B LoRA r=8, seq 4096, mbs 2, gb 8, train.cuda_graph: TP=1 once, TP=2 + SP with the defaults
+# SwiGLU + factor-gradient kernels and the g-only SwiGLU backward now in the model), then 8B LoRA r=8, seq 4096, mbs 2, gb 8, train.cuda_graph: TP=1 once, TP=2 + SP with the defaults
 # and with one switch changed per run:
 #   carve8 / carve16   parallel.overlap_sm_carveout=8 / 16 (GEMMs beside SP's collectives leave SMs to NCCL)
 #   lossmap            parallel.overlap_sp_loss=false (the loss through megatron's gather / reduce-scatter)
@@ -13,7 +13,8 @@ S=$(date +%s)
 (CUDA_VISIBLE_DEVICES=0 timeout 60 python3 launch/bench_rotgrad.py --size 1b
  CUDA_VISIBLE_DEVICES=0 timeout 60 python3 launch/bench_rotgrad.py --size 1b --decouple
  CUDA_VISIBLE_DEVICES=0 timeout 60 python3 launch/bench_rope.py
- [ -f launch/bench_swiglu.py ] && CUDA_VISIBLE_DEVICES=0 timeout 90 python3 launch/bench_swiglu.py) > $OUT/kernels.txt 2>&1
+ CUDA_VISIBLE_DEVICES=0 timeout 100 python3 launch/bench_swiglu.py --reps 50 --cfg '{"maxnreg": 128}' \
+   --cfg '{"BT": 32, "BF": 32, "num_warps": 4}' --cfg '{"TP": 2048, "FP": 512}') > $OUT/kernels.txt 2>&1
 grep -E "^ *(proj|layer|q|k)|^\|" $OUT/kernels.txt; echo "  ($(( $(date +%s) - S )) s)"
 run() {  # run NAME LAYOUTS NEED_S [--set KEY=VALUE ...] ; env from the caller
   local name=$1 layouts=$2 need=$3; shift 3
