@@ -82,15 +82,9 @@ def split(a) -> None:
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_file=a.tokenizer)
-        encode = timed(lambda batch: sp.encode(batch, out_type=int, num_threads=1))
-        n, batch = 0, []
-        with open(a.input, "rb") as f:
-            for line in f:
-                batch.append(json.loads(line)["text"])
-                if len(batch) == 256:
-                    n += sum(map(len, encode(batch)))
-                    batch = []
-        n += sum(map(len, encode(batch))) if batch else 0
+        from data_pipeline.bench import raw_loop
+
+        n = raw_loop(a.input, timed(lambda batch: sp.encode(batch, out_type=int, num_threads=1)))
     else:
         import contextlib
         import io

@@ -186,6 +186,11 @@ def _peer_raw(inp: str, tok: str) -> None:
 
         sp = spm.SentencePieceProcessor(model_file=tok)
         encode = lambda batch: sp.encode(batch, out_type=int, num_threads=1)
+    print(f"tokens {raw_loop(inp, encode)}")
+
+
+def raw_loop(inp: str, encode) -> int:
+    """Tokens (no EOD) of a JSONL file's "text" fields through `encode`, 256 documents a call: raw's loop."""
     n, batch = 0, []
     with open(inp, "rb") as f:
         for line in f:
@@ -193,8 +198,7 @@ def _peer_raw(inp: str, tok: str) -> None:
             if len(batch) == 256:
                 n += sum(map(len, encode(batch)))
                 batch = []
-    n += sum(map(len, encode(batch))) if batch else 0
-    print(f"tokens {n}")
+    return n + (sum(map(len, encode(batch))) if batch else 0)
 
 
 def train_hf_bpe(inp: str, out_json: str, vocab_size: int = 32000, sample_docs: int = 3000) -> str:
