@@ -29,11 +29,12 @@ bf16) read through views, the partial chunks as small dense GEMMs, then `chunk_m
 from __future__ import annotations
 
 import math
-import os
 from functools import lru_cache
 from typing import NamedTuple, Optional
 
 import torch
+
+from mora_dist.kernels import runs_on
 
 
 class Geometry(NamedTuple):
@@ -151,7 +152,7 @@ def chunk_mats_grad(dWc: torch.Tensor, rot) -> torch.Tensor:
 def _kernels(t: torch.Tensor, geo: Geometry):
     """The Triton kernels (weight add, M gradient) when they serve this call (a CUDA tensor, or
     TRITON_INTERPRET=1 for CPU checks; rh <= d_in), else None (the torch forms below)."""
-    if geo.rh > geo.d_in or not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if geo.rh > geo.d_in or not runs_on(t):
         return None
     try:
         from mora_dist.kernels import blockdiag as blockdiag_kernels

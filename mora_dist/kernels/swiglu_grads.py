@@ -37,13 +37,13 @@ the 1.41 GB removed; larger TP / FP shrink it, at fewer programs). Offsets are i
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from mora_dist.kernels import interpreted
+
+_INTERPRET = interpreted()
 # Default tiling, untimed (launch/bench_swiglu.py sweeps others): TP x FP = 1024 x 512 gives 8 x 28 =
 # 224 programs at the 8B shape. Sub-tiles of 32 x 64 with 8 warps: the backward compiles to 214
 # registers without spills for sm_90a (64 x 128 spills: launch/kernel_aot.py), one program a SM;

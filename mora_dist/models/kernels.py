@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from mora_dist.kernels import runs_on
+
 CUDA_FUSIONS = dict(bias_activation_fusion=True, bias_dropout_fusion=True, cross_entropy_loss_fusion=True,
                     cross_entropy_fusion_impl="native")
 
@@ -49,8 +51,7 @@ def rope_dispatch(fallback):
     from mora_dist.kernels import rope
 
     def apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
-        if (not rotary_interleaved and not multi_latent_attention and rope.supports(t, freqs)
-                and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")):
+        if not rotary_interleaved and not multi_latent_attention and rope.supports(t, freqs) and runs_on(t):
             return rope.apply(t, freqs, mscale)
         return fallback(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
 
@@ -65,7 +66,7 @@ def swiglu_back_dispatch(fallback):
     from mora_dist.kernels import swiglu_grads
 
     def swiglu_back(g, y):
-        if ((y.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and y.dim() == 2 and g.dim() == 2
+        if (runs_on(y) and y.dim() == 2 and g.dim() == 2
                 and g.dtype == y.dtype and y.shape == (g.shape[0], 2 * g.shape[1])
                 and y.stride(1) == 1 and g.stride(1) == 1):
             return swiglu_grads.swiglu_backward_lora(y, g)[0]

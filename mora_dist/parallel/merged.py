@@ -30,13 +30,13 @@ factors and the gathered input of a column shard); replicated trainables arrive 
 from __future__ import annotations
 
 import itertools
-import os
 from typing import NamedTuple, Optional
 
 import torch
 
 from mora_dist.adapters import blockdiag
 from mora_dist.adapters.base import Factors
+from mora_dist.kernels import interpreted
 from mora_dist.parallel import overlap
 
 
@@ -132,7 +132,7 @@ def _kernel_build(W0: torch.Tensor, K: int = 0):
     a CUDA half-precision weight and K <= BUILD_KERNEL_MAX_K (or TRITON_INTERPRET=1 for the CPU
     checks), else None (torch's addmm)."""
     on = W0.is_cuda and W0.dtype in (torch.bfloat16, torch.float16) and K <= BUILD_KERNEL_MAX_K
-    if not (on or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not (on or interpreted()):
         return None
     try:
         from mora_dist.kernels import build

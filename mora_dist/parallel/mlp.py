@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from mora_dist.kernels import swiglu_grads
+from mora_dist.kernels import runs_on, swiglu_grads
 from mora_dist.parallel import merged
 
 
@@ -79,7 +79,7 @@ def _served(mlp, x) -> Optional[tuple]:
     from mora_dist.parallel.wrappers import AdaptedLinear
 
     cfg, fc1, fc2 = mlp.config, mlp.linear_fc1, mlp.linear_fc2
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not runs_on(x):
         return None
     if not (cfg.gated_linear_unit and mlp.activation_func is F.silu and not cfg.add_bias_linear
             and not getattr(cfg, "use_te_activation_func", False) and getattr(cfg, "activation_func_clamp_value", None)

@@ -26,9 +26,9 @@ RANGES = {
     "restarts.every": (lambda v: v >= 0, ">= 0 (0 = no restarts)"), "restarts.warmup": _NONNEG,
     "restarts.prune": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "checkpoint.every": (lambda v: v >= 0, ">= 0 (0 = only at the end and on a signal)"),
-    "parallel.overlap_sm_carveout": (lambda v: 0 <= v < 128, "in [0, 128) (SMs; 0 = off)"),
     "checkpoint.keep": (lambda v: v >= -1, ">= -1 (N >= 1: keep the newest N; 0 or -1: keep all)"),
     "run.peak_tflops": _POS,
+    "parallel.overlap_sm_carveout": (lambda v: 0 <= v < 128, "in [0, 128) (SMs; 0 = off)"),
 }
 
 
