@@ -1,5 +1,6 @@
-"""SwiGLU fused with the factor adapters' skinny products of the MLP (issue 15; a prototype, not
-yet called by the model).
+"""SwiGLU fused with the factor adapters' skinny products of the MLP (issue 15). Called by
+`models/kernels.swiglu_back_dispatch` (the g-only backward, in place of megatron's `swiglu_back`)
+and by the opt-in fused MLP (`parallel/mlp.py`); neither timed on a GPU yet.
 
 Why: on the merged-weight path (parallel/merged.py) a factor adapter's whole cost is the skinny
 GEMMs of `merged._factor_grads`, and they are bandwidth-bound: each streams its big operand once
