@@ -20,8 +20,6 @@ from mora_dist.kernels import rope  # noqa: E402
 from mora_dist.utils.gpu_time import cuda_ms as timed  # noqa: E402
 
 
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq", type=int, default=4096)

@@ -60,8 +60,6 @@ def reference(g, x, rot, items, rh, n_used):
     return blockdiag.chunk_mats_grad(dWc, rot)
 
 
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=sorted(SHAPES), default="8b", help="layer shape (1b: grad_impl's rule was fitted on 8b)")

@@ -91,8 +91,9 @@ def test_tp2_pp2_sp_world4_matches_single_process(tmp_path, method):
     if method.get("adapter.method") == "lora":
         # parallel.overlap_sp_loss=false: the loss through megatron's gather / reduce-scatter, same losses
         # with a carveout set (a no-op for CPU GEMMs): the key reaches parallel/overlap.py
-        res = run_ranks(_train_sp_loss_flag, 4, tmp_path, {**cfg, "parallel.tp": 2, "parallel.pp": 2, "parallel.sp": True,
-                        "parallel.overlap_sp_loss": False, "parallel.overlap_sm_carveout": 8}, tp=2, pp=2)
+        over = {**cfg, "parallel.tp": 2, "parallel.pp": 2, "parallel.sp": True, "parallel.overlap_sp_loss": False,
+                "parallel.overlap_sm_carveout": 8}
+        res = run_ranks(_train_sp_loss_flag, 4, tmp_path, over, tp=2, pp=2)
         assert all(flags == [False] and carve == 8 for _, flags, carve in res), res
         for a, b in zip(res[0][0], ref):
             assert abs(a - b) <= 1e-4 * abs(b), (res[0][0], ref)
