@@ -73,3 +73,16 @@ def test_rope_kernel_interpreted():
                         f"{__file__}::test_rope_dispatch_matches_megatron"],
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_kernel_switch_names(monkeypatch):
+    """MORA_DIST_NO_KERNEL: the named kernels are left out; a misspelt name is refused, not ignored."""
+    from mora_dist.models.kernels import kernels_off
+
+    monkeypatch.setenv("MORA_DIST_NO_KERNEL", " rope, swiglu ")
+    assert kernels_off() == {"rope", "swiglu"}
+    monkeypatch.setenv("MORA_DIST_NO_KERNEL", "")
+    assert kernels_off() == set()
+    monkeypatch.setenv("MORA_DIST_NO_KERNEL", "ropes")
+    with pytest.raises(ValueError, match="ropes"):
+        kernels_off()

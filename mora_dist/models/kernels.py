@@ -11,7 +11,8 @@ loss is `loss.linear_cross_entropy`; its per-chunk softmax passes are compiled h
 none of this is used (tests compare against float64/HF references with the plain eager arithmetic).
 `build_model(compile=False)` (training: `train.compile: false`) keeps RMSNorm/RoPE/SwiGLU as megatron's; for
 processes without a config (launch/bench.py, the research scripts) MORA_DIST_COMPILE=0 overrides the
-default (`compile_default`).
+default (`compile_default`). MORA_DIST_NO_KERNEL=rope,swiglu leaves the named hand-written kernels out (their
+compiled megatron versions run instead): the A/B switch of the benches, and the first thing to try if one misbehaves.
 """
 from __future__ import annotations
 
@@ -75,6 +76,18 @@ def swiglu_back_dispatch(fallback):
     return swiglu_back
 
 
+KERNEL_NAMES = ("rope", "swiglu")
+
+
+def kernels_off() -> set[str]:
+    """The hand-written model kernels MORA_DIST_NO_KERNEL (comma list) leaves out; an unknown name is an error."""
+    off = {n.strip() for n in os.environ.get("MORA_DIST_NO_KERNEL", "").split(",") if n.strip()}
+    bad = off - set(KERNEL_NAMES)
+    if bad:
+        raise ValueError(f"MORA_DIST_NO_KERNEL: unknown kernel(s) {sorted(bad)}; known: {', '.join(KERNEL_NAMES)}")
+    return off
+
+
 def enable_compiled() -> None:
     """Compile RMSNorm, put the RoPE kernel (compiled megatron RoPE where it does not serve) in megatron's
     RoPE application and the SwiGLU backward kernel in its fused SwiGLU, once per process (CUDA only)."""
@@ -85,11 +98,13 @@ def enable_compiled() -> None:
     _rms_norm_compiled = torch.compile(rms_norm, dynamic=False)
     from megatron.core.models.common.embeddings import rope_utils
 
-    rope_utils._apply_rotary_pos_emb_bshd = rope_dispatch(
-        torch.compile(rope_utils._apply_rotary_pos_emb_bshd, dynamic=False))
-    from megatron.core.fusions import fused_bias_swiglu  # SwiGLUFunction.backward looks it up per call
+    off = kernels_off()
+    rope_compiled = torch.compile(rope_utils._apply_rotary_pos_emb_bshd, dynamic=False)
+    rope_utils._apply_rotary_pos_emb_bshd = rope_compiled if "rope" in off else rope_dispatch(rope_compiled)
+    if "swiglu" not in off:
+        from megatron.core.fusions import fused_bias_swiglu  # SwiGLUFunction.backward looks it up per call
 
-    fused_bias_swiglu.swiglu_back = swiglu_back_dispatch(fused_bias_swiglu.swiglu_back)
+        fused_bias_swiglu.swiglu_back = swiglu_back_dispatch(fused_bias_swiglu.swiglu_back)
     from mora_dist.models import loss  # the loss chunk's softmax passes: one kernel each over bf16 logits
 
     loss._compiled.update(stats=torch.compile(loss._stats, dynamic=False),
