@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--micro", type=int, default=4, help="micro-batches an optimizer step")
+    ap.add_argument("--back-tile", action="append", default=["4,1024,8"],
+                    help="BLOCK_T,BLOCK_F,num_warps of kernels/swiglu.py's backward: one row each")
     ap.add_argument("--cfg", action="append", default=[], help="JSON overrides of swiglu_grads.CONFIG: more rows")
     args = ap.parse_args()
     from megatron.core.fusions.fused_bias_swiglu import swiglu, swiglu_back
@@ -101,6 +103,13 @@ def main():
     row("fwd", "(a) swiglu only", timed(lambda: swiglu(y), args.reps), gb["fwd0"])
     row("bwd", "(a) swiglu_back + E, Z x2 + dP_d", t_ba, gb["bwd_a"])
     row("bwd", "(a) swiglu_back only", timed(lambda: swiglu_back(dact, y), args.reps), gb["bwd0"])
+    from mora_dist.kernels import swiglu as one
+
+    g_a = swiglu_back(dact, y)
+    for tile in args.back_tile:  # the one-pass backward (kernels/swiglu.py, what the model runs) at its tilings
+        one.BLOCK_T, one.BLOCK_F, one.NUM_WARPS = (int(v) for v in tile.split(","))
+        row("bwd", f"(c) one pass {tile}", timed(lambda: one.swiglu_back(dact, y), args.reps), gb["bwd0"])
+        rows[-1][1] += f" err {err(one.swiglu_back(dact, y), g_a):.0e}"
     summary, errs = [], []
     for i, over in enumerate([{}] + [json.loads(c) for c in args.cfg]):
         cfg = {**sw.CONFIG, **over}

@@ -98,6 +98,19 @@ def rope_rows():
         print(f"rope    {'backward' if bwd else 'forward':8s} {n:5d} {size:6d}  {reg:4} {stack:6}", flush=True)
 
 
+def swiglu_back_rows():
+    """The SwiGLU backward kernel (kernels/swiglu.py) at its tiling, bf16, aligned 8B-shape strides."""
+    from mora_dist.kernels import swiglu
+
+    ptrs = dict(y_ptr="*bf16", d_ptr="*bf16", g_ptr="*bf16")
+    n, size, reg, stack = compile_one(
+        swiglu._swiglu_back_kernel, {a: "i32" for a in ("T", "F", "s_y", "s_d", "s_g")},
+        dict(ACC=tl.float32, RND=False, BT=swiglu.BLOCK_T, BF=swiglu.BLOCK_F),
+        dict(num_warps=swiglu.NUM_WARPS, num_stages=1), ptrs, regs=True, div16=(*ptrs, "F", "s_y", "s_d", "s_g"))
+    print(f"swiglu_back {swiglu.BLOCK_T}x{swiglu.BLOCK_F} w{swiglu.NUM_WARPS}  ptx {n}  cubin {size}  regs {reg}  "
+          f"stack {stack}", flush=True)
+
+
 def main() -> None:
     print(f"triton {triton.__version__}, target sm_90a")
     print("kernel  rot   rh  pair  tiling                   ptx  cubin")
@@ -118,6 +131,7 @@ def main() -> None:
             tiling = f"{cfg['BI']}x{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']}"
             print(f"{impl:6s} {str(rot):5s} {rh:4d}  {str(pair):5s} {tiling:22s} {n:5d} {size:6d}", flush=True)
     swiglu_rows()
+    swiglu_back_rows()
     rope_rows()
 
 

@@ -5,7 +5,7 @@ fusions (compiled SwiGLU, fused residual add, native fused vocab-parallel cross 
 frozen step from 142 to 129 ms; compiling our fp32 RMSNorm (7 elementwise kernels -> 1) and
 megatron's unfused RoPE (cos/sin/rotate/cat -> 1) took it to 86 ms. RoPE is now a hand-written
 pass each way (`mora_dist/kernels/rope.py`: the compiled one streamed at ~1 TB/s at the 8B shape),
-and megatron's SwiGLU backward the g-only pass of `mora_dist/kernels/swiglu_grads.py` (the compiled
+and megatron's SwiGLU backward one pass of `mora_dist/kernels/swiglu.py` (the compiled
 one: ~2.2 TB/s); neither is timed in a step yet (docs/performance.md, 8B section). The output layer +
 loss is `loss.linear_cross_entropy`; its per-chunk softmax passes are compiled here too. On the CPU
 none of this is used (tests compare against float64/HF references with the plain eager arithmetic).
@@ -60,17 +60,17 @@ def rope_dispatch(fallback):
 
 
 def swiglu_back_dispatch(fallback):
-    """megatron's `swiglu_back(g, y)` by the Triton SwiGLU backward (`kernels/swiglu_grads.py`, g only: one
-    read of y and g, one write, fp32 math and one rounding as the compiled formula) for 2-D inputs with unit
-    last strides on CUDA or the interpreter, else `fallback`. Why: the compiled formula (a `cat` of two
-    halves) streamed at ~2.2 TB/s at the 8B shape (538 us a layer and micro-batch for 1.18 GB)."""
-    from mora_dist.kernels import swiglu_grads
+    """megatron's `swiglu_back(g, y)` by the one-pass Triton kernel (`kernels/swiglu.py`: one read of y and
+    g, one write, fp32 math and one rounding as the compiled formula) for 2-D inputs with unit last strides
+    on CUDA or the interpreter, else `fallback`. Why: the compiled formula (a `cat` of two halves) streamed
+    at ~2.2 TB/s in the 8B step (538 us a layer and micro-batch for 1.18 GB)."""
+    from mora_dist.kernels import swiglu
 
     def swiglu_back(g, y):
         if (runs_on(y) and y.dim() == 2 and g.dim() == 2
                 and g.dtype == y.dtype and y.shape == (g.shape[0], 2 * g.shape[1])
                 and y.stride(1) == 1 and g.stride(1) == 1):
-            return swiglu_grads.swiglu_backward_lora(y, g)[0]
+            return swiglu.swiglu_back(g, y)
         return fallback(g, y)
 
     return swiglu_back
