@@ -1,5 +1,4 @@
-"""Compile MoRA's block-gradient kernels, the fused SwiGLU + factor-gradient kernel and the RoPE
-kernel for sm_90a without a GPU (Triton's bundled ptxas) and print their size: a check that a kernel
+"""Compile MoRA's block-gradient kernels, the SwiGLU backward and the RoPE kernel for sm_90a without a GPU (Triton's bundled ptxas) and print their size: a check that a kernel
 change builds for the H100/H200, and that a refactor kept the code of a kernel that was timed (same
 PTX instruction count as before). RoPE rows: forward / backward at head dim 128, bf16.
 
@@ -7,10 +6,8 @@ PTX instruction count as before). RoPE rows: forward / backward at head dim 128,
 
 Block-gradient rows: kernel, rotation or decouple, rh, paired rotation columns, the tiling
 `grad_config` gives, PTX instructions, cubin bytes. 8B shapes: rh 256 (q, o), 202 (k, v), 384
-(gate, up, down). SwiGLU rows (kernels/swiglu_grads.py, bf16, r <= 16): the call (fwd: act and
-H_down; bwd: g with E, Z of gate and up and dP of down; bwd0: g alone, megatron's work; dp), the
-tiling, PTX instructions, cubin bytes, and registers / stack bytes a thread (cuobjdump -res-usage;
-stack > 0: spills).
+(gate, up, down). SwiGLU backward (kernels/swiglu.py) and RoPE rows: PTX instructions, cubin bytes,
+and registers / stack bytes a thread (cuobjdump -res-usage; stack > 0: spills).
 """
 from __future__ import annotations
 
@@ -27,7 +24,6 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mora_dist.kernels import blockdiag as k  # noqa: E402
-from mora_dist.kernels import swiglu_grads as sw  # noqa: E402
 from mora_dist.kernels import rope  # noqa: E402
 
 PTRS = dict(g_ptr="*bf16", x_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", tab_ptr="*i32", part_ptr="*fp32")
@@ -56,34 +52,6 @@ def resources(cubin: bytes):
         res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", res)
     return (int(m[1]), int(m[2])) if m else ("?", "?")
-
-
-SW_PTRS = {p: "*bf16" for p in ("y_ptr", "d_ptr", "o_ptr", "ha_ptr", "hb_ptr", "hc_ptr", "qa_ptr", "qb_ptr", "qc_ptr")}
-SW_PTRS.update({p: "*fp32" for p in ("ea_ptr", "eb_ptr", "ec_ptr", "za_ptr", "zb_ptr", "zc_ptr")})
-SW_SCALARS = {s: "i32" for s in ("T", "F", "s_y", "s_d", "s_o", "ra", "rb", "rc", "sc_f", "sc_r")}
-# the 8B shape's launch: aligned tensors, T = 8,192, F = 14,336 and the row strides are multiples of
-# 16; the ranks (8) are not
-SW_DIV16 = (*SW_PTRS, "T", "F", "s_y", "s_d", "s_o", "sc_r")
-SW_CALLS = {  # the constexpr switches `swiglu_grads._run` sets for each call
-    "fwd": dict(BWD=False, STORE_ACT=True, NEED_ACT=True, EA=False, EB=False, EC=False, ZA=False, ZB=False, ZC=True),
-    "bwd": dict(BWD=True, STORE_ACT=False, NEED_ACT=True, EA=True, EB=True, EC=True, ZA=True, ZB=True, ZC=False),
-    "bwd0": dict(BWD=True, STORE_ACT=False, NEED_ACT=False, EA=False, EB=False, EC=False, ZA=False, ZB=False,
-                 ZC=False),
-    "dp": dict(BWD=False, STORE_ACT=False, NEED_ACT=True, EA=False, EB=False, EC=True, ZA=False, ZB=False, ZC=False),
-}
-
-
-def swiglu_rows():
-    print("swiglu  tiling                                 ptx  cubin  regs  stack")
-    for call, over in [(c, {}) for c in SW_CALLS] + [("bwd", dict(BT=64, BF=128)), ("bwd", dict(maxnreg=128))]:
-        cfg = {**sw.CONFIG, **over}
-        consts = dict(SW_CALLS[call], ACC=tl.float32, DOT=tl.bfloat16, RND=False, R=16,
-                      **{k_: cfg[k_] for k_ in ("BT", "BF", "TP", "FP")})
-        n, size, reg, stack = compile_one(sw._swiglu_kernel, SW_SCALARS, consts, cfg, SW_PTRS, regs=True,
-                                          div16=SW_DIV16)
-        tiling = f"{cfg['BT']}x{cfg['BF']} of {cfg['TP']}x{cfg['FP']} w{cfg['num_warps']} s{cfg['num_stages']}" + \
-            (f" maxnreg {cfg['maxnreg']}" if cfg.get("maxnreg") else "")
-        print(f"{call:6s}  {tiling:36s} {n:5d} {size:6d}  {reg:4} {stack:6}", flush=True)
 
 
 def rope_rows():
@@ -130,7 +98,6 @@ def main() -> None:
                 n, size = compile_one(k._grad_kernel, dict(T="i32", sg="i32", sx="i32", NS="i32"), consts, cfg)
             tiling = f"{cfg['BI']}x{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']}"
             print(f"{impl:6s} {str(rot):5s} {rh:4d}  {str(pair):5s} {tiling:22s} {n:5d} {size:6d}", flush=True)
-    swiglu_rows()
     swiglu_back_rows()
     rope_rows()
 

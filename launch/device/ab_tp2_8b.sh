@@ -1,8 +1,8 @@
-# A/B of the TP=2 + SP switches that are built but not timed, in one nvidia-h200-x2 call (repo root, megatron
+# A/B of the TP=2 + SP switches, in one nvidia-h200-x2 call (repo root, megatron
 # wheel in .bench/, $OUT set): first GPU 0's kernel microbenches (MoRA block gradients at the 1.1B shapes, to
-# refit kernels/blockdiag.grad_impl; the RoPE kernel against the compiled megatron RoPE it replaced; the fused
-# SwiGLU + factor-gradient kernels and the g-only SwiGLU backward now in the model), then 8B LoRA r=8, seq 4096, mbs 2, gb 8, train.cuda_graph: TP=1 once, TP=2 + SP with the defaults
-# and with one switch changed per run:
+# refit kernels/blockdiag.grad_impl; the RoPE and SwiGLU-backward kernels against the compiled megatron code
+# they replaced), then 8B LoRA r=8, seq 4096, mbs 2, gb 8, train.cuda_graph: TP=1 once, TP=2 + SP with the
+# defaults and with one switch changed per run (ran in the seventh session of 2026-11-30: none beyond the spread):
 #   carve8 / carve16   parallel.overlap_sm_carveout=8 / 16 (GEMMs beside SP's collectives leave SMs to NCCL)
 #   lossmap            parallel.overlap_sp_loss=false (the loss through megatron's gather / reduce-scatter)
 #   simple             NCCL_PROTO=Simple
@@ -13,8 +13,7 @@ S=$(date +%s)
 (CUDA_VISIBLE_DEVICES=0 timeout 60 python3 launch/bench_rotgrad.py --size 1b
  CUDA_VISIBLE_DEVICES=0 timeout 60 python3 launch/bench_rotgrad.py --size 1b --decouple
  CUDA_VISIBLE_DEVICES=0 timeout 60 python3 launch/bench_rope.py || echo "KERNEL-FAIL rope"
- CUDA_VISIBLE_DEVICES=0 timeout 100 python3 launch/bench_swiglu.py --reps 50 --cfg '{"maxnreg": 128}' \
-   --cfg '{"BT": 32, "BF": 32, "num_warps": 4}' --cfg '{"TP": 2048, "FP": 512}' || echo "KERNEL-FAIL swiglu"
+ CUDA_VISIBLE_DEVICES=0 timeout 100 python3 launch/bench_swiglu.py --reps 50 || echo "KERNEL-FAIL swiglu"
 ) > $OUT/kernels.txt 2>&1
 # a kernel that failed its microbench stays out of the training runs below (so they still measure the rest)
 export MORA_DIST_NO_KERNEL=$(grep -o "KERNEL-FAIL [a-z]*" $OUT/kernels.txt | cut -d" " -f2 | paste -sd,)

@@ -10,8 +10,8 @@ mkdir -p $OUT/g0 $OUT/g1
 (export CUDA_VISIBLE_DEVICES=0
  timeout 70 python3 launch/bench_swiglu.py --reps 50 --back-tile 8,1024,8 --back-tile 2,2048,8 \
    --back-tile 16,512,4 --back-tile 1,4096,16 > $OUT/g0/swiglu.txt 2>&1
- a=$(grep "(a) swiglu_back only" $OUT/g0/swiglu.txt | awk '{print $(NF-2)}')
- c=$(grep "(c) one pass 4,1024,8" $OUT/g0/swiglu.txt | awk '{print $(NF-2)}')
+ a=$(grep "^compiled swiglu_back" $OUT/g0/swiglu.txt | awk '{print $3}')
+ c=$(grep "^kernel" $OUT/g0/swiglu.txt | head -1 | awk '{print $3}')
  if ! python3 -c "import sys; sys.exit(0 if float('$c') < float('$a') else 1)" 2>/dev/null; then
    export MORA_DIST_NO_KERNEL=swiglu; fi
  echo "swiglu_back compiled $a ms, kernel $c ms; MORA_DIST_NO_KERNEL=$MORA_DIST_NO_KERNEL" > $OUT/g0/decision.txt
@@ -24,6 +24,6 @@ mkdir -p $OUT/g0 $OUT/g1
  timeout $((500 - $(date +%s) + S)) python3 bench/peer_peft.py --size 8b --seq 4096 --mbs 2 --methods lora > $OUT/g1/peft.log 2>&1) &
 wait
 echo "elapsed $(( $(date +%s) - S )) s"
-cat $OUT/g0/decision.txt; grep -E "^(call|bwd)" $OUT/g0/swiglu.txt
+cat $OUT/g0/decision.txt; grep -E "^(path|compiled|kernel)" $OUT/g0/swiglu.txt
 grep "^|" $OUT/g0/b8.log; grep "^|" $OUT/g0/b1.log
 grep -h "^{" $OUT/g1/*.log

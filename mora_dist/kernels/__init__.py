@@ -1,5 +1,5 @@
 """Triton kernels (GPU; the CPU tests run them under TRITON_INTERPRET=1). The lowest layer: imports
-only torch and triton; callers (adapters/blockdiag.py, parallel/merged.py, parallel/mlp.py,
+only torch and triton; callers (adapters/blockdiag.py, parallel/merged.py,
 models/kernels.py) dispatch to them and keep a torch (or megatron) form for the CPU. This package's own module imports no triton, so callers can ask
 `runs_on` before importing a kernel."""
 import os

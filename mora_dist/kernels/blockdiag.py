@@ -62,10 +62,10 @@ def grad_impl(rh: int) -> str:
 
     v9 wins every rh <= 256 projection (q/k/v/o), new every rh 384 one (gate/up/down): rotation 0.943
     (v9) / 0.899 (new) -> 0.792 ms a layer, decouple 0.976 / 0.950 -> 0.885, if the rule holds in the
-    step (not yet timed). The new kernel's (item, tile) program count separates the table the same way
-    (52-64 vs 99-369); the layer's width does not (o and down both write 4,096 rows). At 1.1B (rh 136,
-    180, 248) this picks v9 everywhere: the kernel it was measured with before issue 15's change (the
-    new one was never timed there)."""
+    step (in the step: rotation +5.5% -> +5.4% over frozen, level with LoRA). The new kernel's (item, tile)
+    program count separates the table the same way (52-64 vs 99-369); the layer's width does not (o and
+    down both write 4,096 rows). At 1.1B (rh 136, 180, 248) this picks v9 everywhere, and the dispatched
+    layer is the fastest there too (`bench_rotgrad.py --size 1b`: rotation 0.883 ms vs v9 0.966 / new 0.931)."""
     return "v9" if rh <= 256 else "new"
 
 

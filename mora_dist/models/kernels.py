@@ -6,7 +6,7 @@ frozen step from 142 to 129 ms; compiling our fp32 RMSNorm (7 elementwise kernel
 megatron's unfused RoPE (cos/sin/rotate/cat -> 1) took it to 86 ms. RoPE is now a hand-written
 pass each way (`mora_dist/kernels/rope.py`: the compiled one streamed at ~1 TB/s at the 8B shape),
 and megatron's SwiGLU backward one pass of `mora_dist/kernels/swiglu.py` (the compiled
-one: ~2.2 TB/s); neither is timed in a step yet (docs/performance.md, 8B section). The output layer +
+one: ~2.2 TB/s; ours ~4 TB/s; timed in docs/performance.md, 8B section). The output layer +
 loss is `loss.linear_cross_entropy`; its per-chunk softmax passes are compiled here too. On the CPU
 none of this is used (tests compare against float64/HF references with the plain eager arithmetic).
 `build_model(compile=False)` (training: `train.compile: false`) keeps RMSNorm/RoPE/SwiGLU as megatron's; for

@@ -151,23 +151,9 @@ def apply_adapters(model: nn.Module, cfg: MethodConfig, vera_shapes: tuple | Non
             report.layers += 1
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
-    _install_fused_mlps(model)
     report.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return report
-
-
-def _install_fused_mlps(model: nn.Module) -> None:
-    """Megatron MLPs whose two linears are now adapted get the fused forward (`parallel/mlp.py`; it
-    checks per call whether it serves and runs megatron's otherwise)."""
-    from megatron.core.transformer.mlp import MLP
-
-    from mora_dist.parallel import mlp
-
-    for module in model.modules():
-        if (type(module) is MLP and isinstance(getattr(module, "linear_fc1", None), AdaptedLinear)
-                and isinstance(getattr(module, "linear_fc2", None), AdaptedLinear)):
-            mlp.install(module)
 
 
 def adapted_layers(model: nn.Module):
