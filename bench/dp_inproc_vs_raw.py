@@ -16,7 +16,10 @@ the rest, the threads alive at the end with their CPU.
 same-core: raw (the bench's own `--_peer raw` process) and the tokenize command started at the same
 moment, all pinned to one core, so they time-share it and see the same host conditions (on a shared
 VM identical runs one after the other differ by up to 15%); CPU of each from wait4. `--arena2` adds a
-third process, the tokenize command with MALLOC_ARENA_MAX=2 (what Ray's workers get).
+third process, the tokenize command with MALLOC_ARENA_MAX=2 (what Ray's workers get). Superseded by
+`python -m data_pipeline.bench --paired N` (the same pairing inside the bench, whole-tree CPU from /proc,
+per-round ratios and their median, `--ours-variant` for A/Bs); kept to reproduce the figures recorded
+with it (results/data_pipeline/inproc_vs_raw/) and for the environment-only `--arena2` variant.
 
 threads: starts the tokenize command and reads /proc/<pid>/task of it at `after` and `after + window`
 seconds: CPU per thread over the window (threads that ended in between count in the process total only).

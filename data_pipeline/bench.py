@@ -2,7 +2,7 @@
 
     python -m data_pipeline.bench [--input corpus.jsonl --tokenizer tok.model] [--corpus-mb 460]
         [--workers 1 2] [--megatron-lm PATH/TO/Megatron-LM] [--repeat 1] [--only raw ours hf megatron]
-        [--compare-tree PATH/TO/older/checkout]
+        [--paired 1] [--pair-cores 1] [--ours-variant NAME 'TOKENIZE ARGS'] [--compare-tree PATH/TO/older/checkout]
 
 Without --input it builds a corpus of real text from this machine (data_pipeline.corpus) and
 trains a SentencePiece BPE 32k on it. Every contender runs as its own process tree:
@@ -19,12 +19,21 @@ MB vs raw, wall vs each peer at the same process count, 2 vs 1 worker throughput
 `--repeat N` the contenders run in N rounds (each once per round, in order), so every run has a raw
 run next to it in time (the "same round" ratio). Every run's figures, its load average (min /
 median / max) and its per-process breakdown go to `<workdir>/bench.json` (or `--json`).
+
+Paired rounds (`--paired N`, default 1): raw and every 1-worker SentencePiece `ours` run
+(`--ours-variant`s, `--compare-tree`) started at the same moment, pinned to `--pair-cores` (default
+the last core: they time-share it, so all see the same cache, clock and outside load; with two cores,
+raw and each other run one per core, swapped every round), each measured as above. Their CPU over
+raw's in the same run, and the median over runs, is the CPU-per-MB target's figure: on a shared VM
+identical runs one after the other differ by up to 30%, runs started together on one core by ~1%
+(docs/data_pipeline.md, "Paired rounds"). Walls of paired runs feed no wall target.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -152,11 +161,16 @@ class TreeMonitor:
         return sum(self.cpu.values())
 
 
-def measure(cmd: list[str], env=None, log: str | None = None, cwd: str | None = None) -> dict:
-    """Run cmd; wall, whole-tree CPU (max of /proc sampling and wait4 rusage), peak memory."""
+def measure(cmd: list[str], env=None, log: str | None = None, cwd: str | None = None,
+            cpus: set[int] | None = None) -> dict:
+    """Run cmd; wall, whole-tree CPU (max of /proc sampling and wait4 rusage), peak memory. With `cpus`
+    the process is pinned to those cores right after its exec (it has one thread then; every thread and
+    process it starts inherits the mask); the sampling thread stays wherever this process runs."""
     t0 = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+    if cpus:  # not preexec_fn: it is unsafe with threads (measure_together runs measure in threads)
+        os.sched_setaffinity(proc.pid, cpus)
     mon = TreeMonitor(proc.pid)
     _, status, ru = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -167,8 +181,53 @@ def measure(cmd: list[str], env=None, log: str | None = None, cwd: str | None = 
         out.close()
     return {"wall": wall, "cpu": max(sampled, ru.ru_utime + ru.ru_stime), "cpu_sampled": sampled,
             "peak_tree": mon.peak_tree, "peak_one": mon.peak_one, "rc": proc.returncode,
-            "by_process": mon.breakdown(),
+            "by_process": mon.breakdown(), "rusage": {k: round(getattr(ru, "ru_" + k), 3) for k in
+                                                      ("utime", "stime", "minflt", "majflt", "nvcsw", "nivcsw")},
             "load_1min": [round(x, 2) for x in (min(mon.load), statistics.median(mon.load), max(mon.load))]}
+
+
+def measure_together(jobs: list[dict]) -> list[dict]:
+    """measure(**job) for every job, all started at the same moment (one thread each, released by a
+    barrier): a paired run. Each job's figures are its own process tree's, as in a run alone."""
+    got: list[dict | None] = [None] * len(jobs)
+    barrier = threading.Barrier(len(jobs))
+
+    def one(i: int) -> None:
+        barrier.wait()
+        got[i] = measure(**jobs[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got
+
+
+def paired_groups(n: int, cores: list[int], rnd: int) -> list[list[tuple[int, int]]]:
+    """The runs of paired round `rnd` for n contenders (index 0: raw): groups started together, each a
+    list of (contender, core). One core: one group of all n on it (they time-share the core: same cache,
+    clock and outside load). Two or more cores: raw and each other contender as a pair, one process per
+    core, the pairs one after the other; raw's core and its partner's swap every round, so over an even
+    number of rounds each had each core equally often (each process has a core to itself, as a user's
+    run has, which time-sharing can hide)."""
+    if len(cores) == 1:
+        return [[(i, cores[0]) for i in range(n)]]
+    a, b = cores[rnd % len(cores)], cores[(rnd + 1) % len(cores)]
+    return [[(0, a), (j, b)] for j in range(1, n)]
+
+
+def paired_ratios(rounds: list[dict[str, float]], ref: str) -> dict[str, dict]:
+    """CPU of every contender over `ref`'s CPU in the same paired run (`rounds`: one {name: CPU} per
+    group started together, each with `ref`), per run and the median over runs:
+    {name: {"per_round": [...], "median": m, "min": lo, "max": hi}} (ref left out)."""
+    names = list(dict.fromkeys(n for r in rounds for n in r if n != ref))
+    out = {}
+    for n in names:
+        per = [r[n] / r[ref] for r in rounds if n in r]
+        out[n] = {"per_round": [round(x, 4) for x in per], "median": round(statistics.median(per), 4),
+                  "min": round(min(per), 4), "max": round(max(per), 4)}
+    return out
 
 
 # ---- contenders that need a process of their own (run as `python -m data_pipeline.bench --_peer ...`)
@@ -274,7 +333,17 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", default=["raw", "ours", "hf", "megatron"])
     p.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"),
                    help="Megatron-LM source tree (its tools/preprocess_data.py); default $MEGATRON_LM")
-    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1, help="rounds of every contender one after the other (0: none)")
+    p.add_argument("--paired", type=int, default=1, metavar="N",
+                   help="paired rounds: raw and every 1-worker `ours` run started at the same moment, pinned to "
+                        "--pair-cores; their CPU ratios (per round, median) are the CPU-per-MB target's figure "
+                        "(0: none)")
+    p.add_argument("--pair-cores", type=int, nargs="+", default=None,
+                   help="cores of the paired rounds (default: the last core this process may use); one core: "
+                        "all time-share it; two: one process each, swapped every round")
+    p.add_argument("--ours-variant", nargs=2, action="append", default=[], metavar=("NAME", "ARGS"),
+                   help="one more 1-worker `ours` run with these extra tokenize arguments, e.g. "
+                        "--ours-variant b4M '--encode-batch-chars 4194304' (repeatable)")
     p.add_argument("--compare-tree", default=None,
                    help="also run `ours` from this checkout (e.g. a `git worktree` of an older commit), in the same rounds")
     p.add_argument("--hf-tokenizer", default=None, help="also run raw and ours (1 worker) with this tokenizer.json; "
@@ -282,6 +351,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="write every run's figures here (default <workdir>/bench.json)")
     a = p.parse_args(argv)
+    if a.repeat < 0 or a.paired < 0 or a.repeat + a.paired == 0:
+        p.error("--repeat and --paired must be >= 0, not both 0")
+    cores = a.pair_cores or [max(os.sched_getaffinity(0))]
     work = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="dp_bench_"))  # absolute: --compare-tree runs elsewhere
     os.makedirs(work, exist_ok=True)
     py, here = sys.executable, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -320,6 +392,12 @@ def main(argv=None) -> int:
                              [py, "-m", "data_pipeline.tokenize", "--input", inp, "--tokenizer", tok, "--output-prefix",
                               out, "--workers", str(w), "--progress-interval", "10", *_SAME_WORK],
                              dict(env, PYTHONPATH=other), other))
+            for vname, vargs in (a.ours_variant if w == 1 else []):
+                out = os.path.join(work, f"ours_w1_{vname}")
+                runs.append((f"ours --workers 1 [{vname}]", 1, out,
+                             [py, "-m", "data_pipeline.tokenize", "--input", inp, "--tokenizer", tok, "--output-prefix",
+                              out, "--workers", "1", "--progress-interval", "10", *_SAME_WORK, *shlex.split(vargs)],
+                             env))
         if "hf" in a.only:
             out = os.path.join(work, f"hf_w{w}")
             runs.append((f"HF datasets .map(num_proc={w}) + IndexedDatasetBuilder", w, out,
@@ -346,11 +424,25 @@ def main(argv=None) -> int:
     # are neighbours in time and see about the same outside load (the CPU-per-MB ratio of a pair)
     runs = [run if len(run) == 6 else (*run, None) for run in runs]
     results = {name: (procs, out, []) for name, procs, out, *_ in runs}
-    for r in range(a.repeat):
-        for i, (name, procs, out, cmd, cenv, cwd) in enumerate(runs):
-            for ext in (".bin", ".idx", ".manifest.json"):
-                if out and os.path.exists(out + ext):
-                    os.remove(out + ext)
+    raw_name = "raw SentencePiece, 1 process"
+    # paired rounds: raw and every 1-worker SentencePiece `ours` run (variants, --compare-tree) at once
+    group = [run for run in runs if run[0] == raw_name or (run[0].startswith("ours --workers 1")
+                                                          and "HF tokenizer" not in run[0])]
+    if len(group) < 2 or group[0][0] != raw_name:
+        group = []
+        if not a.repeat:
+            raise SystemExit("--repeat 0: paired rounds need raw and a 1-worker `ours` run (--only raw ours "
+                             "--workers 1)")
+    paired: list[dict] = []
+
+    def clean(out):
+        for ext in (".bin", ".idx", ".manifest.json"):
+            if out and os.path.exists(out + ext):
+                os.remove(out + ext)
+
+    for r in range(max(a.repeat, a.paired if group else 0)):
+        for i, (name, procs, out, cmd, cenv, cwd) in enumerate(runs if r < a.repeat else []):
+            clean(out)
             m = measure(cmd, cenv, os.path.join(work, f"log_{i}_{r}.txt"), cwd=cwd)
             print(f"[bench] {name}: wall {m['wall']:.1f}s cpu {m['cpu']:.1f}s peak {m['peak_tree'] / 1e9:.2f}/"
                   f"{m['peak_one'] / 1e9:.2f} GB rc {m['rc']} load {'/'.join(f'{x:.1f}' for x in m['load_1min'])}",
@@ -358,9 +450,31 @@ def main(argv=None) -> int:
             print("[bench]   CPU s by process: " + ", ".join(f"{k} {v['cpu_s']:.2f}" + (f" (x{v['processes']})" if
                   v["processes"] > 1 else "") for k, v in m["by_process"].items()), flush=True)
             results[name][2].append(m)
-    raw = results.get("raw SentencePiece, 1 process")
+        groups = paired_groups(len(group), cores, r) if group and r < a.paired else []
+        for g, members in enumerate(groups):
+            runs_g = [(group[i], c) for i, c in members]
+            for run, _ in runs_g:
+                clean(run[2])
+            ms = measure_together([{"cmd": cmd, "env": cenv, "cwd": cwd, "cpus": {c},
+                                    "log": os.path.join(work, f"log_paired_r{r}_g{g}_{i}.txt")}
+                                   for ((_, _, _, cmd, cenv, cwd), c), (i, _) in zip(runs_g, members)])
+            rnd = {run[0]: (m, c) for (run, c), m in zip(runs_g, ms)}
+            ratio = {n: m["cpu"] / rnd[raw_name][0]["cpu"] for n, (m, _) in rnd.items()}
+            paired.append({"round": r, "group": g, "load_1min_min_median_max": [
+                               min(m["load_1min"][0] for m in ms), statistics.median(m["load_1min"][1] for m in ms),
+                               max(m["load_1min"][2] for m in ms)],
+                           "runs": {n: {"core": c, "cpu_s": round(m["cpu"], 2), "cpu_vs_raw": round(ratio[n], 4),
+                                        "wall_s": round(m["wall"], 2), "peak_tree_bytes": m["peak_tree"],
+                                        "peak_one_bytes": m["peak_one"], "rc": m["rc"], "rusage": m["rusage"],
+                                        "cpu_s_by_process": m["by_process"]} for n, (m, c) in rnd.items()}})
+            print(f"[bench] paired round {r + 1}{f'.{g + 1}' if len(groups) > 1 else ''} (started together; load "
+                  f"{'/'.join(f'{x:.1f}' for x in paired[-1]['load_1min_min_median_max'])}): " +
+                  "; ".join(f"{n} on core {c}: cpu {m['cpu']:.1f}s x{ratio[n]:.3f} wall {m['wall']:.0f}s peak "
+                            f"{m['peak_tree'] / 1e9:.2f} GB rc {m['rc']}" for n, (m, c) in rnd.items()), flush=True)
+    raw = results.get(raw_name) if results.get(raw_name, (0, 0, []))[2] else None
     raw_cpu = min(m["cpu"] for m in raw[2]) if raw else None
     raw_median = statistics.median(m["cpu"] for m in raw[2]) if raw else None
+    pair_stats = paired_ratios([{n: v["cpu_s"] for n, v in p["runs"].items()} for p in paired], raw_name)
     report = {"corpus": os.path.abspath(inp), "corpus_mb": round(mb, 3), "tokenizer": os.path.abspath(tok),
               "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
               "raw_cpu_s": [round(m["cpu"], 2) for m in raw[2]] if raw else None,
@@ -372,7 +486,8 @@ def main(argv=None) -> int:
                         "cpu_vs_raw_same_round": round(m["cpu"] / raw[2][r]["cpu"], 4) if raw else None,
                         "peak_tree_bytes": m["peak_tree"], "peak_one_bytes": m["peak_one"], "rc": m["rc"],
                         "load_1min_min_median_max": m["load_1min"], "cpu_s_by_process": m["by_process"]}
-                       for name, (procs, _, rs) in results.items() for r, m in enumerate(rs)]}
+                       for name, (procs, _, rs) in results.items() for r, m in enumerate(rs)],
+              "paired": paired, "paired_cpu_vs_raw": pair_stats}
     jpath = a.json or os.path.join(work, "bench.json")
     with open(jpath, "w") as f:
         json.dump(report, f, indent=1)
@@ -381,10 +496,13 @@ def main(argv=None) -> int:
     print(f"\ncorpus {inp}: {mb:.1f} MB; tokenizer {tok}; machine {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}\n")
     print(f"per-run figures and CPU by process: {jpath}\n")
-    print("| contender | wall s (best / median) | CPU s (min) | CPU per MB vs raw (min / min) | vs raw of the same "
-          "round (each round) | peak memory GB (tree / largest) | output = ours |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    if a.repeat:
+        print("| contender | wall s (best / median) | CPU s (min) | CPU per MB vs raw (min / min) | vs raw of the same "
+              "round (each round) | peak memory GB (tree / largest) | output = ours |")
+        print("|---|---:|---:|---:|---:|---:|---|")
     for name, (procs, out, rs) in results.items():
+        if not rs:
+            continue
         walls = [m["wall"] for m in rs]
         cpu = min(m["cpu"] for m in rs)
         same = "" if not out or "HF tokenizer" in name else ("yes" if ref and _same_files(out, ref) else "NO")
@@ -392,8 +510,31 @@ def main(argv=None) -> int:
         print(f"| {name} | {min(walls):.1f} / {statistics.median(walls):.1f} | {cpu:.1f} | "
               f"{cpu / raw_cpu if raw_cpu else float('nan'):.2f} | {rounds} | "
               f"{max(m['peak_tree'] for m in rs) / 1e9:.2f} / {max(m['peak_one'] for m in rs) / 1e9:.2f} | {same} |")
+    if paired:
+        where = (f"all on core {cores[0]}" if len(cores) == 1 else
+                 f"raw and each other one per core of {'/'.join(map(str, cores))}, swapped every round")
+        print(f"\npaired rounds (raw and ours started together, {where}), CPU vs raw of the same run:\n")
+        print("| contender | each round | median (min-max) | CPU s (median) | peak memory GB (tree) | output = ours |")
+        print("|---|---|---:|---:|---:|---|")
+        for run in group:
+            n, out = run[0], run[2]
+            st = pair_stats.get(n, {"per_round": [1.0] * len(paired), "median": 1.0, "min": 1.0, "max": 1.0})
+            same = "" if n == raw_name else ("yes" if ref and _same_files(out, ref) else "NO")
+            cpu = statistics.median(p["runs"][n]["cpu_s"] for p in paired if n in p["runs"])
+            print(f"| {n} | {' / '.join(f'{x:.3f}' for x in st['per_round'])} | {st['median']:.3f} "
+                  f"({st['min']:.3f}-{st['max']:.3f}) | {cpu:.1f} | "
+                  f"{max(p['runs'][n]['peak_tree_bytes'] for p in paired if n in p['runs']) / 1e9:.2f} | {same} |")
     print()
-    best = {name: min(m["wall"] for m in rs) for name, (_, _, rs) in results.items()}
+    if paired and "ours --workers 1" in pair_stats:
+        st = pair_stats["ours --workers 1"]
+        print(f"CPU per MB ours --workers 1 / raw SentencePiece: {st['median']:.3f} (median of "
+              f"{len(st['per_round'])} paired run(s), {st['min']:.3f}-{st['max']:.3f}; target <= 1.05)")
+    elif raw and "ours --workers 1" in results and results["ours --workers 1"][2]:
+        rs = results["ours --workers 1"][2]
+        print(f"CPU per MB ours --workers 1 / raw SentencePiece: "
+              f"{statistics.median(m['cpu'] / raw[2][r]['cpu'] for r, m in enumerate(rs)):.3f} (median of the "
+              "sequential rounds; on a shared machine these drift, --paired N is the robust figure; target <= 1.05)")
+    best = {name: min(m["wall"] for m in rs) for name, (_, _, rs) in results.items() if rs}
     for w in a.workers:
         ours = best.get(f"ours --workers {w}")
         for name in best:

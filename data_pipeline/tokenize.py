@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--part-bytes", type=int, default=None,
                    help="work part / unit size in input bytes (default: corpus/512, 1-32 MiB); bounds worker memory")
     p.add_argument("--max-doc-chars", type=int, default=1_000_000, help="longer documents are rejected")
+    p.add_argument("--encode-batch-chars", type=int, default=None,
+                   help="characters of text per tokenizer call (default 1 MiB, worker.ENCODE_BATCH_CHARS); "
+                        "output bytes do not depend on it; a call never spans a unit (<= --part-bytes of input)")
     p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (first one wins)")
     p.add_argument("--workers", type=int, default=None,
                    help="tokenizer actors (default: the Ray cluster's CPUs minus one for the driver; "
@@ -53,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--keep-work", action="store_true", help="keep <prefix>.work/ unit shards after merging")
     p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     a = p.parse_args(argv)
-    for name in ("unit_lines", "part_bytes", "max_doc_chars", "workers"):
+    for name in ("unit_lines", "part_bytes", "max_doc_chars", "encode_batch_chars", "workers"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return a
@@ -305,7 +308,7 @@ def _run_locked(a, prefix: str) -> dict:
         cfg = {"tokenizer": os.path.abspath(tok.path), "eod_token": a.eod_token,
                "output_prefix": os.path.abspath(prefix), "field": a.field, "txt_mode": a.txt_mode,
                "unit_lines": a.unit_lines, "part_bytes": a.part_bytes, "max_doc_chars": a.max_doc_chars,
-               "dedup": a.dedup}
+               "dedup": a.dedup, "encode_batch_chars": a.encode_batch_chars}
         if a.workers == 1 and not a.address:
             print("[tokenize] 1 worker, in this process (Ray runs --workers 2+ or --address)", flush=True)
             _run_local(tasks, cfg, progress)

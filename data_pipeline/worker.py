@@ -24,7 +24,10 @@ from data_pipeline import indexed, store
 from data_pipeline.normalize import extract
 from data_pipeline.sources import PartReader
 
-ENCODE_BATCH_CHARS = 1 << 20  # texts per encode call: bounds the per-call ids (lists or arrays) to ~1 MB of text
+# texts per encode call: bounds the per-call ids (lists or arrays) to ~1 MB of text. A call never spans
+# units, and a unit is at most --part-bytes of input (1 MiB on corpora up to 512 MiB), so above that this
+# limit only saves the short second call of a unit a little over it (tokenize --encode-batch-chars).
+ENCODE_BATCH_CHARS = 1 << 20
 
 
 def _raw_preview(raw, limit=1000) -> str:
@@ -35,14 +38,17 @@ def _raw_preview(raw, limit=1000) -> str:
     return str(raw)[:limit]
 
 
-def encode_to_array(tok, texts: list[str], eod: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+def encode_to_array(tok, texts: list[str], eod: int, dtype,
+                    batch_chars: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(flat tokens with EOD after every document, int64 lengths incl. EOD) as numpy arrays.
-    Uses the tokenizer's numpy output where it has one (no Python int per token)."""
+    Uses the tokenizer's numpy output where it has one (no Python int per token). One encode call
+    takes texts up to `batch_chars` characters (default ENCODE_BATCH_CHARS; a longer text alone)."""
     arrays = getattr(tok, "encode_batch_arrays", None)
+    limit = ENCODE_BATCH_CHARS if batch_chars is None else batch_chars
     flats, lens, i = [], [], 0
     while i < len(texts):
         j, chars = i, 0
-        while j < len(texts) and (j == i or chars + len(texts[j]) <= ENCODE_BATCH_CHARS):
+        while j < len(texts) and (j == i or chars + len(texts[j]) <= limit):
             chars += len(texts[j])
             j += 1
         ids = (arrays or tok.encode_batch)(texts[i:j])
@@ -138,7 +144,7 @@ class TokenizeWorker:
             rejects.append(json.dumps({"file": path, "line": line, "reason": ex.reason, "detail": ex.detail,
                                        "raw": _raw_preview(raw)}, ensure_ascii=True))
         del chunk[:]  # the raw records are no longer needed: free them before encoding
-        tokens, lengths = encode_to_array(self.tok, texts, self.tok.eod_id, self.dtype)
+        tokens, lengths = encode_to_array(self.tok, texts, self.tok.eod_id, self.dtype, cfg.get("encode_batch_chars"))
         prefix = os.path.join(self.work, name)
         if len(lengths):
             store.write_shard(prefix, tokens, lengths)

@@ -176,6 +176,16 @@ def test_encode_to_array_matches_lists_over_several_batches(monkeypatch, tmp_pat
     monkeypatch.setattr(tok, "encode_batch_arrays", None)
     flat1, lens1 = worker.encode_to_array(tok, texts, tok.eod_id, np.dtype(np.uint16))
     assert flat1.dtype == np.uint16 and flat1.tolist() == flat.tolist() and lens1.tolist() == lens.tolist()
+    # batch_chars (tokenize --encode-batch-chars) sets the call size per run: fewer calls, the same arrays
+    monkeypatch.undo()
+    arrays, calls = tok.encode_batch_arrays, {}
+    for limit in (300, 1200):
+        got = calls.setdefault(limit, [])  # (texts, characters) of every call
+        monkeypatch.setattr(tok, "encode_batch_arrays", lambda b: got.append((len(b), sum(map(len, b)))) or arrays(b))
+        flat2, lens2 = worker.encode_to_array(tok, texts, tok.eod_id, np.dtype(np.uint16), batch_chars=limit)
+        assert flat2.tolist() == flat.tolist() and lens2.tolist() == lens.tolist()
+        assert sum(n for n, _ in got) == len(texts) and all(c <= limit or n == 1 for n, c in got)
+    assert len(calls[1200]) < len(calls[300])
 
 
 def _tiny_sp(tmp_path):
@@ -301,3 +311,26 @@ def test_verify_outputs_catches_truncation_and_deletion(tmp_path):
     store.write_shard(prefix, np.arange(10, dtype=np.uint16), np.array([4, 6]))
     assert verify_outputs(prefix, man) == [f"{prefix}.idx: {os.path.getsize(prefix + '.idx')} bytes, manifest "
                                            f"expects {os.path.getsize(prefix + '.idx') + 20}"]
+
+
+def test_bench_paired_rounds_cores_and_ratios():
+    """The bench's paired rounds: which runs start together on which core, and CPU over raw's of the same run."""
+    from data_pipeline.bench import paired_groups, paired_ratios
+
+    # one core: all contenders together on it, every round
+    assert [paired_groups(3, [1], r) for r in range(2)] == [[[(0, 1), (1, 1), (2, 1)]]] * 2
+    # two cores: raw with each other contender, one per core, the cores swapped every round
+    assert paired_groups(2, [0, 1], 0) == [[(0, 0), (1, 1)]] and paired_groups(2, [0, 1], 1) == [[(0, 1), (1, 0)]]
+    assert paired_groups(3, [0, 1], 2) == [[(0, 0), (1, 1)], [(0, 0), (2, 1)]]
+    rounds = [{"raw": 40.0, "ours": 41.0, "b4M": 39.0}, {"raw": 36.0, "ours": 36.0, "b4M": 37.8},
+              {"raw": 50.0, "ours": 49.0, "b4M": 50.0}]
+    got = paired_ratios(rounds, "raw")
+    assert list(got) == ["ours", "b4M"]
+    assert got["ours"] == {"per_round": [1.025, 1.0, 0.98], "median": 1.0, "min": 0.98, "max": 1.025}
+    assert got["b4M"]["per_round"] == [0.975, 1.05, 1.0] and got["b4M"]["median"] == 1.0
+    # pairs (two cores): each contender against the raw run of its own pair
+    pairs = [{"raw": 34.0, "ours": 35.7}, {"raw": 35.0, "p4M": 36.4}, {"raw": 36.0, "ours": 36.0}]
+    got = paired_ratios(pairs, "raw")
+    assert got["ours"]["per_round"] == [1.05, 1.0] and got["ours"]["median"] == 1.025
+    assert got["p4M"] == {"per_round": [1.04], "median": 1.04, "min": 1.04, "max": 1.04}
+    assert paired_ratios([], "raw") == {}
