@@ -334,3 +334,30 @@ def test_bench_paired_rounds_cores_and_ratios():
     assert got["ours"]["per_round"] == [1.05, 1.0] and got["ours"]["median"] == 1.025
     assert got["p4M"] == {"per_round": [1.04], "median": 1.04, "min": 1.04, "max": 1.04}
     assert paired_ratios([], "raw") == {}
+
+
+def test_sentencepiece_bpe_as_hf_tokenizers_same_ids(tmp_path):
+    """train_tokenizer --hf-json: the HF tokenizers file gives SentencePiece's ids on every text (runs of
+    spaces, digits, byte fallback, empty) through data_pipeline.tokenizer, and the same EOD; decode round-trips.
+    A unigram model is refused."""
+    import random
+
+    from data_pipeline import train_tokenizer
+    from data_pipeline.tokenizer import Tokenizer
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "protein", "kinase", "binding", "cell", "def", "x1", "2024", "(self):"]
+    docs = ["".join(rng.choice(words) + rng.choice([" ", "  ", "\n", "    ", ", ", "\t"]) for _ in range(60))
+            for _ in range(300)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prefix = str(tmp_path / "t")
+    assert train_tokenizer.main(["--input", str(corpus), "--model-prefix", prefix, "--vocab-size", "400",
+                                 "--sample-docs", "200", "--hf-json"]) == 0
+    sp, hf = Tokenizer(prefix + ".model"), Tokenizer(prefix + ".json")
+    texts = docs[:50] + ["", " ", "  lead", "trail  ", "kinase😀 Ω≈ç 123456", "\n\n    def x1(self):", "漢字 binding"]
+    assert hf.encode_batch(texts) == sp.encode_batch(texts)
+    assert (hf.eod_id, hf.vocab_size) == (sp.eod_id, sp.vocab_size)
+    assert [hf.decode(ids) for ids in hf.encode_batch(texts)] == texts
+    with pytest.raises(SystemExit):
+        train_tokenizer.main(["--input", str(corpus), "--model-prefix", prefix, "--model-type", "unigram", "--hf-json"])
