@@ -85,15 +85,11 @@ def to_hf(model_path: str, out_json: str) -> str:
     n = sp.get_piece_size()
     pieces = [sp.id_to_piece(i) for i in range(n)]
     vocab = {p: i for i, p in enumerate(pieces)}
-    merges = []
-    for i, p in enumerate(pieces):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
-            continue
-        merges += sorted(((vocab[p[:k]], vocab[p[k:]], i) for k in range(1, len(p))
-                          if p[:k] in vocab and p[k:] in vocab), key=lambda m: (m[0], m[1]))
-    merges.sort(key=lambda m: m[2])
+    merges = sorted((i, vocab[p[:k]], vocab[p[k:]]) for i, p in enumerate(pieces)
+                    if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))
+                    for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab)
     unk = pieces[sp.unk_id()]
-    tok = HF(models.BPE(vocab, [(pieces[a], pieces[b]) for a, b, _ in merges], unk_token=unk, fuse_unk=True,
+    tok = HF(models.BPE(vocab, [(pieces[a], pieces[b]) for _, a, b in merges], unk_token=unk, fuse_unk=True,
                         byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_WORDS), behavior="isolated"),
@@ -122,7 +118,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.to_hf:
-        out = to_hf(a.to_hf, a.to_hf.removesuffix(".model") + ".json")
+        try:
+            out = to_hf(a.to_hf, a.to_hf.removesuffix(".model") + ".json")
+        except (OSError, RuntimeError, ValueError) as e:  # a missing / unreadable / unconvertible model
+            p.error(f"--to-hf {a.to_hf}: {e}")
         print(f"[train_tokenizer] {out}: {a.to_hf} as an HF tokenizers file")
         return 0
     if not a.input or not a.model_prefix:

@@ -15,10 +15,15 @@ KERNELS = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 SHAPES = [(4, 64), (37, 29), (9, 1100)]
 
 
-def _megatron_back():
-    """megatron's swiglu_back as written (without its torch.compile wrapper: plain torch ops)."""
+def _megatron(name: str):
+    """megatron's fused_bias_swiglu.<name> as written (without its torch.compile wrapper: plain torch ops)."""
     from megatron.core.fusions import fused_bias_swiglu as m
-    return getattr(m.swiglu_back, "_torchdynamo_orig_callable", m.swiglu_back)
+    f = getattr(m, name)
+    return getattr(f, "_torchdynamo_orig_callable", f)
+
+
+def _megatron_back():
+    return _megatron("swiglu_back")
 
 
 def _inputs(T, F, dtype, seed, y_stride=None):
@@ -30,8 +35,7 @@ def _inputs(T, F, dtype, seed, y_stride=None):
 
 def test_megatron_swiglu_back_is_the_derivative():
     """The reference (megatron's swiglu_back) is d/dy of its swiglu: float64 autograd."""
-    from megatron.core.fusions import fused_bias_swiglu as m
-    swiglu = getattr(m.swiglu, "_torchdynamo_orig_callable", m.swiglu)
+    swiglu = _megatron("swiglu")
     gen = torch.Generator().manual_seed(1)
     y = torch.randn(13, 2 * 11, generator=gen, dtype=torch.float64, requires_grad=True)
     dact = torch.randn(13, 11, generator=gen, dtype=torch.float64)
