@@ -1,4 +1,4 @@
-"""Compile MoRA's block-gradient kernels, the SwiGLU backward and the RoPE kernel for sm_90a without a GPU (Triton's bundled ptxas) and print their size: a check that a kernel
+"""Compile MoRA's block-gradient kernels, the SwiGLU backward, the skinny products and the RoPE kernel for sm_90a without a GPU (Triton's bundled ptxas) and print their size: a check that a kernel
 change builds for the H100/H200, and that a refactor kept the code of a kernel that was timed (same
 PTX instruction count as before). RoPE rows: forward / backward at head dim 128, bf16.
 
@@ -79,6 +79,21 @@ def swiglu_back_rows():
           f"stack {stack}", flush=True)
 
 
+def skinny_rows():
+    """The skinny-products kernel (kernels/skinny.py) at its tiling, bf16, for the padded ranks of the
+    8B LoRA layers (16: o, down, gate+up; 32: q+k+v), fp32 outputs, g with unit column stride."""
+    from mora_dist.kernels import skinny
+
+    ptrs = dict(g_ptr="*bf16", h_ptr="*bf16", q_ptr="*bf16", e_ptr="*fp32", d_ptr="*fp32")
+    for bk, iters, split in ((16, 16, True), (32, 32, True), (16, 128, False)):
+        n, size, reg, stack = compile_one(
+            skinny._skinny_kernel, {a: "i32" for a in ("T", "N", "K", "s_gt", "s_gn")},
+            dict(ITERS=iters, BT=skinny.BLOCK_T, BN=skinny.BLOCK_N, BK=bk, SPLIT=split),
+            dict(num_warps=skinny.NUM_WARPS, num_stages=skinny.NUM_STAGES), ptrs, regs=True, div16=(*ptrs, "s_gt"))
+        print(f"skinny {skinny.BLOCK_T}x{skinny.BLOCK_N} BK {bk} iters {iters:3d} w{skinny.NUM_WARPS} "
+              f"s{skinny.NUM_STAGES}  ptx {n}  cubin {size}  regs {reg}  stack {stack}", flush=True)
+
+
 def main() -> None:
     print(f"triton {triton.__version__}, target sm_90a")
     print("kernel  rot   rh  pair  tiling                   ptx  cubin")
@@ -99,6 +114,7 @@ def main() -> None:
             tiling = f"{cfg['BI']}x{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']}"
             print(f"{impl:6s} {str(rot):5s} {rh:4d}  {str(pair):5s} {tiling:22s} {n:5d} {size:6d}", flush=True)
     swiglu_back_rows()
+    skinny_rows()
     rope_rows()
 
 
