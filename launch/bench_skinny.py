@@ -3,7 +3,8 @@ cuBLAS's two GEMMs (E = g^T H, then D = g Q: what merged.py runs without the ker
 against the one-read kernel (`mora_dist/kernels/skinny.py`) at its default tiling and each --tile:
 
     python3 launch/bench_skinny.py                          # T = 8192 (mbs 2 x seq 4096), bf16
-    python3 launch/bench_skinny.py --reps 50 --tile 128,128,8,3 --tile 64,128,4,3
+    python3 launch/bench_skinny.py --reps 50 --tile 128,128,8,3,0 --tile 64,128,4,3,1
+    python3 launch/bench_skinny.py --tokens 16384 --tp 2    # a TP=2 shard under SP at micro-batch 4
 
 Layers (LoRA r=8 on every projection): qkv (N 6,144, K 24: three terms), o and down (N 4,096, K 8),
 gate + up (N 28,672, K 16). Mean of --reps replays of a CUDA graph of 10 calls between CUDA events; GB: g read once
@@ -44,36 +45,40 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--micro", type=int, default=4, help="micro-batches an optimizer step")
-    ap.add_argument("--tile", action="append", default=[], help="BLOCK_T,BLOCK_N,num_warps,num_stages: one more row each")
+    ap.add_argument("--tp", type=int, default=1, help="column-parallel shards: N / tp")
+    ap.add_argument("--tile", action="append", default=[],
+                    help="BLOCK_T,BLOCK_N,num_warps,num_stages,GB (kernels/skinny.TILES): one more row each")
     args = ap.parse_args()
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     T = args.tokens
-    default = (skinny.BLOCK_T, skinny.BLOCK_N, skinny.NUM_WARPS, skinny.NUM_STAGES)
+    default = tuple(int(v) for v in skinny.TILES)
     tiles = [default] + [tuple(int(v) for v in t.split(",")) for t in args.tile]
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}, "
-          f"T = {T}, bf16; default tiling {','.join(map(str, default))}")
-    print("layer     N      K  path                ms     GB    GB/s   err     saved ms a step")
+          f"T = {T}, TP = {args.tp}, bf16; default tiling {','.join(map(str, default))}")
+    print("layer     N      K  path                  ms     GB    GB/s   err     saved ms a step")
     total = {}
     gen = torch.Generator(device=dev).manual_seed(0)
     for name, N, K, _ in LAYERS:
+        N //= args.tp
         g = (torch.randn(T, N, device=dev, generator=gen) * 0.01).to(torch.bfloat16)
         H = torch.randn(T, K, device=dev, generator=gen).to(torch.bfloat16)
         Q = (torch.randn(N, K, device=dev, generator=gen) * 0.1).to(torch.bfloat16)
         gb = T * N * 2 / 1e9
         E0, D0 = g.t() @ H, g @ Q
         t_ref = timed(lambda: (g.t() @ H, g @ Q), args.reps)
-        print(f"{name:8s} {N:6d} {K:3d}  cuBLAS two GEMMs  {t_ref:6.3f}  {gb:5.3f}  {gb / t_ref * 1e3:5.0f}  -")
+        print(f"{name:8s} {N:6d} {K:3d}  cuBLAS two GEMMs    {t_ref:6.3f}  {gb:5.3f}  {gb / t_ref * 1e3:5.0f}  -")
         total.setdefault("cuBLAS", 0.0)
         total["cuBLAS"] += t_ref
         for tile in tiles:
+            tile = (*tile[:4], bool(tile[4]))
             E, D = skinny.both_products(g, H, Q, tile)
             err = max(((E - E0.float()).abs().max() / E0.float().abs().max()).item(),
                       ((D - D0.float()).abs().max() / D0.float().abs().max()).item())
             ms = timed(lambda: skinny.both_products(g, H, Q, tile), args.reps)
-            label = "kernel " + ",".join(map(str, tile))
+            label = "kernel " + ",".join(str(int(v)) for v in tile)
             total[label] = total.get(label, 0.0) + ms
-            print(f"{name:8s} {N:6d} {K:3d}  {label:17s} {ms:6.3f}  {gb:5.3f}  {gb / ms * 1e3:5.0f}  {err:.0e}  "
+            print(f"{name:8s} {N:6d} {K:3d}  {label:19s} {ms:6.3f}  {gb:5.3f}  {gb / ms * 1e3:5.0f}  {err:.0e}  "
                   f"{(t_ref - ms) * args.layers * args.micro:8.1f}", flush=True)
     print("a layer (all four), ms:", ", ".join(f"{k} {v:.3f}" for k, v in total.items()))
     print("a step saved against cuBLAS, ms:", ", ".join(f"{k} {(total['cuBLAS'] - v) * args.layers * args.micro:.1f}"

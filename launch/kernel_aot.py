@@ -81,17 +81,19 @@ def swiglu_back_rows():
 
 def skinny_rows():
     """The skinny-products kernel (kernels/skinny.py) at its tiling, bf16, for the padded ranks of the
-    8B LoRA layers (16: o, down, gate+up; 32: q+k+v), fp32 outputs, g with unit column stride."""
+    8B LoRA layers (16: o, down, gate+up; 32: q+k+v), fp32 outputs, g with unit column stride (as the
+    JIT specializes it)."""
     from mora_dist.kernels import skinny
 
+    bt, bn, warps, stages, gb = skinny.TILES
     ptrs = dict(g_ptr="*bf16", h_ptr="*bf16", q_ptr="*bf16", e_ptr="*fp32", d_ptr="*fp32")
     for bk, iters, split in ((16, 16, True), (32, 32, True), (16, 128, False)):
         n, size, reg, stack = compile_one(
-            skinny._skinny_kernel, {a: "i32" for a in ("T", "N", "K", "s_gt", "s_gn")},
-            dict(ITERS=iters, BT=skinny.BLOCK_T, BN=skinny.BLOCK_N, BK=bk, SPLIT=split),
-            dict(num_warps=skinny.NUM_WARPS, num_stages=skinny.NUM_STAGES), ptrs, regs=True, div16=(*ptrs, "s_gt"))
-        print(f"skinny {skinny.BLOCK_T}x{skinny.BLOCK_N} BK {bk} iters {iters:3d} w{skinny.NUM_WARPS} "
-              f"s{skinny.NUM_STAGES}  ptx {n}  cubin {size}  regs {reg}  stack {stack}", flush=True)
+            skinny._skinny_kernel, {a: "i32" for a in ("T", "N", "s_gt")},
+            dict(s_gn=1, ITERS=iters, BT=bt, BN=bn, BK=bk, SPLIT=split, GB=gb),
+            dict(num_warps=warps, num_stages=stages), ptrs, regs=True, div16=(*ptrs, "s_gt"))
+        print(f"skinny {bt}x{bn} BK {bk} iters {iters:3d} w{warps} s{stages} GB {int(gb)}  ptx {n}  cubin {size}  "
+              f"regs {reg}  stack {stack}", flush=True)
 
 
 def main() -> None:

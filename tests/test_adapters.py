@@ -402,10 +402,11 @@ def test_skinny_products_bfloat16(T, N, K):
     assert (kern is not None) == interpreted()
     if kern is None:
         return
-    E, Dm = kern.both_products(g, H, Q)
-    assert E.dtype == Dm.dtype == torch.float32 and E.shape == (N, K) and Dm.shape == (T, K)
-    for got, want in ((E, g.double().t() @ H.double()), (Dm, g.double() @ Q.double())):
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4 * want.abs().max().item())
+    for tiles in (None, (32, 64, 4, 1, True)):  # the default, and g as the second operand of both products
+        E, Dm = kern.both_products(g, H, Q, tiles)
+        assert E.dtype == Dm.dtype == torch.float32 and E.shape == (N, K) and Dm.shape == (T, K)
+        for got, want in ((E, g.double().t() @ H.double()), (Dm, g.double() @ Q.double())):
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4 * want.abs().max().item())
 
 
 @pytest.mark.integration

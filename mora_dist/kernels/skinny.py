@@ -19,32 +19,50 @@ import triton.language as tl
 
 from mora_dist.kernels import interpreted
 
-BLOCK_T, BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 256, 8, 3
+# (BT, BN, warps, stages, GB): GB puts g as the second operand of both products (M = K rows, g from shared
+# memory) instead of the first (M = BN / BT rows, tensor-core instructions that want M >= 64).
+TILES = (64, 256, 8, 1, False)
 MAX_K = 64
 
 
 @triton.jit
-def _skinny_kernel(g_ptr, h_ptr, q_ptr, e_ptr, d_ptr, T, N, K, s_gt, s_gn,
-                   ITERS: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
+def _skinny_kernel(g_ptr, h_ptr, q_ptr, e_ptr, d_ptr, T, N, s_gt, s_gn, ITERS: tl.constexpr, BT: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, GB: tl.constexpr):
+    """H [T, BK] and Q [N, BK] zero-padded to BK columns; E [N, BK] and D [T, BK] fp32 zeros (accumulated)."""
     on = tl.program_id(0) * BN + tl.arange(0, BN)
     ok = tl.arange(0, BK)
-    mn, mk = on < N, ok < K
-    q = tl.load(q_ptr + on[:, None] * K + ok[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-    e = tl.zeros((BN, BK), dtype=e_ptr.dtype.element_ty)
+    mn = on < N
     t0 = tl.program_id(1) * (ITERS * BT)  # a program's tokens: ITERS whole tiles, disjoint from the others'
-    for i in range(ITERS):
-        ot = (t0 + i * BT + tl.arange(0, BT)).to(tl.int64)
-        mt = ot < T
-        g = tl.load(g_ptr + ot[:, None] * s_gt + on[None, :] * s_gn, mask=mt[:, None] & mn[None, :], other=0.0)
-        h = tl.load(h_ptr + ot[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        e += tl.dot(tl.trans(g), h)
-        d = tl.dot(g, q)
-        tl.atomic_add(d_ptr + ot[:, None] * BK + ok[None, :], d, mask=mt[:, None] & mk[None, :])
-    ep = e_ptr + on[:, None] * BK + ok[None, :]
-    if SPLIT:
-        tl.atomic_add(ep, e, mask=mn[:, None] & mk[None, :])
+    if GB:
+        qT = tl.load(q_ptr + on[None, :] * BK + ok[:, None], mask=mn[None, :], other=0.0)  # [BK, BN]
+        eT = tl.zeros((BK, BN), dtype=e_ptr.dtype.element_ty)
+        for i in range(ITERS):
+            ot = (t0 + i * BT + tl.arange(0, BT)).to(tl.int64)
+            mt = ot < T
+            g = tl.load(g_ptr + ot[:, None] * s_gt + on[None, :] * s_gn, mask=mt[:, None] & mn[None, :], other=0.0)
+            hT = tl.load(h_ptr + ot[None, :] * BK + ok[:, None], mask=mt[None, :], other=0.0)  # [BK, BT]
+            eT += tl.dot(hT, g)
+            tl.atomic_add(d_ptr + ot[None, :] * BK + ok[:, None], tl.dot(qT, tl.trans(g)), mask=mt[None, :])
+        ep = e_ptr + on[None, :] * BK + ok[:, None]
+        if SPLIT:
+            tl.atomic_add(ep, eT, mask=mn[None, :])
+        else:
+            tl.store(ep, eT, mask=mn[None, :])
     else:
-        tl.store(ep, e, mask=mn[:, None] & mk[None, :])
+        q = tl.load(q_ptr + on[:, None] * BK + ok[None, :], mask=mn[:, None], other=0.0)  # [BN, BK]
+        e = tl.zeros((BN, BK), dtype=e_ptr.dtype.element_ty)
+        for i in range(ITERS):
+            ot = (t0 + i * BT + tl.arange(0, BT)).to(tl.int64)
+            mt = ot < T
+            g = tl.load(g_ptr + ot[:, None] * s_gt + on[None, :] * s_gn, mask=mt[:, None] & mn[None, :], other=0.0)
+            h = tl.load(h_ptr + ot[:, None] * BK + ok[None, :], mask=mt[:, None], other=0.0)
+            e += tl.dot(tl.trans(g), h)
+            tl.atomic_add(d_ptr + ot[:, None] * BK + ok[None, :], tl.dot(g, q), mask=mt[:, None])
+        ep = e_ptr + on[:, None] * BK + ok[None, :]
+        if SPLIT:
+            tl.atomic_add(ep, e, mask=mn[:, None])
+        else:
+            tl.store(ep, e, mask=mn[:, None])
 
 
 def _programs() -> int:
@@ -60,24 +78,25 @@ def supports(g: torch.Tensor, K: int) -> bool:
     return g.dim() == 2 and 0 < K <= MAX_K and ((g.is_cuda and half) or (interpreted() and g.is_floating_point()))
 
 
-def both_products(g: torch.Tensor, H: torch.Tensor, Q: torch.Tensor, tiles=(BLOCK_T, BLOCK_N, NUM_WARPS, NUM_STAGES)):
-    """(E = g^T H [N, K], D = g Q [T, K]) in fp32 (float64 for float64 g: the interpreter's checks), for g [T, N] (any strides), H [T, K], Q [N, K] in g's dtype.
-    `tiles`: (BT, BN, warps, stages), for the benches."""
+def both_products(g: torch.Tensor, H: torch.Tensor, Q: torch.Tensor, tiles=None):
+    """(E = g^T H [N, K], D = g Q [T, K]) in fp32 (float64 for float64 g: the interpreter's checks), for g [T, N]
+    (any strides), H [T, K], Q [N, K] in g's dtype. `tiles`: TILES's form, for the benches."""
     T, N = g.shape
     K = H.shape[1]
     assert H.shape == (T, K) and Q.shape == (N, K) and supports(g, K)
-    bt, bn, warps, stages = tiles
+    bt, bn, warps, stages, gb = tiles or TILES
     bk = max(16, triton.next_power_of_2(K))
-    H, Q = H.to(g.dtype).contiguous(), Q.to(g.dtype).contiguous()
-    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
     if interpreted() and g.dtype in (torch.bfloat16, torch.float16):  # its dot reads half precision as raw
-        g, H, Q = g.float(), H.float(), Q.float()  # bits: the same values in fp32 (their products are exact)
+        g = g.float()  # bits: the same values in fp32 (their products are exact)
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    Hp, Qp = g.new_zeros(T, bk), g.new_zeros(N, bk)  # zero columns up to BK: unmasked, aligned rows
+    Hp[:, :K], Qp[:, :K] = H, Q
     E = g.new_zeros(N, bk, dtype=acc)
     D = g.new_zeros(T, bk, dtype=acc)
     nb = triton.cdiv(N, bn)
     split = max(1, min(triton.cdiv(_programs(), nb), triton.cdiv(T, bt)))
     t_per = triton.cdiv(triton.cdiv(T, split), bt) * bt
     split = triton.cdiv(T, t_per)
-    _skinny_kernel[(nb, split)](g, H, Q, E, D, T, N, K, g.stride(0), g.stride(1), ITERS=t_per // bt, BT=bt, BN=bn, BK=bk,
-                                SPLIT=split > 1, num_warps=warps, num_stages=stages)
+    _skinny_kernel[(nb, split)](g, Hp, Qp, E, D, T, N, g.stride(0), g.stride(1), ITERS=t_per // bt, BT=bt, BN=bn,
+                                BK=bk, SPLIT=split > 1, GB=gb, num_warps=warps, num_stages=stages)
     return E[:, :K], D[:, :K]
