@@ -4,4 +4,4 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 T="--tile 64,256,8,2,0 --tile 32,256,4,1,0 --tile 64,512,8,1,0 --tile 128,256,8,1,0 --tile 64,256,4,3,1 --tile 64,256,8,3,1 --tile 128,128,4,3,1 --tile 64,128,4,4,1 --tile 128,256,8,3,1 --tile 32,256,4,4,1 --tile 64,512,8,3,1"
 timeout 150 python3 launch/bench_skinny.py --reps 30 $T > $OUT/skinny_tp1.txt 2>&1
 timeout 150 python3 launch/bench_skinny.py --reps 30 --tokens 16384 --tp 2 $T > $OUT/skinny_tp2.txt 2>&1
-grep -E "^(a layer|a step)" $OUT/skinny_tp1.txt $OUT/skinny_tp2.txt; grep -E "^(qkv|o |gate|down)" $OUT/skinny_tp1.txt | sort -k1,1 -k6,6n | awk '{print $1, $4, $5, $6, $8}'
+grep -E "^(a layer|a step)" $OUT/skinny_tp1.txt $OUT/skinny_tp2.txt; grep -hE "^(qkv|o |gate|down)" $OUT/skinny_tp1.txt $OUT/skinny_tp2.txt
