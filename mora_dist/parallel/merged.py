@@ -194,9 +194,20 @@ def _tile_sum(g: torch.Tensor, n: int, width: int, wrap: bool = False) -> torch.
     return out.to(g.dtype)
 
 
+# Where one read of g beats cuBLAS's two GEMMs (H200, launch/bench_skinny.py, 2026-11-30, T = 8,192-16,384):
+# gate+up (N 14,336-28,672, K 16) 0.178-0.200 vs 0.227 ms; q/k/v (N 3,072-6,144, K 24) 0.071 vs 0.057;
+# o / down (N 2,048-4,096, K 8) 0.044 vs 0.042. The kernel's D sums over N / 256 column blocks by atomics,
+# which pay only on wide layers.
+SKINNY_MIN_N, SKINNY_MAX_K = 8192, 16
+
+
 def _skinny_kernel(g: torch.Tensor, K: int):
-    """`kernels/skinny.py` when it serves g at summed rank K (and MORA_DIST_NO_KERNEL does not name it), else None."""
+    """`kernels/skinny.py` when it serves g at summed rank K and pays (a layer at least SKINNY_MIN_N wide,
+    K <= SKINNY_MAX_K; any size under the interpreter: the CPU checks), unless MORA_DIST_NO_KERNEL names it;
+    else None."""
     if not runs_on(g) or "skinny" in kernels_off():
+        return None
+    if not interpreted() and (g.shape[1] < SKINNY_MIN_N or K > SKINNY_MAX_K):
         return None
     try:
         from mora_dist.kernels import skinny
