@@ -1,4 +1,4 @@
-"""Compile MoRA's block-gradient kernels, the SwiGLU backward, the skinny products and the RoPE kernel for sm_90a without a GPU (Triton's bundled ptxas) and print their size: a check that a kernel
+"""Compile MoRA's block-gradient kernels, the SwiGLU backward and the RoPE kernel for sm_90a without a GPU (Triton's bundled ptxas) and print their size: a check that a kernel
 change builds for the H100/H200, and that a refactor kept the code of a kernel that was timed (same
 PTX instruction count as before). RoPE rows: forward / backward at head dim 128, bf16.
 
@@ -79,23 +79,6 @@ def swiglu_back_rows():
           f"stack {stack}", flush=True)
 
 
-def skinny_rows():
-    """The skinny-products kernel (kernels/skinny.py) at its tiling, bf16, for the padded ranks of the
-    8B LoRA layers (16: o, down, gate+up; 32: q+k+v), fp32 outputs, g with unit column stride (as the
-    JIT specializes it)."""
-    from mora_dist.kernels import skinny
-
-    bt, bn, warps, stages, gb = skinny.TILES
-    ptrs = dict(g_ptr="*bf16", h_ptr="*bf16", q_ptr="*bf16", e_ptr="*fp32", d_ptr="*fp32")
-    for bk, iters, split in ((16, 16, True), (32, 32, True), (16, 128, False)):
-        n, size, reg, stack = compile_one(
-            skinny._skinny_kernel, {a: "i32" for a in ("T", "N", "s_gt")},
-            dict(s_gn=1, ITERS=iters, BT=bt, BN=bn, BK=bk, SPLIT=split, GB=gb),
-            dict(num_warps=warps, num_stages=stages), ptrs, regs=True, div16=(*ptrs, "s_gt"))
-        print(f"skinny {bt}x{bn} BK {bk} iters {iters:3d} w{warps} s{stages} GB {int(gb)}  ptx {n}  cubin {size}  "
-              f"regs {reg}  stack {stack}", flush=True)
-
-
 def main() -> None:
     print(f"triton {triton.__version__}, target sm_90a")
     print("kernel  rot   rh  pair  tiling                   ptx  cubin")
@@ -116,7 +99,6 @@ def main() -> None:
             tiling = f"{cfg['BI']}x{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']}"
             print(f"{impl:6s} {str(rot):5s} {rh:4d}  {str(pair):5s} {tiling:22s} {n:5d} {size:6d}", flush=True)
     swiglu_back_rows()
-    skinny_rows()
     rope_rows()
 
 

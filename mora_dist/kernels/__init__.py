@@ -13,16 +13,3 @@ def interpreted() -> bool:
 def runs_on(t) -> bool:
     """Whether the kernels can run on tensor t: a CUDA tensor, or any tensor under the interpreter."""
     return t.is_cuda or interpreted()
-
-
-KERNEL_NAMES = ("rope", "swiglu", "skinny")
-
-
-def kernels_off() -> set[str]:
-    """The hand-written kernels MORA_DIST_NO_KERNEL (comma list of KERNEL_NAMES) leaves out, their torch or
-    megatron form running instead: the A/B switch of the benches. An unknown name is an error."""
-    off = {n.strip() for n in os.environ.get("MORA_DIST_NO_KERNEL", "").split(",") if n.strip()}
-    bad = off - set(KERNEL_NAMES)
-    if bad:
-        raise ValueError(f"MORA_DIST_NO_KERNEL: unknown kernel(s) {sorted(bad)}; known: {', '.join(KERNEL_NAMES)}")
-    return off

@@ -12,7 +12,7 @@ none of this is used (tests compare against float64/HF references with the plain
 `build_model(compile=False)` (training: `train.compile: false`) keeps RMSNorm/RoPE/SwiGLU as megatron's; for
 processes without a config (launch/bench.py, the research scripts) MORA_DIST_COMPILE=0 overrides the
 default (`compile_default`). MORA_DIST_NO_KERNEL=rope,swiglu leaves the named hand-written kernels out (their
-compiled megatron versions run instead; `kernels.kernels_off`): the A/B switch of the benches, and the first thing to try if one misbehaves.
+compiled megatron versions run instead): the A/B switch of the benches, and the first thing to try if one misbehaves.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from mora_dist.kernels import kernels_off, runs_on
+from mora_dist.kernels import runs_on
 
 CUDA_FUSIONS = dict(bias_activation_fusion=True, bias_dropout_fusion=True, cross_entropy_loss_fusion=True,
                     cross_entropy_fusion_impl="native")
@@ -74,6 +74,18 @@ def swiglu_back_dispatch(fallback):
         return fallback(g, y)
 
     return swiglu_back
+
+
+KERNEL_NAMES = ("rope", "swiglu")
+
+
+def kernels_off() -> set[str]:
+    """The hand-written model kernels MORA_DIST_NO_KERNEL (comma list) leaves out; an unknown name is an error."""
+    off = {n.strip() for n in os.environ.get("MORA_DIST_NO_KERNEL", "").split(",") if n.strip()}
+    bad = off - set(KERNEL_NAMES)
+    if bad:
+        raise ValueError(f"MORA_DIST_NO_KERNEL: unknown kernel(s) {sorted(bad)}; known: {', '.join(KERNEL_NAMES)}")
+    return off
 
 
 def enable_compiled() -> None:

@@ -36,7 +36,7 @@ import torch
 
 from mora_dist.adapters import blockdiag
 from mora_dist.adapters.base import Factors
-from mora_dist.kernels import interpreted, kernels_off, runs_on
+from mora_dist.kernels import interpreted
 from mora_dist.parallel import overlap
 
 
@@ -194,47 +194,6 @@ def _tile_sum(g: torch.Tensor, n: int, width: int, wrap: bool = False) -> torch.
     return out.to(g.dtype)
 
 
-# Where one read of g beats cuBLAS's two GEMMs (H200, launch/bench_skinny.py, 2026-11-30, T = 8,192-16,384):
-# gate+up (N 14,336-28,672, K 16) 0.178-0.200 vs 0.227 ms; q/k/v (N 3,072-6,144, K 24) 0.071 vs 0.057;
-# o / down (N 2,048-4,096, K 8) 0.044 vs 0.042. The kernel's D sums over N / 256 column blocks by atomics,
-# which pay only on wide layers.
-SKINNY_MIN_N, SKINNY_MAX_K = 8192, 16
-
-
-def _skinny_kernel(g: torch.Tensor, K: int):
-    """`kernels/skinny.py` when it serves g at summed rank K and pays (a layer at least SKINNY_MIN_N wide,
-    K <= SKINNY_MAX_K; any size under the interpreter: the CPU checks), unless MORA_DIST_NO_KERNEL names it;
-    else None."""
-    if not runs_on(g) or "skinny" in kernels_off():
-        return None
-    if not interpreted() and (g.shape[1] < SKINNY_MIN_N or K > SKINNY_MAX_K):
-        return None
-    try:
-        from mora_dist.kernels import skinny
-    except ImportError:
-        return None
-    return skinny if skinny.supports(g, K) else None
-
-
-def _one_read_of_g(g, Hs, plan: Plan, Qe, both) -> tuple[dict, dict]:
-    """E_i = g_i^T H and g_i Q_e of the terms `both` (each needs the two) from one read of g by the skinny
-    kernel: {i: E_i}, {i: g_i Q_e}; empty where the kernel does not serve (the GEMMs below do it)."""
-    ks = [Qe[i].shape[1] for i in both]
-    kern = _skinny_kernel(g, sum(ks)) if both else None
-    if kern is None:
-        return {}, {}
-    terms = plan.terms
-    Hc = torch.cat([Hs[terms[i].slot] for i in both], 1) if len(both) > 1 else Hs[terms[both[0]].slot]
-    Qc = _stacked_q(g.shape[1], [(terms[i].rows, Qe[i]) for i in both], g)
-    E_all, D = kern.both_products(g, Hc, Qc)
-    E_all, D = E_all.to(g.dtype), D.to(g.dtype)
-    E, dZ = {}, {}
-    for i, c0, k in zip(both, itertools.accumulate([0] + ks), ks):
-        E[i] = _rows_of(E_all, terms[i].rows)[:, c0:c0 + k]
-        dZ[i] = D[:, c0:c0 + k]
-    return E, dZ
-
-
 def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
     """Gradients of the factor tensors (P..., (mid, Q)...) from the layer's output gradient g and
     input x2, with mid(h) = h mid^T | h * mid | h, Z = mid(H), H = x P^T, g_i = g's rows of term i
@@ -255,11 +214,8 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
         Hs = (x2 @ (Ps[0] if n_p == 1 else torch.cat(Ps)).t()).split(k_p, 1)
     Qe = [Q if t.c is None else Q * t.c[:, None] for t, (_, Q) in zip(terms, pairs)]
     need_e = [need[n_p + 2 * i] or need[n_p + 2 * i + 1] for i in range(len(terms))]
-    tiled = [isinstance(t.rows, RowRange) and t.q_tile and t.c is None and not need[n_p + 2 * i + 1]
-             and mid is not None and mid.dim() == 2 for i, (t, (mid, _)) in enumerate(zip(terms, pairs))]
-    both = [i for i, t in enumerate(terms) if need_e[i] and need_p[t.slot] and not tiled[i]]
-    E_scat, dZ_scat = _one_read_of_g(g, Hs, plan, Qe, both)  # LoRA-like terms: one read of g on the GPU
-    scat = [i for i, t in enumerate(terms) if not isinstance(t.rows, RowRange) and i not in E_scat]
+    scat = [i for i, t in enumerate(terms) if not isinstance(t.rows, RowRange)]
+    E_scat, dZ_scat = {}, {}
     slots = sorted({terms[i].slot for i in scat if need_e[i]})
     if slots:  # E for every interleaved term: g^T [H of their slots], then each term's rows
         E_all = g.t() @ torch.cat([Hs[s] for s in slots], 1) if len(slots) > 1 else g.t() @ Hs[slots[0]]
@@ -275,9 +231,9 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
     grads = [None] * len(ts)
     dH = [None] * n_p
     for i, (t, (mid, Q)) in enumerate(zip(terms, pairs)):
-        rng = isinstance(t.rows, RowRange) and i not in E_scat
+        rng = isinstance(t.rows, RowRange)
         gi = g[:, t.rows.start:t.rows.end] if rng else None
-        if tiled[i]:
+        if rng and t.q_tile and t.c is None and not need[n_p + 2 * i + 1] and mid is not None and mid.dim() == 2:
             # Q a frozen tile map (MoRA group types): g Q as block sums, dmid = (g Q)^T H, dZ = (g Q) mid
             gq = _tile_sum(gi, t.q_tile, Q.shape[1])
             if need[n_p + 2 * i]:
