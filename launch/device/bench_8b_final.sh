@@ -18,3 +18,5 @@ wait
 echo "elapsed $(( $(date +%s) - S )) s"
 grep "^|" $OUT/g0/b8.log; grep -h "^| mora" $OUT/g1/b8_lora.log; grep "^|" $OUT/g0/b1.log
 grep -h "^{\"method" $OUT/g1/liger.log $OUT/g1/peft.log
+# the device returns only a few files: GPU 1's logs travel as one archive
+tar czf $OUT/g1.tgz -C $OUT g1 && rm -rf $OUT/g1
