@@ -376,28 +376,27 @@ def main(argv=None) -> int:
     inp, tok = os.path.abspath(inp), os.path.abspath(tok)
     mb = os.path.getsize(inp) / 1e6
     runs: list[tuple] = []  # name, procs, output prefix, cmd, env[, cwd]
+
+    def ours_cmd(tokenizer: str, out: str, workers: int, *extra: str) -> list[str]:
+        """Our tokenize command as every `ours` run takes it (same flags as the peers' work, _SAME_WORK)."""
+        return [py, "-m", "data_pipeline.tokenize", "--input", inp, "--tokenizer", tokenizer, "--output-prefix", out,
+                "--workers", str(workers), "--progress-interval", "10", *_SAME_WORK, *extra]
+
     if "raw" in a.only:
         runs.append(("raw SentencePiece, 1 process", 1, "", [py, "-m", "data_pipeline.bench", "--_peer", "raw", inp,
                                                              tok], env))
     for w in a.workers:
         if "ours" in a.only:
             out = os.path.join(work, f"ours_w{w}")
-            runs.append((f"ours --workers {w}", w, out, [py, "-m", "data_pipeline.tokenize", "--input", inp,
-                                                          "--tokenizer", tok, "--output-prefix", out, "--workers",
-                                                          str(w), "--progress-interval", "10", *_SAME_WORK], env))
+            runs.append((f"ours --workers {w}", w, out, ours_cmd(tok, out, w), env))
             if a.compare_tree:  # the same command in another checkout (run there: `-m` imports from the cwd)
                 other = os.path.abspath(a.compare_tree)
                 out = os.path.join(work, f"ours_w{w}_compare")
-                runs.append((f"ours --workers {w} @{os.path.basename(other)}", w, out,
-                             [py, "-m", "data_pipeline.tokenize", "--input", inp, "--tokenizer", tok, "--output-prefix",
-                              out, "--workers", str(w), "--progress-interval", "10", *_SAME_WORK],
+                runs.append((f"ours --workers {w} @{os.path.basename(other)}", w, out, ours_cmd(tok, out, w),
                              dict(env, PYTHONPATH=other), other))
             for vname, vargs in (a.ours_variant if w == 1 else []):
                 out = os.path.join(work, f"ours_w1_{vname}")
-                runs.append((f"ours --workers 1 [{vname}]", 1, out,
-                             [py, "-m", "data_pipeline.tokenize", "--input", inp, "--tokenizer", tok, "--output-prefix",
-                              out, "--workers", "1", "--progress-interval", "10", *_SAME_WORK, *shlex.split(vargs)],
-                             env))
+                runs.append((f"ours --workers 1 [{vname}]", 1, out, ours_cmd(tok, out, 1, *shlex.split(vargs)), env))
         if "hf" in a.only:
             out = os.path.join(work, f"hf_w{w}")
             runs.append((f"HF datasets .map(num_proc={w}) + IndexedDatasetBuilder", w, out,
@@ -416,10 +415,7 @@ def main(argv=None) -> int:
         out = os.path.join(work, "ours_hf_w1")
         runs += [("raw HF tokenizers, 1 process 1 thread", 1, "", [py, "-m", "data_pipeline.bench", "--_peer", "raw",
                                                                     inp, hf], env),
-                 ("ours --workers 1, HF tokenizer.json", 1, out, [py, "-m", "data_pipeline.tokenize", "--input", inp,
-                                                                  "--tokenizer", hf, "--output-prefix", out,
-                                                                  "--workers", "1", "--progress-interval", "10",
-                                                                  *_SAME_WORK], env)]
+                 ("ours --workers 1, HF tokenizer.json", 1, out, ours_cmd(hf, out, 1), env)]
     # round r runs every contender once, so with --repeat each contender's r-th run and raw's r-th run
     # are neighbours in time and see about the same outside load (the CPU-per-MB ratio of a pair)
     runs = [run if len(run) == 6 else (*run, None) for run in runs]
