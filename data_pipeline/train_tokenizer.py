@@ -78,8 +78,13 @@ def to_hf(model_path: str, out_json: str) -> str:
     from tokenizers import Tokenizer as HF
 
     sp = spm.SentencePieceProcessor(model_file=model_path)
+
+    def text(ids) -> str:  # the pieces' text, byte-fallback pieces as their bytes (a corpus may lack a probe char)
+        return b"".join(bytes([int(sp.id_to_piece(i)[3:5], 16)]) if sp.is_byte(i) else sp.id_to_piece(i).encode()
+                        for i in ids).decode()
+
     probe = sp.encode("a  b12")  # identity normalisation keeps both spaces; split_digits: "1", "2" apart
-    if sp.id_to_piece(probe[-1]) != "2" or "".join(sp.id_to_piece(i) for i in probe) != "\u2581a\u2581\u2581b12":
+    if text(probe[-1:]) != "2" or text(probe) != "\u2581a\u2581\u2581b12":
         raise ValueError(f"{model_path}: only models trained with this module's settings convert (identity "
                          "normalisation, whitespace kept, digits split)")
     n = sp.get_piece_size()
@@ -136,7 +141,10 @@ def main(argv=None) -> int:
     print(f"[train_tokenizer] {path}: {len(docs)} sampled documents, vocab_size={sp.get_piece_size()}, "
           f"eod_id(eos)={sp.eos_id()}")
     if a.hf_json:
-        print(f"[train_tokenizer] {to_hf(path, a.model_prefix + '.json')}: the same BPE as an HF tokenizers file")
+        try:
+            print(f"[train_tokenizer] {to_hf(path, a.model_prefix + '.json')}: the same BPE as an HF tokenizers file")
+        except ValueError as e:
+            p.error(f"--hf-json: {e}")
     return 0
 
 

@@ -361,3 +361,35 @@ def test_sentencepiece_bpe_as_hf_tokenizers_same_ids(tmp_path):
     assert [hf.decode(ids) for ids in hf.encode_batch(texts)] == texts
     with pytest.raises(SystemExit):
         train_tokenizer.main(["--input", str(corpus), "--model-prefix", prefix, "--model-type", "unigram", "--hf-json"])
+
+
+def test_hf_conversion_of_a_corpus_without_the_probe_chars_and_refusal(tmp_path, capsys):
+    """train_tokenizer --hf-json on a corpus with no digits and no "b" (the conversion's settings probe then
+    reads byte-fallback pieces: it refused such models with a traceback before) gives SentencePiece's ids,
+    digits and unseen letters included; a model trained with SentencePiece's default normalisation (extra
+    whitespace removed) is refused by --to-hf with a one-line error and no file written."""
+    import sentencepiece as spm
+
+    from data_pipeline import train_tokenizer
+    from data_pipeline.tokenizer import Tokenizer
+
+    words = ["alpha", "gamma", "kinase", "cell", "def", "(self):"]
+    docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(80)) for i in range(200)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prefix = str(tmp_path / "t")
+    assert train_tokenizer.main(["--input", str(corpus), "--model-prefix", prefix, "--vocab-size", "300",
+                                 "--sample-docs", "200", "--hf-json"]) == 0
+    sp, hf = Tokenizer(prefix + ".model"), Tokenizer(prefix + ".json")
+    texts = docs[:5] + ["a  b12", "beta 2024  kinase", "x 0.5e-3 Ω"]
+    assert hf.encode_batch(texts) == sp.encode_batch(texts)
+
+    other = str(tmp_path / "plain")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_prefix=other, vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_tokenizer.main(["--to-hf", other + ".model"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--to-hf" in err and "only models trained with this module's settings convert" in err
+    assert not os.path.exists(other + ".json")
