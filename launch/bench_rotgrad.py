@@ -6,11 +6,13 @@ picks per shape (dispatch), side by side:
     python3 launch/bench_rotgrad.py --decouple --reps 50
     python3 launch/bench_rotgrad.py --size 1b            # the 1.1B shapes (T = 8192: mbs 4 x seq 2048)
     python3 launch/bench_rotgrad.py --cfg '{"IMPL": "new", "num_stages": 4, "maxnreg": null}' --cfg '{"IMPL": "new", "TP": 2048}'
+    python3 launch/bench_rotgrad.py --tilesum            # MoRA sharing's block sums: kernel vs torch
 
 Each row: one adapter's dM from bf16 g [T, n_out] and x [T, d_in] as the merged path calls it
 (items from the fused layer's row layout: q/k/v one piece per query group of linear_qkv, gate/up
 in linear_fc1), partial sums included; mean of --reps calls between CUDA events after warm-up.
-`pick`: the implementation the dispatch uses. Each --cfg (JSON overriding `grad_config`'s keys,
+`pick`: the implementation the dispatch uses; `library`: `blockdiag.block_grads` as the merged path calls
+it (gate / up: g folded over their row tiles first, `blockdiag.folded`, then the dispatched kernel). Each --cfg (JSON overriding `grad_config`'s keys,
 plus IMPL, TP = tokens a program and PAIR for new, TB / UPP for v9) adds a column with those
 settings. `err` columns: max |dM - ref| / max |ref| against an fp32 reference summed per item with
 torch (the float64 checks are tests/test_adapters.py).
@@ -26,7 +28,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mora_dist.adapters import AdapterConfig, Shard, blockdiag, build_adapter, mora_rank  # noqa: E402
+from mora_dist.adapters import AdapterConfig, Shard, blockdiag, build_adapter, mora_rank, tiles  # noqa: E402
 from mora_dist.kernels import blockdiag as kern  # noqa: E402
 from mora_dist.utils.gpu_time import cuda_ms as timed  # noqa: E402
 
@@ -68,13 +70,16 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--decouple", action="store_true", help="decouple (R_c = I) instead of rotation")
     ap.add_argument("--cfg", action="append", default=[], help="JSON overrides of grad_config: an extra column")
+    ap.add_argument("--tilesum", action="store_true", help="time MoRA sharing's block sums (kernel vs torch) instead")
     args = ap.parse_args()
+    if args.tilesum:
+        return tilesum_table(args)
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}, "
           f"{args.size}, T = {args.tokens}, {'decouple' if args.decouple else 'rotation'}, r = {args.r}")
     gen = torch.Generator(device=dev).manual_seed(0)
-    variants = [("v9", {"IMPL": "v9"}), ("new", {"IMPL": "new"}), ("dispatch", None)] + \
+    variants = [("v9", {"IMPL": "v9"}), ("new", {"IMPL": "new"}), ("dispatch", None), ("library", "lib")] + \
         [(f"cfg{i}", json.loads(c)) for i, c in enumerate(args.cfg, 1)]
     head = ["proj", "rh", "items", "GFLOP", "pick"] + [f"{n} ms" for n, _ in variants] + ["x v9"] + \
         [f"{n} TF/s" for n, _ in variants] + [f"{n} err" for n, _ in variants]
@@ -94,7 +99,9 @@ def main():
         g = (torch.randn(args.tokens, n_out, device=dev, generator=gen) * 0.1).to(torch.bfloat16)
         ref = reference(g, x, rot, items, rh, geo.n_used)
         flops = 2 * args.tokens * sum((i1 - i0) * (k1 - k0) for _, _, i0, i1, k0, k1, _ in items) / 1e9
-        fns = [lambda cfg=cfg: kern.block_grad(g, x, rot, items, rh, torch.float32, cfg) for _, cfg in variants]
+        M = torch.zeros(rh, rh, device=dev)
+        fns = [(lambda: blockdiag.block_grads(g, x, [(geo, segs)], [M], [rot], [True])[0]) if cfg == "lib" else
+               (lambda cfg=cfg: kern.block_grad(g, x, rot, items, rh, torch.float32, cfg)) for _, cfg in variants]
         ms = [timed(f, args.reps) for f in fns]
         errs = [((f() - ref).abs().max() / ref.abs().max()).item() for f in fns]
         tot = [a + b for a, b in zip(tot, ms)]
@@ -103,6 +110,38 @@ def main():
         del g
     rows.append(["layer", "", "", "", ""] + [f"{t:.3f}" for t in tot] + [f"{tot[0] / tot[1]:.2f}"] +
                 [""] * len(tot) * 2)
+    w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    for r in [head] + rows:
+        print("  ".join(str(v).rjust(n) for v, n in zip(r, w)))
+
+
+def tilesum_table(args):
+    """ms of MoRA sharing's block sums a layer and micro-batch: g Q (decompress, each projection's rows;
+    q/k/v by query group) and x P^T (strided compress, wrapping), kernel vs torch (MORA_DIST_NO_KERNEL)."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rows, tot = [], [0.0, 0.0]
+    for name, d_in, d_out, n_out, segs in projections(r=args.r, **SHAPES[args.size]):
+        n = mora_rank(d_in, d_out, args.r)
+        g = (torch.randn(args.tokens, n_out, device=dev, generator=gen) * 0.1).to(torch.bfloat16)
+        x = torch.randn(args.tokens, d_in, device=dev, generator=gen).to(torch.bfloat16)
+        cases = [(f"{name} g Q", lambda: tiles.tile_sum_groups(g, [(d0, f1 - f0) for f0, f1, d0 in segs], n, n)),
+                 (f"{name} x P^T", lambda: tiles.tile_sum(x, n, n, wrap=True))]
+        for label, f in cases:
+            ms = []
+            for off in ("", "tilesum"):
+                os.environ["MORA_DIST_NO_KERNEL"] = off
+                ms.append(timed(f, args.reps))
+            os.environ["MORA_DIST_NO_KERNEL"] = ""  # both forms' results must agree
+            a = f()
+            os.environ["MORA_DIST_NO_KERNEL"] = "tilesum"
+            err = ((a.float() - f().float()).abs().max() / f().float().abs().max()).item()
+            gb = (g if "g Q" in label else x).numel() * 2 / 1e9
+            tot = [t + m for t, m in zip(tot, ms)]
+            rows.append([label, n, f"{ms[0]:.3f}", f"{ms[1]:.3f}", f"{gb / ms[0]:.0f}", f"{err:.1e}"])
+    os.environ.pop("MORA_DIST_NO_KERNEL")
+    rows.append(["layer", "", f"{tot[0]:.3f}", f"{tot[1]:.3f}", "", ""])
+    head = ["sum", "n", "kernel ms", "torch ms", "kernel TB/s", "err"]
     w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         print("  ".join(str(v).rjust(n) for v, n in zip(r, w)))

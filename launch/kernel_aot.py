@@ -1,4 +1,4 @@
-"""Compile MoRA's block-gradient kernels, the SwiGLU backward and the RoPE kernel for sm_90a without a GPU (Triton's bundled ptxas) and print their size: a check that a kernel
+"""Compile MoRA's block-gradient kernels, the SwiGLU backward, the block sums and the RoPE kernel for sm_90a without a GPU (Triton's bundled ptxas) and print their size: a check that a kernel
 change builds for the H100/H200, and that a refactor kept the code of a kernel that was timed (same
 PTX instruction count as before). RoPE rows: forward / backward at head dim 128, bf16.
 
@@ -79,6 +79,22 @@ def swiglu_back_rows():
           f"stack {stack}", flush=True)
 
 
+def tile_sum_rows():
+    """The block-sum kernel (kernels/tilesum.py) at its tiling, bf16, aligned strides: plain (the block
+    types' fold of g, 4 tiles at 8B), wrapped (sharing's compress of x) and adding into fp32 (q/k/v groups)."""
+    from mora_dist.kernels import tilesum
+
+    for name, wrap, add, nb in (("fold", False, False, 4), ("wrap", True, False, 16), ("groups", False, True, 3)):
+        ptrs = dict(src_ptr="*bf16", out_ptr="*fp32" if add else "*bf16")
+        n, size, reg, stack = compile_one(
+            tilesum._tile_sum_kernel, {a: "i32" for a in ("T", "L", "n", "width", "shift", "s_src", "s_out")},
+            dict(NB=nb, WRAP=wrap, ADD=add, ALIGN=8, ACC=tl.float32, BT=tilesum.BT, BP=tilesum.BP),
+            dict(num_warps=tilesum.NUM_WARPS, num_stages=3), ptrs, regs=True,
+            div16=(*ptrs, "L", "n", "width", "s_src", "s_out"))
+        print(f"tile_sum {name:6s} {tilesum.BT}x{tilesum.BP} w{tilesum.NUM_WARPS}  ptx {n}  cubin {size}  regs {reg}  "
+              f"stack {stack}", flush=True)
+
+
 def main() -> None:
     print(f"triton {triton.__version__}, target sm_90a")
     print("kernel  rot   rh  pair  tiling                   ptx  cubin")
@@ -99,6 +115,7 @@ def main() -> None:
             tiling = f"{cfg['BI']}x{cfg['BK']} w{cfg['num_warps']} s{cfg['num_stages']}"
             print(f"{impl:6s} {str(rot):5s} {rh:4d}  {str(pair):5s} {tiling:22s} {n:5d} {size:6d}", flush=True)
     swiglu_back_rows()
+    tile_sum_rows()
     rope_rows()
 
 

@@ -145,6 +145,10 @@ def _dense_block_update(geo, M, rot):
     # the kernel's 128 x 128 tiles (rh > 160) cut at 48; chunk 2 wraps at column 108 > h = 88, so its
     # second item only meets the tiles' partner halves
     (460, 600, 176, ((0, 600, 0),), 600),
+    # one segment over 2.3 tiles of L = 132 (wrapped last chunk): g folded over the tiles first
+    (90, 300, 44, ((0, 300, 5),), 310),
+    # a TP shard's rows: flat rows from 70 on (mid-chunk, mid-tile) at layer row 3, folded with a shift
+    (90, 300, 44, ((70, 300, 3),), 240),
 ])
 def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
     """d loss / d M of MoRA block adapters (`blockdiag.block_grads`, rotation and decouple) over 300
@@ -162,15 +166,18 @@ def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
     T = 300
     g, x = torch.randn(T, n_out, generator=gen, dtype=D), torch.randn(T, d_in, generator=gen, dtype=D)
     rows = torch.cat([torch.arange(d0, d0 + f1 - f0) for f0, f1, d0 in segs])
+    fold = blockdiag.folded(geo, segs)
+    assert (fold is not None) == (rh == 44 and d_in == 90)
     kern = blockdiag._kernels(x, geo)
     assert (kern is not None) == (os.environ.get("TRITON_INTERPRET") == "1")
     for rot in (_rotation_tables(geo), None):
         M = torch.randn(rh, rh, generator=gen, dtype=D, requires_grad=True)
-        ((x @ _dense_block_update(geo, M, rot).t()) * g[:, rows]).sum().backward()
+        flat = torch.cat([torch.arange(f0, f1) for f0, f1, _ in segs])  # the adapter rows the segments hold
+        ((x @ _dense_block_update(geo, M, rot)[flat].t()) * g[:, rows]).sum().backward()
         got = blockdiag.block_grads(g, x, [(geo, segs)], [M.detach()], [rot], [True])
         assert got[0].dtype == D
         torch.testing.assert_close(got[0], M.grad, rtol=1e-10, atol=1e-10)
-        if kern is None:
+        if kern is None or fold is not None:
             continue
         assert kern.grad_impl(rh) == "v9"  # what block_grads ran
         if rh > 64:  # the new kernel's own tiles, rotation in both forms
@@ -395,32 +402,36 @@ def test_merged_layer_triton_kernels():
                         f"{__file__}::test_merged_layer_matches_dense", f"{__file__}::test_block_grads_many_tokens",
                         f"{__file__}::test_block_row_shards", f"{__file__}::test_factor_build_matches_float64"],
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "16 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "18 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
-@pytest.mark.parametrize("n_out,n,width", [(70, 12, 16), (48, 12, 12), (5, 8, 8)])
-def test_tile_sum_is_the_decompress_product(n_out, n, width):
-    """merged._tile_sum(g, n, width) = g Q for MoRA's tile decompress Q[j, s] = [s == j mod n]
-    (padded to `width` zero columns), which replaces that GEMM in the merged path's M gradient;
-    float64 exact, bf16 within one rounding of the float64 product."""
-    from mora_dist.parallel import merged
+@pytest.mark.parametrize("n_out,n,width,shift", [(70, 12, 16, 0), (48, 12, 12, 0), (5, 8, 8, 0), (70, 12, 16, 7),
+                                                 (300, 132, 132, 70)])
+def test_tile_sum_is_the_decompress_product(n_out, n, width, shift):
+    """tiles.tile_sum(g, n, width, shift=s) = g Q for MoRA's tile decompress Q[j, p] = [p == (j + s) mod n]
+    (padded to `width` zero columns), which replaces that GEMM in the merged path's M gradient (s: a
+    shard's rows from flat position s on, the block types' fold); float64 exact, bf16 within one
+    rounding of the float64 product. Under TRITON_INTERPRET=1 (test_tile_sum_kernel) the kernel runs."""
+    from mora_dist.adapters import tiles
 
+    assert (tiles._kernel(torch.zeros(2, 2)) is not None) == (os.environ.get("TRITON_INTERPRET") == "1")
     gen = torch.Generator().manual_seed(n_out)
-    g = torch.randn(33, n_out, generator=gen, dtype=D)
+    g = torch.randn(33, n_out + 3, generator=gen, dtype=D)[:, 2:2 + n_out]  # a column slice, as the callers pass
     Q = torch.zeros(n_out, width, dtype=D)
-    Q[torch.arange(n_out), torch.arange(n_out) % n] = 1.0
-    torch.testing.assert_close(merged._tile_sum(g, n, width), g @ Q, rtol=1e-12, atol=1e-12)
-    got = merged._tile_sum(g.bfloat16(), n, width)
+    Q[torch.arange(n_out), (torch.arange(n_out) + shift) % n] = 1.0
+    torch.testing.assert_close(tiles.tile_sum(g, n, width, shift=shift), g @ Q, rtol=1e-12, atol=1e-12)
+    got = tiles.tile_sum(g.bfloat16(), n, width, shift=shift)
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.double(), g.bfloat16().double() @ Q, rtol=2 ** -8, atol=1e-6)
+    # one rounding of the fp32 sum (the interpreter's cast truncates: two ulps there)
+    torch.testing.assert_close(got.double(), g.bfloat16().double() @ Q, rtol=2 ** -7, atol=1e-6)
 
 
-@pytest.mark.parametrize("d_in,n,width", [(50, 12, 16), (48, 12, 12), (12, 12, 16)])
+@pytest.mark.parametrize("d_in,n,width", [(50, 12, 16), (48, 12, 12), (12, 12, 16), (300, 256, 256)])
 def test_wrapped_tile_sum_is_the_strided_compress(d_in, n, width):
-    """merged._tile_sum(x, n, width, wrap=True) = x P^T for MoRA's strided compress, built here
+    """tiles.tile_sum(x, n, width, wrap=True) = x P^T for MoRA's strided compress, built here
     from its definition: x' = x padded to a multiple of n with its own first columns, slot s sums
     x'[c n + s] over c (zero rows beyond n)."""
-    from mora_dist.parallel import merged
+    from mora_dist.adapters import tiles
 
     gen = torch.Generator().manual_seed(d_in)
     x = torch.randn(21, d_in, generator=gen, dtype=D)
@@ -428,7 +439,55 @@ def test_wrapped_tile_sum_is_the_strided_compress(d_in, n, width):
     P = torch.zeros(width, d_in, dtype=D)
     for p in range(L):
         P[p % n, p % d_in] += 1.0
-    torch.testing.assert_close(merged._tile_sum(x, n, width, wrap=True), x @ P.t(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tiles.tile_sum(x, n, width, wrap=True), x @ P.t(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("G,w,n,gap", [(4, 6, 4, 3), (2, 12, 12, 5), (3, 5, 7, 2)])
+def test_tiled_decompress_in_interleaved_rows(G, w, n, gap, monkeypatch):
+    """A factor term whose Q is MoRA's frozen tile map (Q[j, s] = [s == j mod n], q_tile = n) on rows
+    interleaved with the layer's other rows (merged.RowBlocks: q/k/v in the fused qkv layer), only
+    mid training (MoRA sharing): the merged path takes g Q as block sums of each group's rows
+    (tiles.tile_sum_groups, groups cutting the tiles when n does not divide w); output, input and mid
+    gradients against float64 autograd through the dense update."""
+    from mora_dist.adapters import tiles
+    from mora_dist.parallel import merged
+
+    gen = torch.Generator().manual_seed(G * w + n)
+    d_in, T, stride = 9, 11, w + gap
+    assert (tiles._kernel(torch.zeros(2, 2)) is not None) == (os.environ.get("TRITON_INTERPRET") == "1")
+    pos = (1 + stride * torch.arange(G)[:, None] + torch.arange(w)[None, :]).reshape(-1)
+    rows = merged.RowBlocks(G, stride, 1, w, pos)
+    Q = torch.zeros(G * w, n, dtype=D)
+    Q[torch.arange(G * w), torch.arange(G * w) % n] = 1.0
+    P = torch.randn(n, d_in, generator=gen, dtype=D)
+    mid = torch.randn(n, n, generator=gen, dtype=D, requires_grad=True)
+    W0 = torch.randn(G * stride, d_in, generator=gen, dtype=D)
+    x = torch.randn(T, d_in, generator=gen, dtype=D, requires_grad=True)
+    gout = torch.randn(T, G * stride, generator=gen, dtype=D)
+    plan = merged.Plan(1, (merged.Term(rows, 0, None, n),), ())
+    sums = []  # the block sums serve the term (no GEMM over g)
+    monkeypatch.setattr(merged, "tile_sum_groups", lambda *a, **k: sums.append(a[1]) or tiles.tile_sum_groups(*a, **k))
+    y = merged.MergedLinear.apply(x, W0, None, plan, P, mid, Q)
+    (y * gout).sum().backward()
+    assert sums == [[(1 + j * stride, w) for j in range(G)]]
+    midr, xr = mid.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)
+    yr = (xr @ W0.t()).index_add(1, pos, xr @ (Q @ midr @ P).t())
+    (yr * gout).sum().backward()
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mid.grad, midr.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.integration
+def test_tile_sum_kernel():
+    """The three tile-sum tests with the Triton kernel (kernels/tilesum.py, what a GPU runs) executed by
+    Triton's interpreter on the CPU (TRITON_INTERPRET=1 must be set before triton is imported)."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"{__file__}::test_tile_sum_is_the_decompress_product",
+                        f"{__file__}::test_wrapped_tile_sum_is_the_strided_compress",
+                        f"{__file__}::test_tiled_decompress_in_interleaved_rows"],
+                       env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "12 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("mora_type", ["sharing", "type2", "type3", "type4"])
@@ -436,7 +495,7 @@ def test_wrapped_tile_sum_is_the_strided_compress(d_in, n, width):
 def test_mora_tile_hints_match_its_factors(mora_type, d_in, d_out):
     """Factors.p_tile / q_tile claim MoRA's compress P / decompress Q are tile maps; where set, the
     block sums the merged path uses in their place equal the products with P and Q themselves."""
-    from mora_dist.parallel import merged
+    from mora_dist.adapters.tiles import tile_sum
 
     a = build_adapter(AdapterConfig("mora", r=2, mora_type=mora_type), Shard(d_in, d_out))
     fac = a.factors(D)
@@ -445,7 +504,7 @@ def test_mora_tile_hints_match_its_factors(mora_type, d_in, d_out):
     strided, tile = mora_type in ("sharing", "type4"), mora_type in ("sharing", "type3")
     assert (fac.p_tile is not None) == strided and (fac.q_tile is not None) == tile
     if fac.p_tile:
-        torch.testing.assert_close(merged._tile_sum(x, fac.p_tile, fac.P.shape[0], wrap=True), x @ fac.P.t(),
+        torch.testing.assert_close(tile_sum(x, fac.p_tile, fac.P.shape[0], wrap=True), x @ fac.P.t(),
                                    rtol=1e-12, atol=1e-12)
     if fac.q_tile:
-        torch.testing.assert_close(merged._tile_sum(g, fac.q_tile, fac.Q.shape[1]), g @ fac.Q, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(tile_sum(g, fac.q_tile, fac.Q.shape[1]), g @ fac.Q, rtol=1e-12, atol=1e-12)

@@ -77,10 +77,10 @@ def test_rope_kernel_interpreted():
 
 def test_kernel_switch_names(monkeypatch):
     """MORA_DIST_NO_KERNEL: the named kernels are left out; a misspelt name is refused, not ignored."""
-    from mora_dist.models.kernels import kernels_off
+    from mora_dist.kernels import kernels_off
 
-    monkeypatch.setenv("MORA_DIST_NO_KERNEL", " rope, swiglu ")
-    assert kernels_off() == {"rope", "swiglu"}
+    monkeypatch.setenv("MORA_DIST_NO_KERNEL", " rope, swiglu,tilesum,fold ")
+    assert kernels_off() == {"rope", "swiglu", "tilesum", "fold"}
     monkeypatch.setenv("MORA_DIST_NO_KERNEL", "")
     assert kernels_off() == set()
     monkeypatch.setenv("MORA_DIST_NO_KERNEL", "ropes")

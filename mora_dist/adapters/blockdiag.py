@@ -34,7 +34,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from mora_dist.kernels import runs_on
+from mora_dist.adapters.tiles import tile_sum
+from mora_dist.kernels import kernels_off, runs_on
 
 
 class Geometry(NamedTuple):
@@ -230,6 +231,24 @@ def add_blocks_(W: torch.Tensor, plans, Ms, rots) -> None:
                 W[row:row + h1 - h0].add_(Ws.new_zeros(h1 - h0, d_in).index_add_(1, cols, Ws))
 
 
+# An adapter whose rows read the flat output at least this many times over (gate / up: 14,336 rows over
+# L = 4,224 at 8B, 3.4x) has its output gradient summed over those tiles first (`folded`).
+FOLD_MIN = 1.5
+
+
+def folded(geo: Geometry, segments: tuple):
+    """(geometry, segments, shift) of the folded problem, or None. Rows j of an adapter read flat[j mod L],
+    so dM only sees g through gf[:, p] = sum of g's columns of the adapter rows j = p mod L: one pass over
+    g (`tiles.tile_sum`) and then the block products over L rows instead of d_out (FLOPs / 3.4 at the 8B
+    gate / up, x read once a chunk instead of once a tile). For one segment (f0, f1, d0) of a geometry over
+    the whole input; gf is rounded once to g's dtype (as sharing's block sums), the products stay exact."""
+    if geo.cols is not None or len(segments) != 1 or segments[0][1] - segments[0][0] < FOLD_MIN * geo.L:
+        return None
+    if "fold" in kernels_off():  # the A/B switch (MORA_DIST_NO_KERNEL=fold)
+        return None
+    return geometry(geo.rh, geo.d_in, geo.L), ((0, geo.L, 0),), segments[0][0] % geo.L
+
+
 def block_grads(g2: torch.Tensor, x2: torch.Tensor, plans, Ms, rots, needs) -> list:
     """d loss / d M for every adapter whose `needs` is true (else None), in M's dtype, from the
     layer's output gradient g2 [T, n_out] and input x2 [T, d_in]: dW_c = for each piece of an
@@ -245,30 +264,36 @@ def block_grads(g2: torch.Tensor, x2: torch.Tensor, plans, Ms, rots, needs) -> l
         if geo.cols is not None and not items(geo, segs):
             out.append(M.new_zeros(geo.rh, geo.rh))  # a tensor, not None: every rank joins the TP sum
             continue
-        kern = _kernels(g2, geo)
+        g = g2
+        fold = folded(geo, segs)
+        if fold is not None:
+            f0, f1, d0 = segs[0]
+            geo, segs, shift = fold
+            g = tile_sum(g2[:, d0:d0 + f1 - f0], geo.L, geo.L, shift=shift)
+        kern = _kernels(g, geo)
         if kern is not None:
-            out.append(kern.block_grad(g2, x2, rot, items(geo, segs), geo.rh, M.dtype))
+            out.append(kern.block_grad(g, x2, rot, items(geo, segs), geo.rh, M.dtype))
             continue
         if geo.cols is not None:  # a row shard: each item's g^T x' piece into its chunk's dW_c
             dWc = M.new_zeros(geo.n_used, geo.rh, geo.rh)
             for row0, c, i0, i1, k0, k1, x0 in items(geo, segs):
-                dWc[c, i0:i1, k0:k1] += g2[:, row0 + i0:row0 + i1].t() @ x2[:, x0 + k0:x0 + k1]
+                dWc[c, i0:i1, k0:k1] += g[:, row0 + i0:row0 + i1].t() @ x2[:, x0 + k0:x0 + k1]
             out.append(chunk_mats_grad(dWc, rot))
             continue
         ops = operations(geo, segs)
         n, S, rh = _n_sb(ops), geo.S, geo.rh
         # superblock products accumulate in the activations' dtype inside the GEMM (a tile that
         # reads a chunk twice adds once more, rounded once); W_c's fp32 gradient sums the rest
-        dWsb = g2.new_zeros(n, S, S) if n else None
+        dWsb = g.new_zeros(n, S, S) if n else None
         dWc = M.new_zeros(geo.n_used, rh, rh)
         for op in ops:
             if op[0] == "sb":
                 _, i0, i1, row = op
-                dWsb[i0:i1].baddbmm_(_sb_view(g2, row, i1 - i0, S).transpose(1, 2), _sb_view(x2, i0 * S, i1 - i0, S))
+                dWsb[i0:i1].baddbmm_(_sb_view(g, row, i1 - i0, S).transpose(1, 2), _sb_view(x2, i0 * S, i1 - i0, S))
                 continue
             _, h0, h1, row = op
             c0, c1 = h0 // rh, -(-h1 // rh)
-            dW = g2[:, row:row + h1 - h0].t() @ _window(x2, c0 * rh, c1 * rh, d_in, cache)  # [h1 - h0, (c1-c0) rh]
+            dW = g[:, row:row + h1 - h0].t() @ _window(x2, c0 * rh, c1 * rh, d_in, cache)  # [h1 - h0, (c1-c0) rh]
             for k in range(c0, c1):
                 r0, r1 = max(h0, k * rh), min(h1, (k + 1) * rh)
                 dWc[k, r0 - k * rh:r1 - k * rh] += dW[r0 - h0:r1 - h0, (k - c0) * rh:(k - c0 + 1) * rh]

@@ -13,3 +13,18 @@ def interpreted() -> bool:
 def runs_on(t) -> bool:
     """Whether the kernels can run on tensor t: a CUDA tensor, or any tensor under the interpreter."""
     return t.is_cuda or interpreted()
+
+
+# Hand-written kernels (and kernel-shaped rewrites) a process can leave out for an A/B in the step:
+# rope, swiglu (models/kernels.py), tilesum (adapters/tiles.py: torch's block sums), fold (MoRA block
+# types' g folded over their row tiles, adapters/blockdiag.py).
+KERNEL_NAMES = ("rope", "swiglu", "tilesum", "fold")
+
+
+def kernels_off() -> set:
+    """The names MORA_DIST_NO_KERNEL (comma list) leaves out; an unknown name is an error."""
+    off = {n.strip() for n in os.environ.get("MORA_DIST_NO_KERNEL", "").split(",") if n.strip()}
+    bad = off - set(KERNEL_NAMES)
+    if bad:
+        raise ValueError(f"MORA_DIST_NO_KERNEL: unknown kernel(s) {sorted(bad)}; known: {', '.join(KERNEL_NAMES)}")
+    return off

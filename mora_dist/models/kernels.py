@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from mora_dist.kernels import runs_on
+from mora_dist.kernels import kernels_off, runs_on
 
 CUDA_FUSIONS = dict(bias_activation_fusion=True, bias_dropout_fusion=True, cross_entropy_loss_fusion=True,
                     cross_entropy_fusion_impl="native")
@@ -74,18 +74,6 @@ def swiglu_back_dispatch(fallback):
         return fallback(g, y)
 
     return swiglu_back
-
-
-KERNEL_NAMES = ("rope", "swiglu")
-
-
-def kernels_off() -> set[str]:
-    """The hand-written model kernels MORA_DIST_NO_KERNEL (comma list) leaves out; an unknown name is an error."""
-    off = {n.strip() for n in os.environ.get("MORA_DIST_NO_KERNEL", "").split(",") if n.strip()}
-    bad = off - set(KERNEL_NAMES)
-    if bad:
-        raise ValueError(f"MORA_DIST_NO_KERNEL: unknown kernel(s) {sorted(bad)}; known: {', '.join(KERNEL_NAMES)}")
-    return off
 
 
 def enable_compiled() -> None:

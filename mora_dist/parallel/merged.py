@@ -36,6 +36,7 @@ import torch
 
 from mora_dist.adapters import blockdiag
 from mora_dist.adapters.base import Factors
+from mora_dist.adapters.tiles import tile_sum, tile_sum_groups
 from mora_dist.kernels import interpreted
 from mora_dist.parallel import overlap
 
@@ -175,25 +176,6 @@ def _split(plan: Plan, ts):
     return ts[:plan.n_p], [ts[plan.n_p + 2 * i:plan.n_p + 2 * i + 2] for i in range(len(plan.terms))], ts[nf:]
 
 
-def _tile_sum(g: torch.Tensor, n: int, width: int, wrap: bool = False) -> torch.Tensor:
-    """g Q for Q[j, s] = [s == j mod n] with `width` >= n columns (zero beyond n): the sum of g's
-    column blocks of n (fp32 for half-precision g, one rounding), one read of g (the GEMM it replaces
-    costs 2 T d_out n FLOPs, e.g. 90 GFLOP for a gate projection at 8B, micro-batch 2 x 4,096).
-    `wrap`: x P^T of MoRA's strided compress instead (x padded to a multiple of n with its own first
-    columns, n <= d_in): the last block's columns rem..n also read x's first n - rem columns."""
-    full = g.shape[1] // n
-    acc = torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else g.dtype
-    out = g.new_zeros(g.shape[0], width, dtype=acc)
-    if full:
-        out[:, :n] = g[:, :full * n].unflatten(1, (full, n)).sum(1, dtype=acc)
-    rem = g.shape[1] - full * n
-    if rem:
-        out[:, :rem] += g[:, full * n:]
-        if wrap:
-            out[:, rem:n] += g[:, :n - rem]
-    return out.to(g.dtype)
-
-
 def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
     """Gradients of the factor tensors (P..., (mid, Q)...) from the layer's output gradient g and
     input x2, with mid(h) = h mid^T | h * mid | h, Z = mid(H), H = x P^T, g_i = g's rows of term i
@@ -209,12 +191,15 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
     if any(tiles):  # frozen tile compress maps: block sums of x; the rest as one GEMM
         gemm = [s for s in range(n_p) if not tiles[s]]
         Hg = dict(zip(gemm, (x2 @ torch.cat([Ps[s] for s in gemm]).t()).split([k_p[s] for s in gemm], 1))) if gemm else {}
-        Hs = [Hg[s] if s in Hg else _tile_sum(x2, tiles[s], k_p[s], wrap=True) for s in range(n_p)]
+        Hs = [Hg[s] if s in Hg else tile_sum(x2, tiles[s], k_p[s], wrap=True) for s in range(n_p)]
     else:
         Hs = (x2 @ (Ps[0] if n_p == 1 else torch.cat(Ps)).t()).split(k_p, 1)
     Qe = [Q if t.c is None else Q * t.c[:, None] for t, (_, Q) in zip(terms, pairs)]
-    need_e = [need[n_p + 2 * i] or need[n_p + 2 * i + 1] for i in range(len(terms))]
-    scat = [i for i, t in enumerate(terms) if not isinstance(t.rows, RowRange)]
+    # Q a frozen tile map (MoRA's group types) and only mid (a matrix) trains: g Q as block sums
+    tiled = [bool(t.q_tile and t.c is None and not need[n_p + 2 * i + 1] and mid is not None and mid.dim() == 2
+                  and isinstance(t.rows, (RowRange, RowBlocks))) for i, (t, (mid, _)) in enumerate(zip(terms, pairs))]
+    need_e = [(need[n_p + 2 * i] or need[n_p + 2 * i + 1]) and not tiled[i] for i in range(len(terms))]
+    scat = [i for i, t in enumerate(terms) if not isinstance(t.rows, RowRange) and not tiled[i]]
     E_scat, dZ_scat = {}, {}
     slots = sorted({terms[i].slot for i in scat if need_e[i]})
     if slots:  # E for every interleaved term: g^T [H of their slots], then each term's rows
@@ -233,9 +218,9 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
     for i, (t, (mid, Q)) in enumerate(zip(terms, pairs)):
         rng = isinstance(t.rows, RowRange)
         gi = g[:, t.rows.start:t.rows.end] if rng else None
-        if rng and t.q_tile and t.c is None and not need[n_p + 2 * i + 1] and mid is not None and mid.dim() == 2:
-            # Q a frozen tile map (MoRA group types): g Q as block sums, dmid = (g Q)^T H, dZ = (g Q) mid
-            gq = _tile_sum(gi, t.q_tile, Q.shape[1])
+        if tiled[i]:  # dmid = (g Q)^T H, dZ = (g Q) mid, g Q the block sums of the term's rows
+            gq = tile_sum(gi, t.q_tile, Q.shape[1]) if rng else tile_sum_groups(
+                g, [(t.rows.off + j * t.rows.stride, t.rows.w) for j in range(t.rows.G)], t.q_tile, Q.shape[1])
             if need[n_p + 2 * i]:
                 grads[n_p + 2 * i] = gq.t() @ Hs[t.slot]
             if need_p[t.slot]:
