@@ -241,7 +241,10 @@ def folded(geo: Geometry, segments: tuple):
     so dM only sees g through gf[:, p] = sum of g's columns of the adapter rows j = p mod L: one pass over
     g (`tiles.tile_sum`) and then the block products over L rows instead of d_out (FLOPs / 3.4 at the 8B
     gate / up, x read once a chunk instead of once a tile). For one segment (f0, f1, d0) of a geometry over
-    the whole input; gf is rounded once to g's dtype (as sharing's block sums), the products stay exact."""
+    the whole input; gf is rounded once to g's dtype (as sharing's block sums; at the 8B gate / up 1.8e-3 of
+    dM's largest entry against an fp32 sum, `launch/bench_rotgrad.py`, far inside bf16 training's ~2e-2 of
+    `bench.py --check`), the products stay exact. Measured at 8B: gate / up 0.193 / 0.191 -> 0.178 / 0.156
+    ms a layer and micro-batch, rotation +0.7% and sharing... in the step (docs/performance.md)."""
     if geo.cols is not None or len(segments) != 1 or segments[0][1] - segments[0][0] < FOLD_MIN * geo.L:
         return None
     if "fold" in kernels_off():  # the A/B switch (MORA_DIST_NO_KERNEL=fold)
@@ -265,12 +268,14 @@ def block_grads(g2: torch.Tensor, x2: torch.Tensor, plans, Ms, rots, needs) -> l
             out.append(M.new_zeros(geo.rh, geo.rh))  # a tensor, not None: every rank joins the TP sum
             continue
         g = g2
-        fold = folded(geo, segs)
+        kern = _kernels(g2, geo)
+        # v9 (rh <= 256) keeps the unfolded items: its fixed token blocks would leave the folded problem
+        # 72 programs on 132 SMs at the 1.1B gate / up (rotation -4% in the step, H200, 2026-12-01)
+        fold = folded(geo, segs) if kern is None or kern.grad_impl(geo.rh) == "new" else None
         if fold is not None:
             f0, f1, d0 = segs[0]
             geo, segs, shift = fold
             g = tile_sum(g2[:, d0:d0 + f1 - f0], geo.L, geo.L, shift=shift)
-        kern = _kernels(g, geo)
         if kern is not None:
             out.append(kern.block_grad(g, x2, rot, items(geo, segs), geo.rh, M.dtype))
             continue
