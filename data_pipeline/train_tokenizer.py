@@ -74,7 +74,7 @@ def to_hf(model_path: str, out_json: str) -> str:
     Merges: every split of a piece into two pieces, ranked by the merged piece's id (SentencePiece BPE
     numbers pieces in merge order), then by the parts' ids. Refuses models it would not reproduce."""
     import sentencepiece as spm
-    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HF
 
     sp = spm.SentencePieceProcessor(model_file=model_path)
@@ -101,8 +101,8 @@ def to_hf(model_path: str, out_json: str) -> str:
                                                  pre_tokenizers.Digits(individual_digits=True)])
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False)
-                            for i in range(n) if sp.is_control(i) or sp.is_unknown(i)])
+    # <s>, </s>, <unk> stay plain vocabulary entries (their ids, EOD lookup): as HF added tokens they would be
+    # matched in the text itself ("git rebase --strategy <s>" -> the BOS id), which SentencePiece never does
     tok.save(out_json)
     return out_json
 

@@ -338,7 +338,7 @@ def test_bench_paired_rounds_cores_and_ratios():
 
 def test_sentencepiece_bpe_as_hf_tokenizers_same_ids(tmp_path):
     """train_tokenizer --hf-json: the HF tokenizers file gives SentencePiece's ids on every text (runs of
-    spaces, digits, byte fallback, empty) through data_pipeline.tokenizer, and the same EOD; decode round-trips.
+    spaces, digits, byte fallback, empty, the text of <s> / </s> / <unk>) through data_pipeline.tokenizer, and the same EOD; decode round-trips.
     A unigram model is refused."""
     import random
 
@@ -355,7 +355,8 @@ def test_sentencepiece_bpe_as_hf_tokenizers_same_ids(tmp_path):
     assert train_tokenizer.main(["--input", str(corpus), "--model-prefix", prefix, "--vocab-size", "400",
                                  "--sample-docs", "200", "--hf-json"]) == 0
     sp, hf = Tokenizer(prefix + ".model"), Tokenizer(prefix + ".json")
-    texts = docs[:50] + ["", " ", "  lead", "trail  ", "kinase😀 Ω≈ç 123456", "\n\n    def x1(self):", "漢字 binding"]
+    texts = docs[:50] + ["", " ", "  lead", "trail  ", "kinase😀 Ω≈ç 123456", "\n\n    def x1(self):", "漢字 binding",
+                         'git rebase --strategy <s> </s>', "(?<s>\\g<p>)<unk>"]  # control pieces' text is text
     assert hf.encode_batch(texts) == sp.encode_batch(texts)
     assert (hf.eod_id, hf.vocab_size) == (sp.eod_id, sp.vocab_size)
     assert [hf.decode(ids) for ids in hf.encode_batch(texts)] == texts
