@@ -136,9 +136,9 @@ def tilesum_table(args):
             a = f()
             os.environ["MORA_DIST_NO_KERNEL"] = "tilesum"
             err = ((a.float() - f().float()).abs().max() / f().float().abs().max()).item()
-            gb = (g if "g Q" in label else x).numel() * 2 / 1e9
+            gb = args.tokens * (sum(f1 - f0 for f0, f1, _ in segs) if "g Q" in label else d_in) * 2 / 1e9  # bytes read
             tot = [t + m for t, m in zip(tot, ms)]
-            rows.append([label, n, f"{ms[0]:.3f}", f"{ms[1]:.3f}", f"{gb / ms[0]:.0f}", f"{err:.1e}"])
+            rows.append([label, n, f"{ms[0]:.3f}", f"{ms[1]:.3f}", f"{gb / ms[0]:.2f}", f"{err:.1e}"])
     os.environ.pop("MORA_DIST_NO_KERNEL")
     rows.append(["layer", "", f"{tot[0]:.3f}", f"{tot[1]:.3f}", "", ""])
     head = ["sum", "n", "kernel ms", "torch ms", "kernel TB/s", "err"]
