@@ -117,31 +117,44 @@ def main():
 
 def tilesum_table(args):
     """ms of MoRA sharing's block sums a layer and micro-batch: g Q (decompress, each projection's rows;
-    q/k/v by query group) and x P^T (strided compress, wrapping), kernel vs torch (MORA_DIST_NO_KERNEL)."""
+    q/k/v by query group) and x P^T (strided compress, wrapping), the kernel with 1 / 2 / 4 column blocks a
+    loop step (`kernels/tilesum.UNROLL`) vs torch (MORA_DIST_NO_KERNEL=tilesum); the fold of the block
+    types' gate / up g (L = 4,224 at 8B) too."""
+    from mora_dist.kernels import tilesum
+
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    rows, tot = [], [0.0, 0.0]
+    unrolls = (1, 2, 4)
+    rows, tot = [], [0.0] * (len(unrolls) + 1)
     for name, d_in, d_out, n_out, segs in projections(r=args.r, **SHAPES[args.size]):
         n = mora_rank(d_in, d_out, args.r)
         g = (torch.randn(args.tokens, n_out, device=dev, generator=gen) * 0.1).to(torch.bfloat16)
         x = torch.randn(args.tokens, d_in, device=dev, generator=gen).to(torch.bfloat16)
-        cases = [(f"{name} g Q", lambda: tiles.tile_sum_groups(g, [(d0, f1 - f0) for f0, f1, d0 in segs], n, n)),
-                 (f"{name} x P^T", lambda: tiles.tile_sum(x, n, n, wrap=True))]
-        for label, f in cases:
+        cols = [(d0, f1 - f0) for f0, f1, d0 in segs]
+        cases = [(f"{name} g Q", lambda: tiles.tile_sum_groups(g, cols, n, n), sum(w for _, w in cols)),
+                 (f"{name} x P^T", lambda: tiles.tile_sum(x, n, n, wrap=True), d_in)]
+        if name in ("gate", "up"):  # the block types' fold (rh 384 at 8B: L = 11 * 384)
+            Lf = -(-d_in // (n - n % 2)) * (n - n % 2)
+            d0 = segs[0][2]
+            cases.append((f"{name} fold", lambda: tiles.tile_sum(g[:, d0:d0 + d_out], Lf, Lf), d_out))
+        for label, f, ncols in cases:
             ms = []
-            for off in ("", "tilesum"):
-                os.environ["MORA_DIST_NO_KERNEL"] = off
+            for u in unrolls:
+                tilesum.UNROLL = u
                 ms.append(timed(f, args.reps))
-            os.environ["MORA_DIST_NO_KERNEL"] = ""  # both forms' results must agree
-            a = f()
             os.environ["MORA_DIST_NO_KERNEL"] = "tilesum"
-            err = ((a.float() - f().float()).abs().max() / f().float().abs().max()).item()
-            gb = args.tokens * (sum(f1 - f0 for f0, f1, _ in segs) if "g Q" in label else d_in) * 2 / 1e9  # bytes read
+            ms.append(timed(f, args.reps))
+            ref = f().float()
+            os.environ["MORA_DIST_NO_KERNEL"] = ""
+            err = ((f().float() - ref).abs().max() / ref.abs().max()).item()
+            gb = args.tokens * ncols * 2 / 1e9  # bytes read
             tot = [t + m for t, m in zip(tot, ms)]
-            rows.append([label, n, f"{ms[0]:.3f}", f"{ms[1]:.3f}", f"{gb / ms[0]:.2f}", f"{err:.1e}"])
+            best = min(ms[:-1])
+            rows.append([label, n] + [f"{m:.3f}" for m in ms] + [f"{gb / best:.2f}", f"{err:.1e}"])
     os.environ.pop("MORA_DIST_NO_KERNEL")
-    rows.append(["layer", "", f"{tot[0]:.3f}", f"{tot[1]:.3f}", "", ""])
-    head = ["sum", "n", "kernel ms", "torch ms", "kernel TB/s", "err"]
+    tilesum.UNROLL = 1
+    rows.append(["layer", ""] + [f"{t:.3f}" for t in tot] + ["", ""])
+    head = ["sum", "n"] + [f"U={u} ms" for u in unrolls] + ["torch ms", "best TB/s", "err"]
     w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         print("  ".join(str(v).rjust(n) for v, n in zip(r, w)))

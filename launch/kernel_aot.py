@@ -88,7 +88,7 @@ def tile_sum_rows():
         ptrs = dict(src_ptr="*bf16", out_ptr="*fp32" if add else "*bf16")
         n, size, reg, stack = compile_one(
             tilesum._tile_sum_kernel, {a: "i32" for a in ("T", "L", "n", "width", "shift", "s_src", "s_out")},
-            dict(NB=nb, WRAP=wrap, ADD=add, ALIGN=8, ACC=tl.float32, BT=tilesum.BT, BP=tilesum.BP),
+            dict(NB=nb, WRAP=wrap, ADD=add, ALIGN=8, ACC=tl.float32, BT=tilesum.BT, BP=tilesum.BP, U=4),
             dict(num_warps=tilesum.NUM_WARPS, num_stages=3), ptrs, regs=True,
             div16=(*ptrs, "L", "n", "width", "s_src", "s_out"))
         print(f"tile_sum {name:6s} {tilesum.BT}x{tilesum.BP} w{tilesum.NUM_WARPS}  ptx {n}  cubin {size}  regs {reg}  "

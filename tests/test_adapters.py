@@ -409,7 +409,7 @@ def test_merged_layer_triton_kernels():
 
 @pytest.mark.parametrize("n_out,n,width,shift", [(70, 12, 16, 0), (48, 12, 12, 0), (5, 8, 8, 0), (70, 12, 16, 7),
                                                  (300, 132, 132, 70)])
-def test_tile_sum_is_the_decompress_product(n_out, n, width, shift):
+def test_tile_sum_is_the_decompress_product(n_out, n, width, shift, monkeypatch):
     """tiles.tile_sum(g, n, width, shift=s) = g Q for MoRA's tile decompress Q[j, p] = [p == (j + s) mod n]
     (padded to `width` zero columns), which replaces that GEMM in the merged path's M gradient (s: a
     shard's rows from flat position s on, the block types' fold); float64 exact, bf16 within one
@@ -422,6 +422,9 @@ def test_tile_sum_is_the_decompress_product(n_out, n, width, shift):
     Q = torch.zeros(n_out, width, dtype=D)
     Q[torch.arange(n_out), (torch.arange(n_out) + shift) % n] = 1.0
     torch.testing.assert_close(tiles.tile_sum(g, n, width, shift=shift), g @ Q, rtol=1e-12, atol=1e-12)
+    if tiles._kernel(g) is not None:  # the kernel's loop with 3 column blocks a step (past the last one masked)
+        monkeypatch.setattr("mora_dist.kernels.tilesum.UNROLL", 3)
+        torch.testing.assert_close(tiles.tile_sum(g, n, width, shift=shift), g @ Q, rtol=1e-12, atol=1e-12)
     got = tiles.tile_sum(g.bfloat16(), n, width, shift=shift)
     assert got.dtype == torch.bfloat16
     # one rounding of the fp32 sum (the interpreter's cast truncates: two ulps there)
@@ -429,7 +432,7 @@ def test_tile_sum_is_the_decompress_product(n_out, n, width, shift):
 
 
 @pytest.mark.parametrize("d_in,n,width", [(50, 12, 16), (48, 12, 12), (12, 12, 16), (300, 256, 256)])
-def test_wrapped_tile_sum_is_the_strided_compress(d_in, n, width):
+def test_wrapped_tile_sum_is_the_strided_compress(d_in, n, width, monkeypatch):
     """tiles.tile_sum(x, n, width, wrap=True) = x P^T for MoRA's strided compress, built here
     from its definition: x' = x padded to a multiple of n with its own first columns, slot s sums
     x'[c n + s] over c (zero rows beyond n)."""
@@ -442,6 +445,9 @@ def test_wrapped_tile_sum_is_the_strided_compress(d_in, n, width):
     for p in range(L):
         P[p % n, p % d_in] += 1.0
     torch.testing.assert_close(tiles.tile_sum(x, n, width, wrap=True), x @ P.t(), rtol=1e-12, atol=1e-12)
+    if tiles._kernel(x) is not None:  # 3 column blocks a loop step: none past the last may wrap
+        monkeypatch.setattr("mora_dist.kernels.tilesum.UNROLL", 3)
+        torch.testing.assert_close(tiles.tile_sum(x, n, width, wrap=True), x @ P.t(), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("G,w,n,gap", [(4, 6, 4, 3), (2, 12, 12, 5), (3, 5, 7, 2)])

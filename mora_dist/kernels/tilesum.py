@@ -17,25 +17,29 @@ import triton
 import triton.language as tl
 
 BT, BP, NUM_WARPS = 16, 256, 4
+UNROLL = 1  # column blocks a loop step (launch/bench_rotgrad.py --tilesum times 1 / 2 / 4)
 
 
 @triton.jit
 def _tile_sum_kernel(src_ptr, out_ptr, T, L, n, width, shift, s_src, s_out, NB: tl.constexpr, WRAP: tl.constexpr,
-                     ADD: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr):
+                     ADD: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
+                     U: tl.constexpr):
     ot = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     op = tl.program_id(1) * BP + tl.arange(0, BP)
     mt = (ot < T)[:, None]
     mp = op < n
     row = src_ptr + ot[:, None] * s_src
     acc = tl.zeros((BT, BP), dtype=ACC)
-    for k in range(NB):
-        # block k's first column (ALIGN divides it: masks cut only at vector boundaries, loads vectorise)
-        q = tl.multiple_of(k * n - shift, ALIGN) + op
-        ok = mp & (q >= 0) & (q < L)
-        acc += tl.load(row + q[None, :], mask=mt & ok[None, :], other=0.0).to(ACC)
-        if WRAP:  # columns past L read src's first ones (shift is 0 here)
-            ow = mp & (q >= L)
-            acc += tl.load(row + (q - L)[None, :], mask=mt & ow[None, :], other=0.0).to(ACC)
+    for k0 in range(0, NB, U):
+        for j in tl.static_range(U):  # U blocks' loads in flight at once (the loop is latency-bound, not pipelined)
+            k = k0 + j
+            # block k's first column (ALIGN divides it: masks cut only at vector boundaries, loads vectorise)
+            q = tl.multiple_of(k * n - shift, ALIGN) + op
+            ok = mp & (q >= 0) & (q < L)
+            acc += tl.load(row + q[None, :], mask=mt & ok[None, :], other=0.0).to(ACC)
+            if WRAP:  # columns past L read src's first ones (shift is 0 here)
+                ow = mp & (q >= L) & (k < NB)
+                acc += tl.load(row + (q - L)[None, :], mask=mt & ow[None, :], other=0.0).to(ACC)
     po = out_ptr + ot[:, None] * s_out + op[None, :]
     mo = mt & (op < width)[None, :]
     if ADD:  # into an accumulator of ACC's type (several column groups summed, one rounding at the end)
@@ -58,5 +62,5 @@ def tile_sum(src: torch.Tensor, n: int, width: int, wrap: bool = False, shift: i
     align = math.gcd(8, n, shift, L if wrap else 0, src.stride(0), out.stride(0))
     grid = (triton.cdiv(T, BT), triton.cdiv(width, BP))
     _tile_sum_kernel[grid](src, out, T, L, n, width, shift, src.stride(0), out.stride(0), NB=nb, WRAP=wrap, ADD=add, ALIGN=align, ACC=acc,
-                           BT=BT, BP=BP, num_warps=NUM_WARPS)
+                           BT=BT, BP=BP, U=min(UNROLL, nb), num_warps=NUM_WARPS)
     return out
