@@ -152,7 +152,7 @@ def tilesum_table(args):
             best = min(ms[:-1])
             rows.append([label, n] + [f"{m:.3f}" for m in ms] + [f"{gb / best:.2f}", f"{err:.1e}"])
     os.environ.pop("MORA_DIST_NO_KERNEL")
-    tilesum.UNROLL = 1
+    tilesum.UNROLL = None
     rows.append(["layer", ""] + [f"{t:.3f}" for t in tot] + ["", ""])
     head = ["sum", "n"] + [f"U={u} ms" for u in unrolls] + ["torch ms", "best TB/s", "err"]
     w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]

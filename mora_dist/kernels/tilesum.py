@@ -17,7 +17,10 @@ import triton
 import triton.language as tl
 
 BT, BP, NUM_WARPS = 16, 256, 4
-UNROLL = 1  # column blocks a loop step (launch/bench_rotgrad.py --tilesum times 1 / 2 / 4)
+# Column blocks a loop step; None: all of them when there are <= 4 (the block types' fold of g, 4 blocks at 8B:
+# 0.093 -> 0.078 ms at 4), else 1 (sharing's g Q over 38 blocks: 0.107 ms at 1, 0.133 at 4); H200,
+# `launch/bench_rotgrad.py --tilesum` (results/perf/s9_call4/tilesum.txt), which sets it to time 1 / 2 / 4.
+UNROLL = None
 
 
 @triton.jit
@@ -62,5 +65,6 @@ def tile_sum(src: torch.Tensor, n: int, width: int, wrap: bool = False, shift: i
     align = math.gcd(8, n, shift, L if wrap else 0, src.stride(0), out.stride(0))
     grid = (triton.cdiv(T, BT), triton.cdiv(width, BP))
     _tile_sum_kernel[grid](src, out, T, L, n, width, shift, src.stride(0), out.stride(0), NB=nb, WRAP=wrap, ADD=add, ALIGN=align, ACC=acc,
-                           BT=BT, BP=BP, U=min(UNROLL, nb), num_warps=NUM_WARPS)
+                           BT=BT, BP=BP, U=min(UNROLL or (nb if nb <= 4 else 1), nb),
+                           num_warps=NUM_WARPS)
     return out
