@@ -151,6 +151,8 @@ def _dense_block_update(geo, M, rot):
     (90, 300, 44, ((70, 300, 3),), 240),
     # folded where the new kernel serves (rh > 256, as the 8B gate / up): 1.5 tiles of L = 520
     (300, 800, 260, ((0, 800, 0),), 800),
+    # and a TP shard's rows there (flat rows from 100 on at layer row 3: the fold's shift)
+    (300, 1000, 260, ((100, 1000, 3),), 910),
 ])
 def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
     """d loss / d M of MoRA block adapters (`blockdiag.block_grads`, rotation and decouple) over 300
@@ -169,7 +171,7 @@ def test_block_grads_many_tokens(d_in, d_out, rh, segs, n_out):
     g, x = torch.randn(T, n_out, generator=gen, dtype=D), torch.randn(T, d_in, generator=gen, dtype=D)
     rows = torch.cat([torch.arange(d0, d0 + f1 - f0) for f0, f1, d0 in segs])
     fold = blockdiag.folded(geo, segs)
-    assert (fold is not None) == ((d_in, d_out, rh) in ((90, 300, 44), (300, 800, 260)))
+    assert (fold is not None) == ((d_in, d_out, rh) in ((90, 300, 44), (300, 800, 260), (300, 1000, 260)))
     kern = blockdiag._kernels(x, geo)
     assert (kern is not None) == (os.environ.get("TRITON_INTERPRET") == "1")
     for rot in (_rotation_tables(geo), None):
@@ -404,7 +406,7 @@ def test_merged_layer_triton_kernels():
                         f"{__file__}::test_merged_layer_matches_dense", f"{__file__}::test_block_grads_many_tokens",
                         f"{__file__}::test_block_row_shards", f"{__file__}::test_factor_build_matches_float64"],
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "19 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "20 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("n_out,n,width,shift", [(70, 12, 16, 0), (48, 12, 12, 0), (5, 8, 8, 0), (70, 12, 16, 7),
