@@ -125,6 +125,7 @@ def tilesum_table(args):
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     unrolls = (1, 2, 4)
+    user_off = os.environ.get("MORA_DIST_NO_KERNEL")  # restored after the table (set here per column)
     rows, tot = [], [0.0] * (len(unrolls) + 1)
     for name, d_in, d_out, n_out, segs in projections(r=args.r, **SHAPES[args.size]):
         n = mora_rank(d_in, d_out, args.r)
@@ -151,7 +152,10 @@ def tilesum_table(args):
             tot = [t + m for t, m in zip(tot, ms)]
             best = min(ms[:-1])
             rows.append([label, n] + [f"{m:.3f}" for m in ms] + [f"{gb / best:.2f}", f"{err:.1e}"])
-    os.environ.pop("MORA_DIST_NO_KERNEL")
+    if user_off is None:
+        os.environ.pop("MORA_DIST_NO_KERNEL")
+    else:
+        os.environ["MORA_DIST_NO_KERNEL"] = user_off
     tilesum.UNROLL = None
     rows.append(["layer", ""] + [f"{t:.3f}" for t in tot] + ["", ""])
     head = ["sum", "n"] + [f"U={u} ms" for u in unrolls] + ["torch ms", "best TB/s", "err"]

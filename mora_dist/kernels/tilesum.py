@@ -52,7 +52,7 @@ def _tile_sum_kernel(src_ptr, out_ptr, T, L, n, width, shift, s_src, s_out, NB: 
 
 def tile_sum(src: torch.Tensor, n: int, width: int, wrap: bool = False, shift: int = 0, out=None) -> torch.Tensor:
     """[T, width] in src's dtype: see the module docstring. src: [T, L] with unit column stride.
-    `out`: a contiguous [T, width] accumulator of the accumulation type to add the sums into."""
+    `out`: a contiguous [T, width] accumulator of the accumulation type to add the sums into (returned)."""
     T, L = src.shape
     assert src.stride(1) == 1 and n <= width and not (wrap and shift) and (not wrap or n <= L)
     add = out is not None
