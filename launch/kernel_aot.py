@@ -1,4 +1,4 @@
-"""Compile MoRA's block-gradient kernels, the SwiGLU backward, the block sums and the RoPE kernel for sm_90a without a GPU (Triton's bundled ptxas) and print their size: a check that a kernel
+"""Compile MoRA's block-gradient kernels, the SwiGLU backward, the block sums, the factor gradients' pass over g and the RoPE kernel for sm_90a without a GPU (Triton's bundled ptxas) and print their size: a check that a kernel
 change builds for the H100/H200, and that a refactor kept the code of a kernel that was timed (same
 PTX instruction count as before). RoPE rows: forward / backward at head dim 128, bf16.
 
@@ -95,6 +95,21 @@ def tile_sum_rows():
               f"stack {stack}", flush=True)
 
 
+def dual_mm_rows(configs=None):
+    """The factor gradients' one pass over g (kernels/dualmm.py), bf16, aligned strides, k = 16 (fc1's two
+    LoRA terms at r = 8): its default tiling, or each of `configs` (launch/bench_factor_grads.CONFIGS)."""
+    from mora_dist.kernels import dualmm
+
+    ptrs = dict(m_ptr="*bf16", a_ptr="*bf16", b_ptr="*bf16", pa_ptr="*fp32", pb_ptr="*fp32")
+    for bm, bd, warps, stages, atomic in configs or [dualmm.CONFIG]:
+        n, size, reg, stack = compile_one(
+            dualmm._dual_kernel, {a: "i32" for a in ("N", "D", "KA", "KB", "s_m", "s_a", "s_b")},
+            dict(D_PER=1728, BM=bm, BD=bd, KAP=16, KBP=16, ACC=tl.float32, PREC="tf32", ATOMIC=atomic),
+            dict(num_warps=warps, num_stages=stages), ptrs, regs=True, div16=(*ptrs, "D", "s_m", "s_a", "s_b"))
+        print(f"dual_mm {bm}x{bd} w{warps} s{stages} {'atomic' if atomic else 'stored'}  ptx {n}  cubin {size}  "
+              f"regs {reg}  stack {stack}", flush=True)
+
+
 def main() -> None:
     print(f"triton {triton.__version__}, target sm_90a")
     print("kernel  rot   rh  pair  tiling                   ptx  cubin")
@@ -116,6 +131,7 @@ def main() -> None:
             print(f"{impl:6s} {str(rot):5s} {rh:4d}  {str(pair):5s} {tiling:22s} {n:5d} {size:6d}", flush=True)
     swiglu_back_rows()
     tile_sum_rows()
+    dual_mm_rows()
     rope_rows()
 
 

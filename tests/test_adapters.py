@@ -350,7 +350,9 @@ def test_factor_build_matches_float64(n, d, k):
 def test_factor_grads_lora_terms(T, rows):
     """The gradients of LoRA-like factor terms (P and Q both train, mid None) through MergedLinear against
     float64 autograd through the dense update, input gradient included, with g a strided view (a row-parallel
-    layer's gathered gradient is one)."""
+    layer's gathered gradient is one). Under TRITON_INTERPRET=1 (test_merged_layer_triton_kernels) g Q and
+    g^T H come from one pass over g (kernels/dualmm.py), checked also alone with small tiles (several
+    row blocks and D ranges, partial sums stored and atomic) against float64 products."""
     from mora_dist.parallel import merged
 
     gen = torch.Generator().manual_seed(T)
@@ -377,6 +379,13 @@ def test_factor_grads_lora_terms(T, rows):
     gout = torch.randn(T, n_out + 3, generator=gen, dtype=D)[:, 2:n_out + 2]
     plan = merged.Plan(len(terms), terms, ())
     ts = [*Ps] + [v for Q in Qs for v in (None, Q)]
+    dual = merged._dual_kernel(gout)
+    assert (dual is not None) == (os.environ.get("TRITON_INTERPRET") == "1")
+    for cfg in [(32, 16, 4, 1, True), (64, 32, 4, 2, False)] if dual else ():
+        A, B = rnd(n_out, 5), rnd(T, 3)
+        got_a, got_b = dual.dual_mm(gout, A, B, cfg)
+        torch.testing.assert_close(got_a, gout @ A, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got_b, gout.t() @ B, rtol=1e-12, atol=1e-12)
     y = merged.MergedLinear.apply(x, W0, None, plan, *ts)
     (y * gout).sum().backward()
 
@@ -397,16 +406,18 @@ def test_factor_grads_lora_terms(T, rows):
 
 @pytest.mark.integration
 def test_merged_layer_triton_kernels():
-    """test_merged_layer_matches_dense, test_block_grads_many_tokens, test_block_row_shards and
-    test_factor_build_matches_float64 with the factor build (kernels/build.py) and MoRA blocks'
+    """test_merged_layer_matches_dense, test_block_grads_many_tokens, test_block_row_shards,
+    test_factor_build_matches_float64 and test_factor_grads_lora_terms with the factor build (kernels/build.py),
+    the factor gradients' pass over g (kernels/dualmm.py) and MoRA blocks'
     weight add and M gradient done by the Triton kernels (mora_dist/kernels/blockdiag.py, what a
     GPU runs), executed by Triton's interpreter on the CPU in float64 (TRITON_INTERPRET=1 must be
     set before triton is imported: a subprocess)."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         f"{__file__}::test_merged_layer_matches_dense", f"{__file__}::test_block_grads_many_tokens",
-                        f"{__file__}::test_block_row_shards", f"{__file__}::test_factor_build_matches_float64"],
+                        f"{__file__}::test_block_row_shards", f"{__file__}::test_factor_build_matches_float64",
+                        f"{__file__}::test_factor_grads_lora_terms"],
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "20 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "22 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("n_out,n,width,shift", [(70, 12, 16, 0), (48, 12, 12, 0), (5, 8, 8, 0), (70, 12, 16, 7),

@@ -37,7 +37,7 @@ import torch
 from mora_dist.adapters import blockdiag
 from mora_dist.adapters.base import Factors
 from mora_dist.adapters.tiles import tile_sum, tile_sum_groups
-from mora_dist.kernels import interpreted
+from mora_dist.kernels import interpreted, kernels_off
 from mora_dist.parallel import overlap
 
 
@@ -142,6 +142,19 @@ def _kernel_build(W0: torch.Tensor, K: int = 0):
     return build
 
 
+def _dual_kernel(g: torch.Tensor):
+    """`kernels/dualmm.py` (g Q and g^T H in one pass over g) when it serves g: a CUDA half-precision
+    output gradient (or TRITON_INTERPRET=1 for the CPU checks) and not left out by MORA_DIST_NO_KERNEL, else None."""
+    on = g.is_cuda and g.dtype in (torch.bfloat16, torch.float16)
+    if not (on or interpreted()) or g.stride(1) != 1 or "dualmm" in kernels_off():
+        return None
+    try:
+        from mora_dist.kernels import dualmm
+    except ImportError:
+        return None
+    return dualmm
+
+
 def _build(W0: torch.Tensor, plan: Plan, Ps, pairs, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W0 + Q mid P of every factor term as one product over all rows with a block-sparse
     [n_out, sum k] Q (one rounding; on the GPU one pass over the weight), or a copy of W0 without
@@ -182,7 +195,8 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
     (ALLoRA: g_i diag(c), i.e. Q_e = c Q below):
         E_i = g_i^T H;  dQ = diag(c) E_i mid^T | diag(c) E_i * mid | diag(c) E_i;
         dmid = Q_e^T E_i | sum_rows(Q_e * E_i);  dH = (g_i Q_e) mid | (g_i Q_e) * mid | g_i Q_e;  dP = dH^T x.
-    Only skinny GEMMs with K = tokens; terms in interleaved rows (q/k/v) share one GEMM over g."""
+    Only skinny GEMMs with K = tokens; terms in interleaved rows (q/k/v) share one GEMM over g. Where the
+    Triton kernel serves (`_dual_kernel`), g Q_e and E of every term come from one pass over g."""
     Ps, pairs, _ = _split(plan, ts)
     n_p, terms = plan.n_p, plan.terms
     need_p = need[:n_p]
@@ -200,19 +214,24 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
                   and isinstance(t.rows, (RowRange, RowBlocks))) for i, (t, (mid, _)) in enumerate(zip(terms, pairs))]
     need_e = [(need[n_p + 2 * i] or need[n_p + 2 * i + 1]) and not tiled[i] for i in range(len(terms))]
     scat = [i for i, t in enumerate(terms) if not isinstance(t.rows, RowRange) and not tiled[i]]
-    E_scat, dZ_scat = {}, {}
-    slots = sorted({terms[i].slot for i in scat if need_e[i]})
-    if slots:  # E for every interleaved term: g^T [H of their slots], then each term's rows
-        E_all = g.t() @ torch.cat([Hs[s] for s in slots], 1) if len(slots) > 1 else g.t() @ Hs[slots[0]]
-        cols = dict(zip(slots, itertools.accumulate([0] + [k_p[s] for s in slots])))
-        for i in scat:
-            if need_e[i]:
-                c0 = cols[terms[i].slot]
-                E_scat[i] = _rows_of(E_all, terms[i].rows)[:, c0:c0 + k_p[terms[i].slot]]
-    zs = [i for i in scat if need_p[terms[i].slot]]
-    if zs:  # g Q_e for every interleaved term whose P trains: one GEMM with a block-sparse Q
-        Qf = _stacked_q(g.shape[1], [(terms[i].rows, Qe[i]) for i in zs], g)
-        dZ_scat = dict(zip(zs, (g @ Qf).split([Qe[i].shape[1] for i in zs], 1)))
+    dual = _dual_kernel(g)
+    wants = lambda ids: ([i for i in ids if need_e[i]], [i for i in ids if need_p[terms[i].slot]])  # noqa: E731
+    e_ids, z_ids = wants([i for i in range(len(terms)) if not tiled[i]])
+    if not (dual and e_ids and z_ids):  # GEMMs over all of g for the interleaved terms; ranges by their slices below
+        dual = None
+        e_ids, z_ids = wants(scat)
+    slots = sorted({terms[i].slot for i in e_ids})
+    Hc = (torch.cat([Hs[s] for s in slots], 1) if len(slots) > 1 else Hs[slots[0]]) if slots else None
+    Qf = _stacked_q(g.shape[1], [(terms[i].rows, Qe[i]) for i in z_ids], g) if z_ids else None
+    if dual:  # g Q_e and E over all of g's rows in one pass over g
+        dZ_all, E_all = dual.dual_mm(g, Qf, Hc)
+    else:
+        E_all = g.t() @ Hc if slots else None
+        dZ_all = g @ Qf if z_ids else None
+    cols = dict(zip(slots, itertools.accumulate([0] + [k_p[s] for s in slots])))
+    E_of = {i: _rows_of(E_all, terms[i].rows)[:, cols[terms[i].slot]:cols[terms[i].slot] + k_p[terms[i].slot]]
+            for i in e_ids}
+    dZ_of = dict(zip(z_ids, dZ_all.split([Qe[i].shape[1] for i in z_ids], 1))) if z_ids else {}
     grads = [None] * len(ts)
     dH = [None] * n_p
     for i, (t, (mid, Q)) in enumerate(zip(terms, pairs)):
@@ -228,14 +247,14 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
                 dH[t.slot] = d if dH[t.slot] is None else dH[t.slot] + d
             continue
         if need_e[i]:
-            E = gi.t() @ Hs[t.slot] if rng else E_scat[i]
+            E = E_of[i] if i in E_of else gi.t() @ Hs[t.slot]
             if need[n_p + 2 * i + 1]:
                 dQ = E if mid is None else (E * mid if mid.dim() == 1 else E @ mid.t())
                 grads[n_p + 2 * i + 1] = dQ if t.c is None else dQ * t.c[:, None]
             if need[n_p + 2 * i]:
                 grads[n_p + 2 * i] = (Qe[i] * E).sum(0) if mid.dim() == 1 else Qe[i].t() @ E
         if need_p[t.slot]:
-            dZ = gi @ Qe[i] if rng else dZ_scat[i]
+            dZ = dZ_of[i] if i in dZ_of else gi @ Qe[i]
             d = dZ if mid is None else (dZ * mid if mid.dim() == 1 else dZ @ mid)
             dH[t.slot] = d if dH[t.slot] is None else dH[t.slot] + d
     train = [s for s in range(n_p) if need_p[s]]
