@@ -97,16 +97,16 @@ def tile_sum_rows():
 
 def dual_mm_rows(configs=None):
     """The factor gradients' one pass over g (kernels/dualmm.py), bf16, aligned strides, k = 16 (fc1's two
-    LoRA terms at r = 8): its default tiling, or each of `configs` (launch/bench_factor_grads.CONFIGS)."""
+    LoRA terms at r = 8): its two tilings, or each of `configs` (launch/bench_factor_grads.CONFIGS)."""
     from mora_dist.kernels import dualmm
 
     ptrs = dict(m_ptr="*bf16", a_ptr="*bf16", b_ptr="*bf16", pa_ptr="*fp32", pb_ptr="*fp32")
-    for bm, bd, warps, stages, atomic in configs or [dualmm.CONFIG]:
+    for bm, bd, warps, stages in configs or [dualmm.config(28672), dualmm.config(4096)]:
         n, size, reg, stack = compile_one(
             dualmm._dual_kernel, {a: "i32" for a in ("N", "D", "KA", "KB", "s_m", "s_a", "s_b")},
-            dict(D_PER=1728, BM=bm, BD=bd, KAP=16, KBP=16, ACC=tl.float32, PREC="tf32", ATOMIC=atomic),
+            dict(D_PER=1728, BM=bm, BD=bd, KAP=16, KBP=16, ACC=tl.float32, PREC="tf32"),
             dict(num_warps=warps, num_stages=stages), ptrs, regs=True, div16=(*ptrs, "D", "s_m", "s_a", "s_b"))
-        print(f"dual_mm {bm}x{bd} w{warps} s{stages} {'atomic' if atomic else 'stored'}  ptx {n}  cubin {size}  "
+        print(f"dual_mm {bm}x{bd} w{warps} s{stages} ptx {n}  cubin {size}  "
               f"regs {reg}  stack {stack}", flush=True)
 
 

@@ -196,7 +196,8 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
         E_i = g_i^T H;  dQ = diag(c) E_i mid^T | diag(c) E_i * mid | diag(c) E_i;
         dmid = Q_e^T E_i | sum_rows(Q_e * E_i);  dH = (g_i Q_e) mid | (g_i Q_e) * mid | g_i Q_e;  dP = dH^T x.
     Only skinny GEMMs with K = tokens; terms in interleaved rows (q/k/v) share one GEMM over g. Where the
-    Triton kernel serves (`_dual_kernel`), g Q_e and E of every term come from one pass over g."""
+    Triton kernel serves (`_dual_kernel`, summed ranks <= 16: LoRA r = 8 on o, gate + up, down), g Q_e and E
+    of every term come from one pass over g."""
     Ps, pairs, _ = _split(plan, ts)
     n_p, terms = plan.n_p, plan.terms
     need_p = need[:n_p]
@@ -217,10 +218,11 @@ def _factor_grads(g, x2, plan: Plan, ts, need) -> list:
     dual = _dual_kernel(g)
     wants = lambda ids: ([i for i in ids if need_e[i]], [i for i in ids if need_p[terms[i].slot]])  # noqa: E731
     e_ids, z_ids = wants([i for i in range(len(terms)) if not tiled[i]])
-    if not (dual and e_ids and z_ids):  # GEMMs over all of g for the interleaved terms; ranges by their slices below
-        dual = None
-        e_ids, z_ids = wants(scat)
     slots = sorted({terms[i].slot for i in e_ids})
+    if not (dual and e_ids and z_ids and dual.serves(sum(Qe[i].shape[1] for i in z_ids), sum(k_p[s] for s in slots))):
+        dual = None  # GEMMs over all of g for the interleaved terms; ranges by their slices below
+        e_ids, z_ids = wants(scat)
+        slots = sorted({terms[i].slot for i in e_ids})
     Hc = (torch.cat([Hs[s] for s in slots], 1) if len(slots) > 1 else Hs[slots[0]]) if slots else None
     Qf = _stacked_q(g.shape[1], [(terms[i].rows, Qe[i]) for i in z_ids], g) if z_ids else None
     if dual:  # g Q_e and E over all of g's rows in one pass over g
