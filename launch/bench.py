@@ -167,8 +167,12 @@ def run_one(cfg: dict) -> dict:
         return optimizer_step(opt, params, forward_backward, max_norm=0.0)[0]
 
     t_c = time.perf_counter()
+    build_graph = None
     if graph and accum > 1:
-        step = capture_accum_step(model, opt, micro, accum, cfg.get("warm", 3))
+        if not cfg.get("eager_build"):
+            from mora_dist.training.cuda_graph import BuildGraph
+            build_graph = BuildGraph()
+        step = capture_accum_step(model, opt, micro, accum, cfg.get("warm", 3), build_graph)
     elif graph:
         step = capture_step(opt, step, cfg.get("warm", 3))
     else:
@@ -194,6 +198,8 @@ def run_one(cfg: dict) -> dict:
     fpt = flops_per_token(size, seq, cfg["method"] == "full")
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     extra = {}
+    if build_graph is not None:
+        extra["build_graph_diff"] = build_graph_check(model, build_graph)
     if cuda and cfg.get("profile"):
         extra = profile_steps(step, cfg["profile"], f"{cfg.get('name')}: mean step {dt * 1e3:.1f} ms",
                               cpu=bool(cfg.get("profile_cpu")))
@@ -235,12 +241,12 @@ def capture_step(opt, eager_step, warm: int):
     return replay
 
 
-def capture_accum_step(model, opt, micro, accum: int, warm: int):
+def capture_accum_step(model, opt, micro, accum: int, warm: int, build=None):
     """A step of `accum` micro-batches as the Trainer runs it under `train.cuda_graph`: the merged
-    weights built eagerly once (fixed_adapters), one micro-batch's forward and backward replayed
-    `accum` times from the Trainer's `MicrobatchGraph` (captured at the first step; gradients
-    allocated before capture, so the replayed backward accumulates into them), the grad norm and
-    fused AdamW eagerly (`training/step.py`)."""
+    weights built once (fixed_adapters; by `build`, a `BuildGraph`, as the Trainer does, or eagerly
+    when None), one micro-batch's forward and backward replayed `accum` times from the Trainer's
+    `MicrobatchGraph` (captured at the first step; gradients allocated before capture, so the
+    replayed backward accumulates into them), the grad norm and fused AdamW eagerly (`training/step.py`)."""
     import torch
 
     from mora_dist.parallel.inject import fixed_adapters
@@ -256,7 +262,7 @@ def capture_accum_step(model, opt, micro, accum: int, warm: int):
     graph = MicrobatchGraph(lambda _: micro().detach(), zero_grads, warmup=warm)
 
     def forward_backward():
-        with fixed_adapters(model):
+        with fixed_adapters(model, build):
             return [graph({}, first_of_step=i == 0) for i in range(accum)][-1]
 
     def step():  # grads zeroed in place: the captured backward adds into them
@@ -265,6 +271,24 @@ def capture_accum_step(model, opt, micro, accum: int, warm: int):
         return optimizer_step(opt, params, forward_backward, max_norm=0.0, zero_grad=lambda: opt.zero_grad(set_to_none=False))[0]
 
     return step
+
+
+def build_graph_check(model, build_graph) -> float:
+    """Max |W - W'| over the adapted layers between the step weights a `BuildGraph` replay wrote and an eager
+    build from the same (trained) parameters: 0 unless a replay read stale tensors."""
+    import torch
+
+    from mora_dist.parallel import merged
+    from mora_dist.parallel.inject import adapted_layers, fixed_adapters
+
+    worst = 0.0
+    with torch.no_grad(), fixed_adapters(model, build_graph):
+        for m in adapted_layers(model):
+            if m._fixed is not None and m._fixed is m._step_weight:
+                plan, ts, _ = m._merged_plan()
+                ref = merged.build_weight(m.base.weight, plan, ts)
+                worst = max(worst, (m._fixed.float() - ref.float()).abs().max().item())
+    return worst
 
 
 def profile_steps(step, path: str, title: str, n: int = 2, cpu: bool = False) -> dict:
@@ -591,6 +615,8 @@ def flat_row(r: dict, system: str, size: str, device: str) -> dict:
                tokens_per_s=r.get("tokens_per_s"), step_ms=r.get("step_ms"), peak_gib=r.get("peak_gib"), device=device)
     if "mfu" in r or "model_tflops" in r:
         out["mfu"] = r.get("mfu", round(r.get("model_tflops", 0) / PEAK_BF16_TFLOPS, 3))
+    if "build_graph_diff" in r:
+        out["build_graph_diff"] = r["build_graph_diff"]
     if "error" in r:
         out["error"] = r["error"][:300]
     return out
@@ -637,6 +663,8 @@ def main():
     ap.add_argument("--accum", default="1", help="micro-batches per optimizer step, comma list: every row at each "
                     "(the merged weights are built once a step)")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--eager-build", action="store_true", help="graph + accum: the merged weights built eagerly "
+                    "a step (the Trainer's before BuildGraph), for an A/B")
     ap.add_argument("--no-compile", action="store_true", help="without the compiled RMSNorm/RoPE (MORA_DIST_COMPILE=0)")
     ap.add_argument("--no-fuse", action="store_true", help="without megatron's fused SwiGLU/residual/CE")
     ap.add_argument("--peer", default=None)
@@ -674,7 +702,8 @@ def main():
     print(json.dumps(head), flush=True)
     dev = head["device"]
     mbs_list = [int(m) for m in a.mbs.split(",")]
-    base = dict(size=a.size, seq=a.seq, steps=a.steps, warm=a.warm, compile=not a.no_compile, fuse=not a.no_fuse)
+    base = dict(size=a.size, seq=a.seq, steps=a.steps, warm=a.warm, compile=not a.no_compile, fuse=not a.no_fuse,
+                eager_build=a.eager_build)
     if a.profile:
         base["profile"] = os.path.abspath(a.profile)
         base["profile_cpu"] = a.profile_cpu
@@ -690,6 +719,7 @@ def main():
                     for n in a.rows.split(","):
                         if n:
                             tag = ("+graph" if mode == "graph" else "") + (f"+accum{accum}" if accum > 1 else "")
+                            tag += "+eager-build" if a.eager_build and mode == "graph" and accum > 1 else ""
                             cfgs.append(dict(base, mbs=mbs, accum=accum, name=n + tag, graph=mode == "graph", **ROWS[n]))
     rows = []
     results.update(head=head, rows=rows)

@@ -109,6 +109,56 @@ def test_gpt_tp2_equals_tp1_and_merge_is_exact():
                     "gate": L * (FFN + 2), "up": L * (FFN + 2), "down": L * (H + 2)}
 
 
+def _replayed_builds(rank):
+    """fixed_adapters with a build graph: the first call runs the builds (as a capture does), later calls
+    run no Python (as a replay): inside each scope every layer's forward must read its step buffer and
+    build nothing, with the logits of the eager scope."""
+    from mora_dist.adapters import AdapterConfig
+    from mora_dist.parallel import merged
+    from mora_dist.parallel.inject import adapted_layers, apply_adapters, fixed_adapters
+
+    model = tiny_gpt()
+    apply_adapters(model, AdapterConfig(method="lora", r=2, targets=TARGETS))
+    for lname, layer in model.named_modules():
+        if hasattr(layer, "adapters") and hasattr(layer, "merged"):
+            for t, a in layer.adapters.items():
+                a.load_full_(full_params(f"{lname}:{t}", a))
+    x = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(S).unsqueeze(0).expand(B, -1)
+    mask = torch.ones(1, 1, S, S, dtype=torch.bool).tril().logical_not()
+    layers = adapted_layers(model)
+    with torch.no_grad():
+        with fixed_adapters(model):
+            ref = model(x, pos, mask)
+        graph_calls, builds, build = [], [], merged.build_weight
+
+        def graph(fn):
+            if not graph_calls:
+                fn()
+            graph_calls.append(1)
+
+        out = []
+        merged.build_weight = lambda *a, **k: (builds.append(1), build(*a, **k))[1]
+        try:
+            for _ in range(2):
+                n0 = len(builds)
+                with fixed_adapters(model, graph):
+                    reads = [m._fixed is not None and m._fixed is m._step_weight for m in layers]
+                    out.append(((model(x, pos, mask) - ref).abs().max().item(), len(builds) - n0, all(reads)))
+        finally:
+            merged.build_weight = build
+    return dict(scopes=out, layers=len(layers), after=[m._fixed is None for m in layers])
+
+
+@pytest.mark.integration
+def test_fixed_adapters_with_a_build_graph():
+    r = run_ranks(_replayed_builds, 1)[0]
+    n = r["layers"]
+    assert n == 4 * L and all(r["after"])  # qkv, o, fc1, fc2 a layer
+    assert r["scopes"][0] == (0.0, n, True)  # the capture: one build per layer, none by the forwards
+    assert r["scopes"][1] == (0.0, 0, True)  # a replay: the forwards read the buffers, nothing built
+
+
 def _bad_target(rank):
     from mora_dist.adapters import AdapterConfig
     from mora_dist.parallel.inject import apply_adapters

@@ -161,14 +161,20 @@ def adapted_layers(model: nn.Module):
 
 
 @contextlib.contextmanager
-def fixed_adapters(model: nn.Module):
+def fixed_adapters(model: nn.Module, graph=None):
     """A scope in which the adapter parameters do not change (an optimizer step's micro-batches, an
     evaluation): each adapted layer on the merged-weight path builds W0 + dW once, on entry, and
     every forward inside reads it (`AdaptedLinear.begin_fixed`). Changing adapter parameters or
-    base weights inside the scope is an error the scope cannot see: step the optimizer outside."""
+    base weights inside the scope is an error the scope cannot see: step the optimizer outside.
+    `graph`: a `training.cuda_graph.BuildGraph` that runs (captures, replays) the builds."""
     layers = adapted_layers(model)
-    for m in layers:
-        m.begin_fixed()
+    if graph is None:
+        for m in layers:
+            m.begin_fixed()
+    else:
+        graph(lambda: [m.begin_fixed() for m in layers])
+        for m in layers:  # a replay ran no Python: point the forwards at the buffers the builds write
+            m.resume_fixed()
     try:
         yield
     finally:

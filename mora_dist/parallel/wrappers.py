@@ -78,6 +78,7 @@ class AdaptedLinear(nn.Module):
         self.merged = False
         self._step_weight: Optional[torch.Tensor] = None  # W0 + dW, kept across steps (begin_fixed)
         self._fixed: Optional[torch.Tensor] = None  # the weight forwards read inside fixed_adapters
+        self._fixed_last: Optional[torch.Tensor] = None  # what the last begin_fixed chose (BuildGraph replays)
         self.overlap_sp = True  # parallel.overlap_sp: SP's collectives inside the merged GEMMs (overlap.py)
 
     def add_adapter(self, name: str, adapter: Adapter, positions: Optional[torch.Tensor] = None) -> None:
@@ -160,19 +161,24 @@ class AdaptedLinear(nn.Module):
         """The adapters stay fixed until `end_fixed` (an optimizer step's micro-batches): build
         W0 + dW once, into a buffer kept across steps (a stable address for CUDA graphs), and let
         every forward read it."""
+        self._fixed = self._fixed_last = self._build_fixed()
+
+    def _build_fixed(self) -> Optional[torch.Tensor]:
         if self.merged or not self.adapters or not self._use_merged(None):
-            self._fixed = None
-            return
+            return None
         W0 = self.base.weight
         plan, ts, _ = self._merged_plan()
         if not plan.terms and not plan.blocks:  # only adapters with their own forward: W0 itself
-            self._fixed = W0.detach()
-            return
+            return W0.detach()
         buf = self._step_weight
         if buf is None or buf.shape != W0.shape or buf.dtype != W0.dtype or buf.device != W0.device:
             buf = torch.empty_like(W0, requires_grad=False)
         self._step_weight = merged.build_weight(W0, plan, ts, out=buf)
-        self._fixed = self._step_weight
+        return self._step_weight
+
+    def resume_fixed(self) -> None:
+        """Read the weight the last `begin_fixed` chose (its buffer rewritten since by a graph replay)."""
+        self._fixed = self._fixed_last
 
     def end_fixed(self) -> None:
         self._fixed = None

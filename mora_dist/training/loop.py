@@ -155,11 +155,14 @@ class Trainer:
                     t.global_batch, t.micro_batch, dp, dp_rank)
         self.step = 0
         self.restarts = 0
-        self.graph = None
+        self.graph = self.build_graph = None
         if t.cuda_graph:
             if not torch.cuda.is_available():
                 raise ValueError("train.cuda_graph: true needs a GPU")
-            from mora_dist.training.cuda_graph import MicrobatchGraph, ScheduleGraph, graph_safe_rng
+            from mora_dist.training.cuda_graph import BuildGraph, MicrobatchGraph, ScheduleGraph, graph_safe_rng
+
+            if ps.get_tensor_model_parallel_world_size() == 1:  # TP > 1 (ALLoRA's all-reduce in a build) not timed
+                self.build_graph = BuildGraph()
 
             if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() > 1:
                 graph_safe_rng(cfg.model.seed)
@@ -263,7 +266,7 @@ class Trainer:
 
     def _forward_backward(self, step: int) -> list:
         """Every micro-batch of `step` (graphed, or through the schedule), gradients reduced over DP into p.grad."""
-        with fixed_adapters(self.model):  # merged weights built once for the step's micro-batches
+        with fixed_adapters(self.model, self.build_graph):  # merged weights built once for the step's micro-batches
             if self.graph is not None:
                 losses = self._run_graphed(step)
             else:
@@ -285,8 +288,9 @@ class Trainer:
 
     def close(self) -> None:
         """Release what must go before the process groups do: the CUDA graphs (`cuda_graph._release`)."""
-        if self.graph is not None:
-            self.graph.invalidate()
+        for g in (self.graph, self.build_graph):
+            if g is not None:
+                g.invalidate()
 
     def train_step(self) -> dict:
         from mora_dist.training import restarts
@@ -294,8 +298,9 @@ class Trainer:
         cfg, step = self.cfg, self.step
         if cfg.restarts.every and step > 0 and step % cfg.restarts.every == 0:
             restarts.restart(self, step)
-            if self.graph is not None:
-                self.graph.invalidate()  # restarts may rebuild tensors the captured forward reads
+            for g in (self.graph, self.build_graph):  # restarts may rebuild tensors the graphs read
+                if g is not None:
+                    g.invalidate()
         lr = self.lr_at(step)
         for g in self.opt.param_groups:  # each group on the schedule of its own peak LR (max_lr)
             g["lr"] = self.lr_at(step, g["max_lr"])
