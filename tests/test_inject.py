@@ -42,15 +42,12 @@ def full_params(name, adapter):
     return out
 
 
-def _run(rank, method, kw):
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from mora_dist.adapters import AdapterConfig
-    from mora_dist.parallel.inject import adapted_layers, apply_adapters, merge_adapters
+def _adapted_gpt(cfg):
+    """(tiny_gpt with adapters `cfg` holding full_params, apply_adapters' report, (tokens, positions, causal mask))."""
+    from mora_dist.parallel.inject import apply_adapters
 
     model = tiny_gpt()
-    report = apply_adapters(model, AdapterConfig(method=method, r=2, targets=TARGETS, **kw))
+    report = apply_adapters(model, cfg)
     for lname, layer in model.named_modules():
         if hasattr(layer, "adapters") and hasattr(layer, "merged"):
             for t, a in layer.adapters.items():
@@ -58,6 +55,17 @@ def _run(rank, method, kw):
     x = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(3))
     pos = torch.arange(S).unsqueeze(0).expand(B, -1)
     mask = torch.ones(1, 1, S, S, dtype=torch.bool).tril().logical_not()
+    return model, report, (x, pos, mask)
+
+
+def _run(rank, method, kw):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from mora_dist.adapters import AdapterConfig
+    from mora_dist.parallel.inject import adapted_layers, merge_adapters
+
+    model, report, (x, pos, mask) = _adapted_gpt(AdapterConfig(method=method, r=2, targets=TARGETS, **kw))
     loss = model(x, pos, mask, labels=x).float().mean()
     loss.backward()
     # full adapter grads, gathered over TP: sum of squares is layout independent
@@ -115,17 +123,9 @@ def _replayed_builds(rank):
     build nothing, with the logits of the eager scope."""
     from mora_dist.adapters import AdapterConfig
     from mora_dist.parallel import merged
-    from mora_dist.parallel.inject import adapted_layers, apply_adapters, fixed_adapters
+    from mora_dist.parallel.inject import adapted_layers, fixed_adapters
 
-    model = tiny_gpt()
-    apply_adapters(model, AdapterConfig(method="lora", r=2, targets=TARGETS))
-    for lname, layer in model.named_modules():
-        if hasattr(layer, "adapters") and hasattr(layer, "merged"):
-            for t, a in layer.adapters.items():
-                a.load_full_(full_params(f"{lname}:{t}", a))
-    x = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(3))
-    pos = torch.arange(S).unsqueeze(0).expand(B, -1)
-    mask = torch.ones(1, 1, S, S, dtype=torch.bool).tril().logical_not()
+    model, _, (x, pos, mask) = _adapted_gpt(AdapterConfig(method="lora", r=2, targets=TARGETS))
     layers = adapted_layers(model)
     with torch.no_grad():
         with fixed_adapters(model):
