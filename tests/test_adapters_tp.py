@@ -298,3 +298,30 @@ def test_sm_carveout_only_beside_collectives(monkeypatch):
         assert len(libs) == 3
     finally:
         overlap.set_sm_carveout(0)
+
+
+def _transports(rank):
+    """parallel.tp_transport resolved on a 2-rank gloo TP group (no GPU): auto falls back to NCCL's
+    path, copy_engine is refused with the reason, and the choice is what the exchanges then use."""
+    from megatron.core import parallel_state as ps
+
+    from mora_dist.parallel import overlap
+
+    group = ps.get_tensor_model_parallel_group()
+    out = {"auto": overlap.choose_transport("auto", group), "nccl": overlap.choose_transport("nccl", group)}
+    for bad in ("copy_engine", "fast"):
+        try:
+            overlap.choose_transport(bad, group)
+            out[bad] = "accepted"
+        except ValueError as e:
+            out[bad] = str(e)
+    out["now"] = overlap._transport
+    return out
+
+
+def test_tp_transport_auto_falls_back_without_gpus():
+    for res in run_ranks(_transports, 2, tp=2):
+        assert res["auto"] == res["nccl"] == res["now"] == "nccl"
+        assert res["copy_engine"] == ("parallel.tp_transport: copy_engine cannot serve this run (no CUDA GPU is "
+                                      "visible); set parallel.tp_transport=auto or nccl")
+        assert res["fast"].startswith("parallel.tp_transport must be one of auto, nccl, copy_engine, got 'fast'")

@@ -121,6 +121,9 @@ def test_vpp_errors_name_the_key_and_the_fix(tmp_path, monkeypatch):
         tiny_config(tmp_path, **vpp, **{"model.num_layers": 4, "train.cuda_graph": True})
     cases = [({"parallel.vpp": 0}, r"parallel.vpp must be >= 1"),
              ({"parallel.overlap_sm_carveout": -1}, r"parallel.overlap_sm_carveout must be in \[0, 128\) \(SMs; 0 = off\), got -1"),
+             ({"parallel.tp_transport": "fast"}, r"^parallel.tp_transport must be one of auto, nccl, copy_engine, got 'fast'$"),
+             ({"parallel.tp": 2, "parallel.tp_transport": "copy_engine"},
+              r"^parallel.tp_transport: copy_engine needs GPUs \(none is visible\); set parallel.tp_transport=nccl$"),
              ({"parallel.vpp": 2}, r"parallel.vpp=2 needs parallel.pp >= 2 .*; set parallel.vpp=1"),
              ({**vpp, "model.num_layers": 6},
               r"model.num_layers=6 is not divisible by parallel.pp \* parallel.vpp = 2 \* 2 .*change parallel.vpp"),

@@ -20,6 +20,11 @@ GEMMs launch one block per SM; with NCCL's kernels holding some SMs their blocks
 the collective waits for SMs too (the 8B TP=2 profile: 32 MiB all-gathers at 150-290 us next to GEMMs).
 `set_sm_carveout(n)` makes the GEMMs that run beside a collective here (and only those) leave n SMs
 free, through cuBLASLt's SM-count target (torch's experimental carveout flag).
+
+Transport (`parallel.tp_transport`, `choose_transport`): `nccl` (the collectives above) or `copy_engine`
+(`p2p.py`: the same exchanges as NVLink peer copies that take no SM; GPUs of one node only); `auto`
+(the default) takes the copy engines where they serve. Same results bit for bit; on two H200s at the 8B
+shape the copy engines made the TP=2 + SP step 6% faster (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -31,12 +36,54 @@ import torch.distributed as dist
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _carveout = 0  # set_sm_carveout
+TRANSPORTS = ("auto", "nccl", "copy_engine")  # parallel.tp_transport
+_transport = "nccl"  # set_transport
 
 
 def set_sm_carveout(n: int) -> None:
     """SMs left free by the GEMMs that run beside a collective (`parallel.overlap_sm_carveout`; 0 = off)."""
     global _carveout
     _carveout = int(n)
+
+
+def set_transport(name: str) -> None:
+    """How SP's exchanges travel from now on: nccl | copy_engine (`p2p.py`)."""
+    global _transport
+    if name not in TRANSPORTS[1:]:
+        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS[1:])}, got {name!r}")
+    _transport = name
+
+
+def choose_transport(setting: str, group) -> str:
+    """Resolve and set `parallel.tp_transport` for the TP `group` (a collective over it when the copy
+    engines are asked for): auto takes copy_engine where `p2p.supported`, else nccl; copy_engine where
+    it cannot serve is a ValueError that says why. Returns the transport set."""
+    if setting not in TRANSPORTS:
+        raise ValueError(f"parallel.tp_transport must be one of {', '.join(TRANSPORTS)}, got {setting!r}")
+    name = "nccl"
+    if setting != "nccl" and dist.get_world_size(group) > 1:
+        from mora_dist.parallel import p2p
+
+        ok, why = p2p.supported(group)
+        if setting == "copy_engine" and not ok:
+            raise ValueError(f"parallel.tp_transport: copy_engine cannot serve this run ({why}); "
+                             "set parallel.tp_transport=auto or nccl")
+        name = "copy_engine" if ok else "nccl"
+    set_transport(name)
+    return name
+
+
+def _p2p(a: torch.Tensor):
+    """`p2p` when the copy-engine transport is on and `a` lives on a GPU, else None."""
+    if _transport != "copy_engine" or not a.is_cuda:
+        return None
+    from mora_dist.parallel import p2p
+
+    return p2p
+
+
+def _mm(x: torch.Tensor, B: torch.Tensor, out: torch.Tensor) -> None:
+    torch.mm(x, B, out=out)
 
 
 @contextlib.contextmanager
@@ -66,6 +113,8 @@ def _blocks(n_rows: int, group) -> tuple:
 
 def gather(a: torch.Tensor, group) -> torch.Tensor:
     """a's rows all-gathered over `group` (rank-major)."""
+    if _p2p(a):
+        return _p2p(a).gather(a.contiguous(), group)
     A = a.new_empty(dist.get_world_size(group) * a.shape[0], a.shape[1])
     _all_gather(A, a.contiguous(), group=group)
     return A
@@ -73,6 +122,8 @@ def gather(a: torch.Tensor, group) -> torch.Tensor:
 
 def gather_mm(a: torch.Tensor, B: torch.Tensor, group) -> tuple:
     """(A @ B, A) for A = a's rows all-gathered over `group` (a: [rows, k], this rank's block)."""
+    if _p2p(a):
+        return _p2p(a).gather_mm(a.contiguous(), B, group, _mm)
     n = dist.get_world_size(group)
     r, m = dist.get_rank(group), a.shape[0]
     A = a.new_empty(n * m, a.shape[1])
@@ -92,6 +143,8 @@ def mm_scatter(a: torch.Tensor, B: torch.Tensor, group, overlap: Optional[Callab
     """This rank's rows of (a @ B) summed over `group` (a: [rows, k], every rank's partial), i.e.
     reduce-scatter(a @ B); `overlap()` runs while the partial sums travel."""
     n, r, m = _blocks(a.shape[0], group)
+    if _p2p(a):
+        return _p2p(a).mm_scatter(a, B, group, m, _mm, overlap)
     send = a.new_empty((n - 1) * m, B.shape[1])
     if r:
         torch.mm(a[:r * m], B, out=send[:r * m])

@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 
 FULL_RANK_PARTS = ("embedding", "output_layer", "norms")  # train.full_rank
 OPTIMIZERS = ("auto", "adamw", "distributed")  # train.optimizer
+TP_TRANSPORTS = ("auto", "nccl", "copy_engine")  # parallel.tp_transport (parallel/overlap.py's TRANSPORTS)
 
 
 def resolve_optimizer(train: "TrainConfig", cuda: bool) -> str:
@@ -60,6 +61,10 @@ class ParallelConfig:
     overlap_sp_loss: bool = True
     # SMs that cuBLAS leaves to NCCL while a GEMM runs next to SP's collectives (parallel/overlap.py); 0 = off
     overlap_sm_carveout: int = 0
+    # how SP's exchanges travel between TP ranks (parallel/overlap.py): nccl, copy_engine (NVLink peer
+    # copies through symmetric memory, no SM taken: parallel/p2p.py; GPUs of one node), or auto (copy_engine
+    # where it serves, else nccl)
+    tp_transport: str = "auto"
 
 
 @dataclass
@@ -321,13 +326,18 @@ def validate(cfg: Config, source: str = "config", world_size: Optional[int] = No
     if m.num_query_groups % p.tp or m.num_attention_heads % p.tp:
         raise ConfigError(f"model.num_query_groups={m.num_query_groups} / num_attention_heads must be divisible "
                           f"by parallel.tp={p.tp}")
+    if p.tp_transport not in TP_TRANSPORTS:
+        raise ConfigError(f"parallel.tp_transport must be one of {', '.join(TP_TRANSPORTS)}, got {p.tp_transport!r}")
+    ce = p.tp_transport == "copy_engine" and p.tp > 1
     cuda = False
-    if t.cuda_graph or t.optimizer == "distributed" or (t.optimizer == "auto" and t.full_rank):
+    if ce or t.cuda_graph or t.optimizer == "distributed" or (t.optimizer == "auto" and t.full_rank):
         import torch  # only here: the rest of the config needs no torch
 
         cuda = torch.cuda.is_available()
     if t.cuda_graph and not cuda:
         raise ConfigError("train.cuda_graph: true needs a GPU (none is visible); set train.cuda_graph=false")
+    if ce and not cuda:
+        raise ConfigError("parallel.tp_transport: copy_engine needs GPUs (none is visible); set parallel.tp_transport=nccl")
     if t.optimizer == "distributed" and not cuda:
         raise ConfigError("train.optimizer: distributed needs a GPU (none is visible); "
                           "set train.optimizer=adamw (or auto)")

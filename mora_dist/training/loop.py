@@ -114,6 +114,8 @@ class Trainer:
 
         self.cfg, self.ps = cfg, ps
         overlap.set_sm_carveout(cfg.parallel.overlap_sm_carveout)
+        # SP's exchanges between TP ranks: NCCL or the copy engines (one collective over the TP group)
+        self.tp_transport = overlap.choose_transport(cfg.parallel.tp_transport, ps.get_tensor_model_parallel_group())
         self.chunks, self.report = build_adapted_chunks(cfg)
         # before DDP: it buckets trainable params
         self.full_rank = [f for c in self.chunks for f in enable_full_rank(c, cfg.train.full_rank)]

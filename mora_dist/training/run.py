@@ -57,6 +57,9 @@ def _train(cfg: Config, stop: dict, plan) -> dict:
             print(f"resumed from {plan.resume} at step {trainer.step}", flush=True)
     if rank0:
         print(str(trainer.report), flush=True)
+        if cfg.parallel.tp > 1 and cfg.parallel.sp:
+            print(f"SP exchanges between TP ranks: {trainer.tp_transport} (parallel.tp_transport="
+                  f"{cfg.parallel.tp_transport})", flush=True)
     world = dist.get_world_size()
     logger = MetricsLogger(cfg.run.out_dir, cfg.run.name, cfg.to_dict(), cfg.run.wandb, rank=dist.get_rank(),
                            num_gpus=world, log_every=cfg.train.log_every)
