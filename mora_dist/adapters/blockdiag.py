@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from mora_dist.adapters.tiles import tile_sum
-from mora_dist.kernels import kernels_off, runs_on
+from mora_dist.kernels import kernel_for, kernels_off
 
 
 class Geometry(NamedTuple):
@@ -153,13 +153,7 @@ def chunk_mats_grad(dWc: torch.Tensor, rot) -> torch.Tensor:
 def _kernels(t: torch.Tensor, geo: Geometry):
     """The Triton kernels (weight add, M gradient) when they serve this call (a CUDA tensor, or
     TRITON_INTERPRET=1 for CPU checks; rh <= d_in), else None (the torch forms below)."""
-    if geo.rh > geo.d_in or not runs_on(t):
-        return None
-    try:
-        from mora_dist.kernels import blockdiag as blockdiag_kernels
-    except ImportError:
-        return None
-    return blockdiag_kernels
+    return None if geo.rh > geo.d_in else kernel_for("blockdiag", t)
 
 
 def _small_weight(Wc: torch.Tensor, rh: int, h0: int, h1: int):

@@ -11,17 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from mora_dist.kernels import kernels_off, runs_on
+from mora_dist.kernels import kernel_for
 
 
 def _kernel(t: torch.Tensor):
-    if not runs_on(t) or t.stride(1) != 1 or "tilesum" in kernels_off():
-        return None
-    try:
-        from mora_dist.kernels import tilesum
-    except ImportError:
-        return None
-    return tilesum
+    return kernel_for("tilesum", t, off="tilesum", unit_stride=True)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -2,6 +2,7 @@
 only torch and triton; callers (adapters/blockdiag.py, parallel/merged.py,
 models/kernels.py) dispatch to them and keep a torch (or megatron) form for the CPU. This package's own module imports no triton, so callers can ask
 `runs_on` before importing a kernel."""
+import importlib
 import os
 
 
@@ -29,3 +30,19 @@ def kernels_off() -> set:
     if bad:
         raise ValueError(f"MORA_DIST_NO_KERNEL: unknown kernel(s) {sorted(bad)}; known: {', '.join(KERNEL_NAMES)}")
     return off
+
+
+def kernel_for(module: str, t, off: str = "", half: bool = False, unit_stride: bool = False):
+    """The kernel module `mora_dist.kernels.<module>` when it may run on tensor t, else None (the caller's
+    torch form): t on CUDA (`half`: in bf16/fp16 too) or any t under the interpreter, t's last dimension
+    contiguous where `unit_stride`, `off` not named in MORA_DIST_NO_KERNEL, and Triton importable. The
+    one dispatch rule of the callers (adapters/, parallel/merged.py)."""
+    half_ok = not half or str(t.dtype) in ("torch.bfloat16", "torch.float16")
+    if not ((t.is_cuda and half_ok) or interpreted()):
+        return None
+    if (unit_stride and t.stride(-1) != 1) or (off and off in kernels_off()):
+        return None
+    try:
+        return importlib.import_module(f"mora_dist.kernels.{module}")
+    except ImportError:
+        return None

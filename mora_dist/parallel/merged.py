@@ -37,7 +37,7 @@ import torch
 from mora_dist.adapters import blockdiag
 from mora_dist.adapters.base import Factors
 from mora_dist.adapters.tiles import tile_sum, tile_sum_groups
-from mora_dist.kernels import interpreted, kernels_off
+from mora_dist.kernels import interpreted, kernel_for
 from mora_dist.parallel import overlap
 
 
@@ -132,27 +132,13 @@ def _kernel_build(W0: torch.Tensor, K: int = 0):
     """The one-pass Triton build (`kernels/build.py`) when it serves W0 + Q R with K = Q's columns:
     a CUDA half-precision weight and K <= BUILD_KERNEL_MAX_K (or TRITON_INTERPRET=1 for the CPU
     checks), else None (torch's addmm)."""
-    on = W0.is_cuda and W0.dtype in (torch.bfloat16, torch.float16) and K <= BUILD_KERNEL_MAX_K
-    if not (on or interpreted()):
-        return None
-    try:
-        from mora_dist.kernels import build
-    except ImportError:
-        return None
-    return build
+    return kernel_for("build", W0, half=True) if K <= BUILD_KERNEL_MAX_K or interpreted() else None
 
 
 def _dual_kernel(g: torch.Tensor):
     """`kernels/dualmm.py` (g Q and g^T H in one pass over g) when it serves g: a CUDA half-precision
     output gradient (or TRITON_INTERPRET=1 for the CPU checks) and not left out by MORA_DIST_NO_KERNEL, else None."""
-    on = g.is_cuda and g.dtype in (torch.bfloat16, torch.float16)
-    if not (on or interpreted()) or g.stride(1) != 1 or "dualmm" in kernels_off():
-        return None
-    try:
-        from mora_dist.kernels import dualmm
-    except ImportError:
-        return None
-    return dualmm
+    return kernel_for("dualmm", g, off="dualmm", half=True, unit_stride=True)
 
 
 def _build(W0: torch.Tensor, plan: Plan, Ps, pairs, out: Optional[torch.Tensor] = None) -> torch.Tensor:
