@@ -278,17 +278,10 @@ def build_graph_check(model, build_graph) -> float:
     build from the same (trained) parameters: 0 unless a replay read stale tensors."""
     import torch
 
-    from mora_dist.parallel import merged
     from mora_dist.parallel.inject import adapted_layers, fixed_adapters
 
-    worst = 0.0
     with torch.no_grad(), fixed_adapters(model, build_graph):
-        for m in adapted_layers(model):
-            if m._fixed is not None and m._fixed is m._step_weight:
-                plan, ts, _ = m._merged_plan()
-                ref = merged.build_weight(m.base.weight, plan, ts)
-                worst = max(worst, (m._fixed.float() - ref.float()).abs().max().item())
-    return worst
+        return max([m.fixed_weight_error() for m in adapted_layers(model)], default=0.0)
 
 
 def profile_steps(step, path: str, title: str, n: int = 2, cpu: bool = False) -> dict:

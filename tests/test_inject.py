@@ -147,7 +147,15 @@ def _replayed_builds(rank):
                     out.append(((model(x, pos, mask) - ref).abs().max().item(), len(builds) - n0, all(reads)))
         finally:
             merged.build_weight = build
-    return dict(scopes=out, layers=len(layers), after=[m._fixed is None for m in layers])
+        # the bench's replay check: 0 while the buffers hold the adapters' weights; after the adapters
+        # move, a "replay" that builds nothing leaves them stale and the check must see it
+        with fixed_adapters(model, graph):
+            fresh = max(m.fixed_weight_error() for m in layers)
+        for p in next(iter(layers[0].adapters.values())).parameters():
+            p.add_(0.5)
+        with fixed_adapters(model, graph):
+            stale = max(m.fixed_weight_error() for m in layers)
+    return dict(scopes=out, layers=len(layers), after=[m._fixed is None for m in layers], fresh=fresh, stale=stale)
 
 
 @pytest.mark.integration
@@ -157,6 +165,7 @@ def test_fixed_adapters_with_a_build_graph():
     assert n == 4 * L and all(r["after"])  # qkv, o, fc1, fc2 a layer
     assert r["scopes"][0] == (0.0, n, True)  # the capture: one build per layer, none by the forwards
     assert r["scopes"][1] == (0.0, 0, True)  # a replay: the forwards read the buffers, nothing built
+    assert r["fresh"] == 0.0 and r["stale"] > 0.1, (r["fresh"], r["stale"])
 
 
 def _bad_target(rank):

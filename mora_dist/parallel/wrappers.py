@@ -183,6 +183,17 @@ class AdaptedLinear(nn.Module):
     def end_fixed(self) -> None:
         self._fixed = None
 
+    @torch.no_grad()
+    def fixed_weight_error(self) -> float:
+        """Max |W - W'| between the step weight forwards read now (inside fixed_adapters) and an eager
+        build from the adapters as they are: 0 unless a BuildGraph replay read stale tensors (the bench's
+        check); 0 where there is no built step weight."""
+        if self._fixed is None or self._fixed is not self._step_weight:
+            return 0.0
+        plan, ts, _ = self._merged_plan()
+        ref = merged.build_weight(self.base.weight, plan, ts)
+        return (self._fixed.float() - ref.float()).abs().max().item()
+
     def _merged_out(self, x, planned, x_local=None):
         """The layer's output (local rows; a partial sum for row-parallel) with every adapter merged
         into the weight shard for this step: one GEMM forward, one GEMM input gradient, skinny GEMMs
