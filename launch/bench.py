@@ -147,6 +147,7 @@ def run_one(cfg: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
 
     accum = cfg.get("accum", 1)  # micro-batches per optimizer step (gradient accumulation)
+    step_factors = cfg.get("step_factors", True)  # fixed_adapters' (--cast-per-forward: off)
 
     def micro():
         loss = model(tokens, pos, None, labels=tokens).mean()
@@ -156,7 +157,7 @@ def run_one(cfg: dict) -> dict:
     def forward_backward():
         # with accumulation the merged weights are built once a step and read by every micro-batch;
         # a one-micro-batch step builds them in its forward (inside the whole-step graph)
-        with fixed_adapters(model) if accum > 1 else contextlib.nullcontext():
+        with fixed_adapters(model, step_factors=step_factors) if accum > 1 else contextlib.nullcontext():
             for _ in range(accum):
                 loss = micro()
         return loss
@@ -172,7 +173,7 @@ def run_one(cfg: dict) -> dict:
         if not cfg.get("eager_build"):
             from mora_dist.training.cuda_graph import BuildGraph
             build_graph = BuildGraph()
-        step = capture_accum_step(model, opt, micro, accum, cfg.get("warm", 3), build_graph)
+        step = capture_accum_step(model, opt, micro, accum, cfg.get("warm", 3), build_graph, step_factors)
     elif graph:
         step = capture_step(opt, step, cfg.get("warm", 3))
     else:
@@ -241,7 +242,7 @@ def capture_step(opt, eager_step, warm: int):
     return replay
 
 
-def capture_accum_step(model, opt, micro, accum: int, warm: int, build=None):
+def capture_accum_step(model, opt, micro, accum: int, warm: int, build=None, step_factors: bool = True):
     """A step of `accum` micro-batches as the Trainer runs it under `train.cuda_graph`: the merged
     weights built once (fixed_adapters; by `build`, a `BuildGraph`, as the Trainer does, or eagerly
     when None), one micro-batch's forward and backward replayed `accum` times from the Trainer's
@@ -262,7 +263,7 @@ def capture_accum_step(model, opt, micro, accum: int, warm: int, build=None):
     graph = MicrobatchGraph(lambda _: micro().detach(), zero_grads, warmup=warm)
 
     def forward_backward():
-        with fixed_adapters(model, build):
+        with fixed_adapters(model, build, step_factors):
             return [graph({}, first_of_step=i == 0) for i in range(accum)][-1]
 
     def step():  # grads zeroed in place: the captured backward adds into them
@@ -656,6 +657,8 @@ def main():
     ap.add_argument("--accum", default="1", help="micro-batches per optimizer step, comma list: every row at each "
                     "(the merged weights are built once a step)")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--cast-per-forward", action="store_true", help="accum > 1: each forward casts its adapters' "
+                    "factors (as before fixed_adapters' step_factors), for an A/B")
     ap.add_argument("--eager-build", action="store_true", help="graph + accum: the merged weights built eagerly "
                     "a step (the Trainer's before BuildGraph), for an A/B")
     ap.add_argument("--no-compile", action="store_true", help="without the compiled RMSNorm/RoPE (MORA_DIST_COMPILE=0)")
@@ -696,7 +699,7 @@ def main():
     dev = head["device"]
     mbs_list = [int(m) for m in a.mbs.split(",")]
     base = dict(size=a.size, seq=a.seq, steps=a.steps, warm=a.warm, compile=not a.no_compile, fuse=not a.no_fuse,
-                eager_build=a.eager_build)
+                eager_build=a.eager_build, step_factors=not a.cast_per_forward)
     if a.profile:
         base["profile"] = os.path.abspath(a.profile)
         base["profile_cpu"] = a.profile_cpu
@@ -713,6 +716,7 @@ def main():
                         if n:
                             tag = ("+graph" if mode == "graph" else "") + (f"+accum{accum}" if accum > 1 else "")
                             tag += "+eager-build" if a.eager_build and mode == "graph" and accum > 1 else ""
+                            tag += "+cast-per-forward" if a.cast_per_forward and accum > 1 else ""
                             cfgs.append(dict(base, mbs=mbs, accum=accum, name=n + tag, graph=mode == "graph", **ROWS[n]))
     rows = []
     results.update(head=head, rows=rows)

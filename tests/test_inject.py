@@ -1,5 +1,7 @@
 """Adapters injected into a real megatron-core GPTModel by target name: TP=2 equals TP=1,
 merging is exact at model level, parameter counts, and config errors that name the culprit."""
+import contextlib
+
 import pytest
 import torch
 
@@ -196,3 +198,78 @@ def test_tp_not_dividing_groups_names_the_value():
         qkv_row_index(8, 2, 16, tp_size=4, tp_rank=0)
     with pytest.raises(ValueError, match=r"ffn_hidden_size \(50\) is not divisible by tensor-parallel size 4"):
         fc1_row_index(50, tp_size=4, tp_rank=0)
+
+
+def _step_factors(rank):
+    """Per method: two micro-batches' gradients inside fixed_adapters (the factors cast once a step by
+    begin_fixed, reused by both forwards and backwards) against two micro-batches outside it (cast per
+    forward), on a bf16 base with fp32 adapters; and how often the adapters' `factors` ran."""
+    from mora_dist.adapters import AdapterConfig
+    from mora_dist.parallel.inject import adapted_layers, apply_adapters, fixed_adapters
+
+    out = {}
+    for method, kw in [("lora", {}), ("lora", {"allora_eta": 2.0}), ("vera", {"r": 16}),
+                       ("mora", {"mora_type": "sharing"}), ("mora", {"mora_type": "rotation"})]:
+        model = tiny_gpt().to(torch.bfloat16)
+        apply_adapters(model, AdapterConfig(method=method, r=4 if method != "vera" else kw["r"], targets=TARGETS,
+                                            **{k: v for k, v in kw.items() if k != "r"}))
+        layers = adapted_layers(model)
+        adapters = [a for m in layers for a in m.adapters.values()]
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for a in adapters:
+                for p in a.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        params = [p for a in adapters for p in a.parameters()]
+        batches = [torch.randint(0, V, (B, S), generator=gen) for _ in range(2)]
+        pos = torch.arange(S).unsqueeze(0).expand(B, -1)
+        mask = torch.ones(1, 1, S, S, dtype=torch.bool).tril().logical_not()
+        calls = [0]
+        for a in adapters:
+            f = a.factors
+            a.factors = lambda dtype, f=f: (calls.__setitem__(0, calls[0] + 1), f(dtype))[1]
+
+        def grads(fixed):
+            for p in params:
+                p.grad = None
+            n0 = calls[0]
+            with fixed_adapters(model) if fixed else contextlib.nullcontext():
+                n_build = calls[0] - n0
+                for x in batches:
+                    model(x, pos, mask).float().mean().backward()
+            return [p.grad.clone() for p in params], n_build, calls[0] - n0 - n_build
+
+        g_plain, _, c_plain = grads(False)
+        g_fixed, c_build, c_fwd = grads(True)
+
+        def addresses():  # of every tensor the forwards read from the step's plan (ALLoRA's c too)
+            out = []
+            for m in layers:
+                plan, ts, _ = m._step_planned
+                cs = [t.c for t in plan.terms] + [b.c for b in plan.blocks]
+                out += [t.data_ptr() for t in ts + cs if t is not None]
+            return out
+
+        first = addresses()
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.01)
+        g_moved, _, _ = grads(True)  # a later step: new values in the same buffers (a captured graph reads them)
+        out[f"{method}{kw}"] = dict(diff=max((a - b).abs().max().item() for a, b in zip(g_plain, g_fixed)),
+                                    scale=max(a.abs().max().item() for a in g_plain),
+                                    calls_plain=c_plain, calls_build=c_build, calls_fixed=c_fwd, adapters=len(adapters),
+                                    same_addresses=first == addresses() and len(first) > 0,
+                                    moved=max((a - b).abs().max().item() for a, b in zip(g_moved, g_fixed)),
+                                    factor_adapters=sum(a.factors(torch.bfloat16) is not None for a in adapters))
+    return out
+
+
+@pytest.mark.integration
+def test_step_factors_are_cast_once_and_give_the_same_gradients():
+    res = run_ranks(_step_factors, 1)[0]
+    for name, r in res.items():
+        assert r["scale"] > 0 and r["diff"] == 0.0, (name, r)  # the same casts, the same bits
+        assert r["same_addresses"] and r["moved"] > 0, (name, r)
+        n = r["adapters"]  # each forward asks every adapter for its factors (block types answer None)
+        assert n == 7 * L and r["calls_plain"] == 2 * n and r["calls_build"] == n and r["calls_fixed"] == 0, (name, r)
+    assert res["lora{}"]["factor_adapters"] == 7 * L and res["mora{'mora_type': 'rotation'}"]["factor_adapters"] == 0

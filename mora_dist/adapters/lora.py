@@ -61,4 +61,7 @@ class LoRA(Adapter):
     def factors(self, dtype):
         if not self.fast:
             return None
-        return Factors(P=self.merged_param("A").to(dtype), Q=(self.merged_param("B") * self.scale).to(dtype))
+        # mul.Scalar: its backward keeps the number, not a saved tensor (`tensor * float` would save a 0-dim
+        # tensor, released after one backward), so these casts, made once a step, serve every micro-batch
+        Q = torch.ops.aten.mul.Scalar(self.merged_param("B"), self.scale)
+        return Factors(P=self.merged_param("A").to(dtype), Q=Q.to(dtype))

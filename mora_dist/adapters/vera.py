@@ -88,5 +88,20 @@ class VeRA(Adapter):
         cast = getattr(self, "_A_cast", None)
         if cast is None or cast.dtype != dtype or cast.device != self.A.device:
             cast = self._A_cast = self.A.to(dtype)  # frozen: cast once (the wrapper caches its concatenation)
-        return Factors(P=cast, mid=self.merged_param("d").to(dtype), Q=(self.merged_param("b")[:, None] * self.B).to(dtype),
+        return Factors(P=cast, mid=self.merged_param("d").to(dtype), Q=_ScaleRows.apply(self.merged_param("b"), self.B).to(dtype),
                        p_key=key)
+
+
+class _ScaleRows(torch.autograd.Function):
+    """b[:, None] * B for VeRA's frozen B, which the backward holds by reference rather than as a saved
+    tensor: the factors a layer casts once a step (`AdaptedLinear.begin_fixed`) serve the backward of every
+    micro-batch, and a saved tensor is released after the first."""
+
+    @staticmethod
+    def forward(ctx, b, B):
+        ctx.B = B
+        return b[:, None] * B
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g * ctx.B).sum(1), None

@@ -161,18 +161,20 @@ def adapted_layers(model: nn.Module):
 
 
 @contextlib.contextmanager
-def fixed_adapters(model: nn.Module, graph=None):
+def fixed_adapters(model: nn.Module, graph=None, step_factors: bool = True):
     """A scope in which the adapter parameters do not change (an optimizer step's micro-batches, an
     evaluation): each adapted layer on the merged-weight path builds W0 + dW once, on entry, and
     every forward inside reads it (`AdaptedLinear.begin_fixed`). Changing adapter parameters or
     base weights inside the scope is an error the scope cannot see: step the optimizer outside.
-    `graph`: a `training.cuda_graph.BuildGraph` that runs (captures, replays) the builds."""
+    `graph`: a `training.cuda_graph.BuildGraph` that runs (captures, replays) the builds.
+    `step_factors`: the factors' casts made on entry too and reused by every forward (false: each
+    forward casts its own, as a micro-batch graph captured with eager builds at TP > 1 was timed)."""
     layers = adapted_layers(model)
     if graph is None:
         for m in layers:
-            m.begin_fixed()
+            m.begin_fixed(step_factors)
     else:
-        graph(lambda: [m.begin_fixed() for m in layers])
+        graph(lambda: [m.begin_fixed(step_factors) for m in layers])
         for m in layers:  # a replay ran no Python: point the forwards at the buffers the builds write
             m.resume_fixed()
     try:

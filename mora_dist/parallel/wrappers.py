@@ -79,6 +79,8 @@ class AdaptedLinear(nn.Module):
         self._step_weight: Optional[torch.Tensor] = None  # W0 + dW, kept across steps (begin_fixed)
         self._fixed: Optional[torch.Tensor] = None  # the weight forwards read inside fixed_adapters
         self._fixed_last: Optional[torch.Tensor] = None  # what the last begin_fixed chose (BuildGraph replays)
+        self._step_planned = None  # the last begin_fixed's `_merged_plan()`, read by the forwards inside the scope
+        self._held: dict = {}  # _hold's buffers
         self.overlap_sp = True  # parallel.overlap_sp: SP's collectives inside the merged GEMMs (overlap.py)
 
     def add_adapter(self, name: str, adapter: Adapter, positions: Optional[torch.Tensor] = None) -> None:
@@ -122,10 +124,12 @@ class AdaptedLinear(nn.Module):
         return (weight is None and not self.base.weight.requires_grad
                 and all(a.fast for a in self.adapters.values()))
 
-    def _merged_plan(self):
+    def _merged_plan(self, stable: bool = False):
         """(merged.Plan, its tensors, names of adapters added by their own forward) for this layer's
         adapters as they are now. Adapters with neither `Factors` nor a block operator go to the
-        third list (none of this repository's methods on any shard, with the fast paths on)."""
+        third list (none of this repository's methods on any shard, with the fast paths on).
+        `stable` (begin_fixed): every tensor made here (casts of the trainables, ALLoRA's c) is copied
+        into a buffer of this layer, so that it has the same address every step (`_hold`)."""
         dt = self.base.weight.dtype
         keys, Ps, pairs, terms, Ms, blocks, extra, p_tiles = {}, [], [], [], [], [], [], []
         for name, adapter in self.adapters.items():
@@ -153,21 +157,50 @@ class AdaptedLinear(nn.Module):
             geo, M, rot = block
             blocks.append(merged.Block((geo, segments), c, rot))
             Ms.append(M)
-        return merged.Plan(len(Ps), tuple(terms), tuple(blocks), tuple(p_tiles)), [*Ps, *pairs, *Ms], extra
+        ts = [*Ps, *pairs, *Ms]
+        if stable:
+            ts = [self._hold(("t", i), t) for i, t in enumerate(ts)]
+            terms = [t._replace(c=self._hold(("tc", i), t.c)) for i, t in enumerate(terms)]
+            blocks = [b._replace(c=self._hold(("bc", i), b.c)) for i, b in enumerate(blocks)]
+        return merged.Plan(len(Ps), tuple(terms), tuple(blocks), tuple(p_tiles)), ts, extra
+
+    def _hold(self, key, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """t copied into this layer's buffer `key` (made on first use) when it was computed here (it has a
+        grad_fn, or is ALLoRA's c): a CUDA graph of a micro-batch, captured once, reads these addresses
+        while each step's begin_fixed writes them. The copy keeps t's autograd link (copy_ is
+        differentiable); parameters and cached frozen maps are stable already and pass through."""
+        if t is None or (t.grad_fn is None and key[0] == "t"):
+            return t
+        buf = self._held.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
+            buf = self._held[key] = torch.empty_like(t, requires_grad=False)
+        return buf.copy_(t if key[0] == "t" else t.detach())
 
     # --- one build a step (inject.fixed_adapters) -----------------------------------------------
     @torch.no_grad()
-    def begin_fixed(self) -> None:
+    def begin_fixed(self, step_factors: bool = True) -> None:
         """The adapters stay fixed until `end_fixed` (an optimizer step's micro-batches): build
         W0 + dW once, into a buffer kept across steps (a stable address for CUDA graphs), and let
-        every forward read it."""
-        self._fixed = self._fixed_last = self._build_fixed()
+        every forward read it; with `step_factors` the forwards reuse this build's factors too."""
+        self._fixed = self._fixed_last = self._build_fixed(step_factors)
 
-    def _build_fixed(self) -> Optional[torch.Tensor]:
+    def _build_fixed(self, step_factors: bool) -> Optional[torch.Tensor]:
+        self._step_planned = None
         if self.merged or not self.adapters or not self._use_merged(None):
             return None
         W0 = self.base.weight
-        plan, ts, _ = self._merged_plan()
+        # `step_factors`: the factors in the activation dtype, cast from the fp32 trainables once a step with
+        # their autograd links, reused by the forwards of the step's micro-batches (`_planned`). Why: made per
+        # forward they were ~3 small kernels an adapter a micro-batch (8B LoRA: ~2,700 a step). Every backward
+        # then runs the same cast nodes again, so they must keep no saved tensors (casts, scalar scaling,
+        # padding, VeRA's `_ScaleRows`: tests/test_inject.py checks the methods); their outputs live in
+        # buffers of stable address (`_hold`) for the CUDA graphs of the micro-batches.
+        if step_factors:
+            with torch.enable_grad():
+                self._step_planned = planned = self._merged_plan(stable=True)
+        else:
+            planned = self._merged_plan()
+        plan, ts, _ = planned
         if not plan.terms and not plan.blocks:  # only adapters with their own forward: W0 itself
             return W0.detach()
         buf = self._step_weight
@@ -175,6 +208,12 @@ class AdaptedLinear(nn.Module):
             buf = torch.empty_like(W0, requires_grad=False)
         self._step_weight = merged.build_weight(W0, plan, ts, out=buf)
         return self._step_weight
+
+    def _planned(self):
+        """`_merged_plan()` for a forward: inside fixed_adapters the step's (made once by `begin_fixed`)."""
+        if self._fixed is not None and self._step_planned is not None:
+            return self._step_planned
+        return self._merged_plan()
 
     def resume_fixed(self) -> None:
         """Read the weight the last `begin_fixed` chose (its buffer rewritten since by a graph replay)."""
@@ -242,7 +281,7 @@ class AdaptedLinear(nn.Module):
         base = self.base
         gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
         if self._use_merged(weight):
-            planned = self._merged_plan()
+            planned = self._planned()
             if self._sp_inside(planned):
                 out = self._merged_sp(x, "gather", planned)
             else:
@@ -285,7 +324,7 @@ class AdaptedLinear(nn.Module):
         base = self.base
         if not base.input_is_parallel:
             x = mappings.scatter_to_tensor_model_parallel_region(x)
-        planned = self._merged_plan() if self._use_merged(None) else None
+        planned = self._planned() if self._use_merged(None) else None
         if planned is not None and self._sp_inside(planned):  # reduce-scattered inside, overlapped
             out = self._merged_sp(x, "scatter", planned)
         else:

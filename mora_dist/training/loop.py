@@ -268,7 +268,10 @@ class Trainer:
 
     def _forward_backward(self, step: int) -> list:
         """Every micro-batch of `step` (graphed, or through the schedule), gradients reduced over DP into p.grad."""
-        with fixed_adapters(self.model, self.build_graph):  # merged weights built once for the step's micro-batches
+        # merged weights built once for the step's micro-batches, and their factors cast once, except with a
+        # micro-batch graph and eager builds (TP > 1): there the graph casts them, as timed on two GPUs
+        reuse = self.graph is None or self.build_graph is not None
+        with fixed_adapters(self.model, self.build_graph, step_factors=reuse):
             if self.graph is not None:
                 losses = self._run_graphed(step)
             else:
