@@ -64,6 +64,22 @@ def _segments(adapter_rows: torch.Tensor, layer_rows: torch.Tensor) -> tuple:
     return tuple(segs)
 
 
+_side_stream = None
+
+
+def _node_stream(t: torch.Tensor):
+    """A side stream for the autograd nodes of the step's factor casts, made eagerly on CUDA's default
+    stream, else None. Why: a node's backward runs on the stream it was made on, and a micro-batch's
+    backward captured in a CUDA graph cannot join the legacy default stream (the capture is
+    invalidated); a side stream joins it (the recipe the Trainer follows for DDP's gradient nodes)."""
+    global _side_stream
+    if not t.is_cuda or torch.cuda.is_current_stream_capturing() or torch.cuda.current_stream() != torch.cuda.default_stream():
+        return None
+    if _side_stream is None:
+        _side_stream = torch.cuda.Stream()
+    return _side_stream
+
+
 class AdaptedLinear(nn.Module):
     def __init__(self, base: nn.Module, mode: str, global_name: str = ""):
         super().__init__()
@@ -196,8 +212,13 @@ class AdaptedLinear(nn.Module):
         # padding, VeRA's `_ScaleRows`: tests/test_inject.py checks the methods); their outputs live in
         # buffers of stable address (`_hold`) for the CUDA graphs of the micro-batches.
         if step_factors:
-            with torch.enable_grad():
+            side = _node_stream(W0)
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream())
+            with torch.enable_grad(), torch.cuda.stream(side):  # stream None: a no-op
                 self._step_planned = planned = self._merged_plan(stable=True)
+            if side is not None:
+                torch.cuda.current_stream().wait_stream(side)
         else:
             planned = self._merged_plan()
         plan, ts, _ = planned
