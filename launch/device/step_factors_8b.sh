@@ -10,7 +10,7 @@ S=$(date +%s)
 left() { echo $(( $1 - $(date +%s) + S )); }
 B8="launch/bench.py --size 8b --seq 4096 --mbs 2 --accum 4 --modes graph --no-peer --steps 6"
 B1="launch/bench.py --size 1b --seq 2048 --mbs 4 --modes graph --no-peer"
-timeout 90 python3 $B1 --accum 2 --steps 3 --rows lora,vera,mora-sharing,mora-rotation,allora --json $OUT/b1_acc.json > $OUT/b1_acc.log 2>&1
+timeout 120 python3 $B1 --accum 2 --steps 3 --rows lora,vera,mora-sharing,mora-rotation,allora --json $OUT/b1_acc.json > $OUT/b1_acc.log 2>&1
 # the canary failed: the 8B rows with the casts per forward (the table says which), no A/B
 CPF=""; grep -q '"error"' $OUT/b1_acc.json && CPF="--cast-per-forward"
 timeout $(left 300) python3 $B8 $CPF --rows frozen,lora,mora-rotation,mora-sharing --json $OUT/b8.json > $OUT/b8.log 2>&1
