@@ -219,8 +219,9 @@ class Factors:
         delta(x) = mid(x @ P^T) @ Q^T,   dW = Q mid P,   mid(h) = h (None) | h * mid (vector) | h @ mid^T (matrix)
 
     P [k, local d_in], mid, Q [local d_out, k'] are already in the activation dtype and carry gradients to
-    the trainables (fp32 master weights are cast here, once per forward; replicated ones pass
-    `Adapter.merged_param`, which sums their gradients over TP). The layer adds Q (mid P)
+    the trainables (fp32 master weights are cast here: once a step inside `inject.fixed_adapters`, whose
+    forwards and backwards all reuse the casts, so the ops here must keep no saved tensors; once per
+    forward outside it; replicated ones pass `Adapter.merged_param`, which sums their gradients over TP). The layer adds Q (mid P)
     to its weight for the forward; the backward needs x @ P^T and g @ Q, skinny GEMMs. `p_key`:
     adapters with equal keys share an identical frozen P (VeRA's A), so x @ P^T is computed once.
     """
