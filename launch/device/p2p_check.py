@@ -95,7 +95,7 @@ def main():
             x = torch.randn(sa, device="cuda", dtype=torch.bfloat16, generator=gen)
             B = torch.randn(sb, device="cuda", dtype=torch.bfloat16, generator=gen) / sb[0] ** 0.5 if sb else None
             res = {}
-            for t in overlap.TRANSPORTS:
+            for t in ("nccl", "copy_engine"):
                 overlap.set_transport(t)
                 eager = call(kind, x, B, group).clone()
                 # the same exchange replayed from a graph must give the same bits
