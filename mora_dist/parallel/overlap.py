@@ -82,10 +82,6 @@ def _p2p(a: torch.Tensor):
     return p2p
 
 
-def _mm(x: torch.Tensor, B: torch.Tensor, out: torch.Tensor) -> None:
-    torch.mm(x, B, out=out)
-
-
 @contextlib.contextmanager
 def _beside_collective():
     """GEMMs in this block run while a collective travels: with a carveout, through cuBLASLt leaving
@@ -111,23 +107,28 @@ def _blocks(n_rows: int, group) -> tuple:
     return n, r, n_rows // n
 
 
+def _gather_start(A: torch.Tensor, a: torch.Tensor, group):
+    """Start A = a's rows all-gathered over `group` (a contiguous) on the transport; returns what to
+    `wait()` on before reading A."""
+    p2p = _p2p(a)
+    if p2p is not None:
+        return p2p.all_gather(A, a, group)
+    return _all_gather(A, a, group=group, async_op=True)
+
+
 def gather(a: torch.Tensor, group) -> torch.Tensor:
     """a's rows all-gathered over `group` (rank-major)."""
-    if _p2p(a):
-        return _p2p(a).gather(a.contiguous(), group)
     A = a.new_empty(dist.get_world_size(group) * a.shape[0], a.shape[1])
-    _all_gather(A, a.contiguous(), group=group)
+    _gather_start(A, a.contiguous(), group).wait()
     return A
 
 
 def gather_mm(a: torch.Tensor, B: torch.Tensor, group) -> tuple:
     """(A @ B, A) for A = a's rows all-gathered over `group` (a: [rows, k], this rank's block)."""
-    if _p2p(a):
-        return _p2p(a).gather_mm(a.contiguous(), B, group, _mm)
     n = dist.get_world_size(group)
     r, m = dist.get_rank(group), a.shape[0]
     A = a.new_empty(n * m, a.shape[1])
-    work = _all_gather(A, a.contiguous(), group=group, async_op=True)
+    work = _gather_start(A, a.contiguous(), group)
     out = a.new_empty(n * m, B.shape[1])
     with _beside_collective():
         torch.mm(a, B, out=out[r * m:(r + 1) * m])
@@ -143,16 +144,19 @@ def mm_scatter(a: torch.Tensor, B: torch.Tensor, group, overlap: Optional[Callab
     """This rank's rows of (a @ B) summed over `group` (a: [rows, k], every rank's partial), i.e.
     reduce-scatter(a @ B); `overlap()` runs while the partial sums travel."""
     n, r, m = _blocks(a.shape[0], group)
-    if _p2p(a):
-        return _p2p(a).mm_scatter(a, B, group, m, _mm, overlap)
-    send = a.new_empty((n - 1) * m, B.shape[1])
+    p2p = _p2p(a)  # copy engines: the partial sums are multiplied straight into this rank's workspace
+    ex = p2p.Exchange(group, (m, B.shape[1]), a.dtype, per_peer=True) if p2p is not None else None
+    send = ex.outgoing if ex is not None else a.new_empty((n - 1) * m, B.shape[1])
     if r:
         torch.mm(a[:r * m], B, out=send[:r * m])
     if r < n - 1:
         torch.mm(a[(r + 1) * m:], B, out=send[r * m:])
-    recv = torch.empty_like(send)
-    split = [0 if j == r else m for j in range(n)]
-    work = dist.all_to_all_single(recv, send, split, split, group=group, async_op=True)
+    recv = a.new_empty(send.shape)
+    if ex is not None:
+        work = p2p.all_to_all(recv, ex)
+    else:
+        split = [0 if j == r else m for j in range(n)]
+        work = dist.all_to_all_single(recv, send, split, split, group=group, async_op=True)
     with _beside_collective():
         own = a[r * m:(r + 1) * m] @ B
         if overlap is not None:

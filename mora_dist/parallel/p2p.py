@@ -13,14 +13,15 @@ How: every rank of the TP group maps one symmetric-memory workspace that all ran
      from the others' workspaces (copy engine), a second barrier (every rank has pulled: the
      workspaces may be written again);
   3. the current stream does its own work meanwhile and waits for the side stream before it reads
-     what arrived (`Pull.wait`).
+     what arrived (`Exchange.wait`).
 The barriers and copies are stream work, so the whole exchange is captured in CUDA graphs like NCCL's.
-Results are bit-identical to `overlap.py`'s NCCL path: the same GEMMs on the same blocks, the partial
-sums added in the same order. GPUs only (symmetric memory has no CPU backend); the CPU tests run
+`overlap.py` runs the same GEMMs around either transport (`all_gather`, `all_to_all` here stand in for
+NCCL's all-gather and all-to-all), so the results are bit-identical to its NCCL path. GPUs only (symmetric memory has no CPU backend); the CPU tests run
 the NCCL path's code over gloo, and `launch/device/p2p_check.py` checks this one against it on GPUs.
 """
 from __future__ import annotations
 
+import math
 import socket
 import warnings
 
@@ -77,94 +78,54 @@ def _workspace(group, nbytes: int, device):
     return ws
 
 
-class Pull:
-    """One exchange in flight: `send(j)` is this rank's outgoing block for rank j (a view of its
-    workspace, to be written by the caller on the current stream before `start`); `start(recv)`
-    pulls rank j's block for this rank into recv[j] for every other rank j; `wait()` makes the
-    current stream wait for the pulls."""
+class Exchange:
+    """One exchange in flight, with the `wait()` of a collective's work handle. `outgoing`: this rank's
+    outgoing rows in its workspace (per_peer: the blocks for the other ranks in rank order, as
+    all_to_all_single's input without this rank's own; else the one block every rank pulls), to be
+    written on the current stream before `start`; `start(recv)` pulls, for every other rank j, rank
+    j's block for this rank into recv[j]; `wait()` makes the current stream wait for the pulls."""
 
-    def __init__(self, group, shape, dtype, per_peer: bool):
-        """`per_peer`: each rank sends a different block to each other rank (its workspace holds
-        world - 1 blocks, in rank order without itself); else one block to all."""
+    def __init__(self, group, block_shape, dtype, per_peer: bool):
         self.n, self.r = dist.get_world_size(group), dist.get_rank(group)
-        self.shape, self.dtype, self.per_peer = tuple(shape), dtype, per_peer
-        numel = 1
-        for s in self.shape:
-            numel *= s
-        self.numel = numel
+        self.shape, self.dtype, self.per_peer = tuple(block_shape), dtype, per_peer
+        self.numel = math.prod(self.shape)
         slots = self.n - 1 if per_peer else 1
         dev = torch.device("cuda", torch.cuda.current_device())
-        self.buf, self.handle, self.stream = _workspace(group, slots * numel * torch.finfo(dtype).bits // 8, dev)
+        self.buf, self.handle, self.stream = _workspace(group, slots * self.numel * dtype.itemsize, dev)
+        self.outgoing = self.handle.get_buffer(self.r, (slots * self.shape[0], *self.shape[1:]), dtype, 0)
 
-    def _slot(self, owner: int, dest: int) -> int:
-        return (dest if dest < owner else dest - 1) if self.per_peer else 0
+    def _incoming(self, owner: int) -> torch.Tensor:
+        """Rank `owner`'s block for this rank, in owner's workspace."""
+        slot = (self.r if self.r < owner else self.r - 1) if self.per_peer else 0
+        return self.handle.get_buffer(owner, self.shape, self.dtype, slot * self.numel)
 
-    def _view(self, owner: int, dest: int) -> torch.Tensor:
-        return self.handle.get_buffer(owner, self.shape, self.dtype, self._slot(owner, dest) * self.numel)
-
-    def send(self, dest: int = -1) -> torch.Tensor:
-        """This rank's outgoing block for `dest` (any rank when not per_peer)."""
-        return self._view(self.r, dest if self.per_peer else 0)
-
-    def start(self, recv: dict) -> None:
-        """recv: {rank j: tensor of `shape`} for every other rank j."""
-        cur = torch.cuda.current_stream()
-        self.stream.wait_stream(cur)
+    def start(self, recv: dict) -> "Exchange":
+        """recv: {rank j: tensor of the block shape} for every other rank j."""
+        self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             self.handle.barrier(channel=0)
             for j, out in recv.items():
-                out.copy_(self._view(j, self.r))
+                out.copy_(self._incoming(j))
             self.handle.barrier(channel=1)
+        return self
 
     def wait(self) -> None:
         torch.cuda.current_stream().wait_stream(self.stream)
 
 
-def gather_mm(a: torch.Tensor, B: torch.Tensor, group, mm) -> tuple:
-    """(A @ B, A) for A = a's rows all-gathered over `group`, the peers' rows pulled by the copy
-    engines while this rank multiplies its own (`mm(x, B, out)`: the caller's GEMM)."""
+def all_gather(A: torch.Tensor, a: torch.Tensor, group) -> Exchange:
+    """Start A = a's rows all-gathered over `group` (rank-major; a contiguous): the other ranks' rows
+    pulled by the copy engines, this rank's copied on the current stream. `wait()` before reading A."""
     n, r, m = dist.get_world_size(group), dist.get_rank(group), a.shape[0]
-    p = Pull(group, a.shape, a.dtype, per_peer=False)
-    p.send().copy_(a)
-    A = a.new_empty(n * m, a.shape[1])
-    p.start({j: A[j * m:(j + 1) * m] for j in range(n) if j != r})
-    out = a.new_empty(n * m, B.shape[1])
-    mm(a, B, out[r * m:(r + 1) * m])
+    ex = Exchange(group, a.shape, a.dtype, per_peer=False)
+    ex.outgoing.copy_(a)
+    ex.start({j: A[j * m:(j + 1) * m] for j in range(n) if j != r})
     A[r * m:(r + 1) * m].copy_(a)
-    p.wait()
-    if r:
-        mm(A[:r * m], B, out[:r * m])
-    if r < n - 1:
-        mm(A[(r + 1) * m:], B, out[(r + 1) * m:])
-    return out, A
+    return ex
 
 
-def gather(a: torch.Tensor, group) -> torch.Tensor:
-    """a's rows all-gathered over `group` (rank-major)."""
-    n, r, m = dist.get_world_size(group), dist.get_rank(group), a.shape[0]
-    p = Pull(group, a.shape, a.dtype, per_peer=False)
-    p.send().copy_(a)
-    A = a.new_empty(n * m, a.shape[1])
-    p.start({j: A[j * m:(j + 1) * m] for j in range(n) if j != r})
-    A[r * m:(r + 1) * m].copy_(a)
-    p.wait()
-    return A
-
-
-def mm_scatter(a: torch.Tensor, B: torch.Tensor, group, m: int, mm, overlap=None) -> torch.Tensor:
-    """This rank's rows of (a @ B) summed over `group`: the other ranks' row blocks multiplied
-    straight into this rank's workspace, pulled by them while this rank multiplies its own block and
-    runs `overlap()`; the pulled partial sums are added in rank order (as overlap.mm_scatter does)."""
-    n, r = dist.get_world_size(group), dist.get_rank(group)
-    p = Pull(group, (m, B.shape[1]), a.dtype, per_peer=True)
-    for j in range(n):
-        if j != r:
-            mm(a[j * m:(j + 1) * m], B, p.send(j))
-    recv = a.new_empty((n - 1) * m, B.shape[1])
-    others = [j for j in range(n) if j != r]
-    p.start({j: recv[i * m:(i + 1) * m] for i, j in enumerate(others)})
-    own = a[r * m:(r + 1) * m] @ B
-    if overlap is not None:
-        overlap()
-    p.wait()
-    return own.add_(recv.view(n - 1, m, -1).sum(0) if n > 2 else recv)
+def all_to_all(recv: torch.Tensor, ex: Exchange) -> Exchange:
+    """Start all_to_all_single(recv, ex.outgoing) with this rank's own block left out of both (recv:
+    the other ranks' blocks for this rank, in rank order)."""
+    m, others = ex.shape[0], [j for j in range(ex.n) if j != ex.r]
+    return ex.start({j: recv[i * m:(i + 1) * m] for i, j in enumerate(others)})

@@ -176,21 +176,22 @@ class AdaptedLinear(nn.Module):
         ts = [*Ps, *pairs, *Ms]
         if stable:
             ts = [self._hold(("t", i), t) for i, t in enumerate(ts)]
-            terms = [t._replace(c=self._hold(("tc", i), t.c)) for i, t in enumerate(terms)]
-            blocks = [b._replace(c=self._hold(("bc", i), b.c)) for i, b in enumerate(blocks)]
+            terms = [t._replace(c=self._hold(("tc", i), t.c, grad=False)) for i, t in enumerate(terms)]
+            blocks = [b._replace(c=self._hold(("bc", i), b.c, grad=False)) for i, b in enumerate(blocks)]
         return merged.Plan(len(Ps), tuple(terms), tuple(blocks), tuple(p_tiles)), ts, extra
 
-    def _hold(self, key, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """t copied into this layer's buffer `key` (made on first use) when it was computed here (it has a
-        grad_fn, or is ALLoRA's c): a CUDA graph of a micro-batch, captured once, reads these addresses
-        while each step's begin_fixed writes them. The copy keeps t's autograd link (copy_ is
-        differentiable); parameters and cached frozen maps are stable already and pass through."""
-        if t is None or (t.grad_fn is None and key[0] == "t"):
+    def _hold(self, key, t: Optional[torch.Tensor], grad: bool = True) -> Optional[torch.Tensor]:
+        """t copied into this layer's buffer `key` (made on first use) when it was computed here: a CUDA
+        graph of a micro-batch, captured once, reads these addresses while each step's begin_fixed writes
+        them. `grad`: t is a factor, and the copy keeps its autograd link (copy_ is differentiable);
+        parameters and cached frozen maps (no grad_fn) are stable already and pass through. Else t is a
+        constant of the plan (ALLoRA's c), always computed here: its values are copied."""
+        if t is None or (grad and t.grad_fn is None):
             return t
         buf = self._held.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
             buf = self._held[key] = torch.empty_like(t, requires_grad=False)
-        return buf.copy_(t if key[0] == "t" else t.detach())
+        return buf.copy_(t if grad else t.detach())
 
     # --- one build a step (inject.fixed_adapters) -----------------------------------------------
     @torch.no_grad()
