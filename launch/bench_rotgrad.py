@@ -7,6 +7,7 @@ picks per shape (dispatch), side by side:
     python3 launch/bench_rotgrad.py --size 1b            # the 1.1B shapes (T = 8192: mbs 4 x seq 2048)
     python3 launch/bench_rotgrad.py --cfg '{"IMPL": "new", "num_stages": 4, "maxnreg": null}' --cfg '{"IMPL": "new", "TP": 2048}'
     python3 launch/bench_rotgrad.py --tilesum            # MoRA sharing's block sums: kernel vs torch
+    python3 launch/bench_rotgrad.py --sharing            # MoRA sharing's build and parameter gradients a layer
 
 Each row: one adapter's dM from bf16 g [T, n_out] and x [T, d_in] as the merged path calls it
 (items from the fused layer's row layout: q/k/v one piece per query group of linear_qkv, gate/up
@@ -71,9 +72,12 @@ def main():
     ap.add_argument("--decouple", action="store_true", help="decouple (R_c = I) instead of rotation")
     ap.add_argument("--cfg", action="append", default=[], help="JSON overrides of grad_config: an extra column")
     ap.add_argument("--tilesum", action="store_true", help="time MoRA sharing's block sums (kernel vs torch) instead")
+    ap.add_argument("--sharing", action="store_true", help="time MoRA sharing's weight build and M gradients a layer instead")
     args = ap.parse_args()
     if args.tilesum:
         return tilesum_table(args)
+    if args.sharing:
+        return sharing_table(args)
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}, "
@@ -159,6 +163,81 @@ def tilesum_table(args):
     tilesum.UNROLL = None
     rows.append(["layer", ""] + [f"{t:.3f}" for t in tot] + ["", ""])
     head = ["sum", "n"] + [f"U={u} ms" for u in unrolls] + ["torch ms", "best TB/s", "err"]
+    w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    for r in [head] + rows:
+        print("  ".join(str(v).rjust(n) for v, n in zip(r, w)))
+
+
+def sharing_layers(size: str, r: int, dev):
+    """(layer, n_out, d_in, merged.Plan, tensors) of each fused layer with MoRA sharing on its projections
+    (bf16 factors, M random), laid out as parallel/wrappers.py lays them out."""
+    from mora_dist.parallel import merged
+
+    layers: dict = {}
+    for name, d_in, d_out, n_out, segs in projections(r=r, **SHAPES[size]):
+        layer = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "fc1", "up": "fc1"}.get(name, name)
+        a = build_adapter(AdapterConfig("mora", r=r, mora_type="sharing"), Shard(d_in, d_out)).to(dev)
+        with torch.no_grad():
+            a.M.normal_(0, 0.02)
+        fac = a.factors(torch.bfloat16)
+        pos = torch.cat([torch.arange(d0, d0 + f1 - f0) for f0, f1, d0 in segs]).to(dev)
+        if len(segs) == 1:
+            rows = merged.RowRange(segs[0][2], segs[0][2] + d_out)
+        else:
+            w = segs[0][1] - segs[0][0]
+            rows = merged.RowBlocks(len(segs), segs[1][2] - segs[0][2], segs[0][2], w, pos)
+        layers.setdefault(layer, (n_out, d_in, []))[2].append((rows, fac))
+    for layer, (n_out, d_in, parts) in layers.items():
+        keys, Ps, tiles_, terms, pairs = {}, [], [], [], []
+        for rows, fac in parts:
+            if fac.p_key not in keys:
+                keys[fac.p_key] = len(Ps)
+                Ps.append(fac.P)
+                tiles_.append(fac.p_tile)
+            terms.append(merged.Term(rows, keys[fac.p_key], None, fac.q_tile))
+            pairs += [fac.mid, fac.Q]
+        yield layer, n_out, d_in, merged.Plan(len(Ps), tuple(terms), (), tuple(tiles_)), [*Ps, *pairs]
+
+
+@torch.no_grad()
+def sharing_table(args):
+    """ms a layer, replayed from a CUDA graph (what a graphed step pays): MoRA sharing's weight build
+    (`merged.build_weight` into a step buffer: `kernels/build.tile_add` vs the product with the tile maps,
+    MORA_DIST_NO_KERNEL=tilebuild) and its M gradients from one micro-batch's g and x (`merged._factor_grads`:
+    block sums of g and x, q/k/v's g one launch for all query groups), with the bytes each moves."""
+    from mora_dist.parallel import merged
+    from mora_dist.utils.gpu_time import cuda_graph_ms
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    user_off = os.environ.get("MORA_DIST_NO_KERNEL")
+    head = ["layer", "n_out", "d_in", "build ms", "product ms", "build TB/s", "grads ms", "grads TB/s", "build err"]
+    rows, tot = [], [0.0, 0.0, 0.0]
+    for layer, n_out, d_in, plan, ts in sharing_layers(args.size, args.r, dev):
+        W0 = (torch.randn(n_out, d_in, device=dev, generator=gen) * 0.02).to(torch.bfloat16)
+        buf = torch.empty_like(W0)
+        ms, outs = [], []
+        for off in ("", "tilebuild"):
+            os.environ["MORA_DIST_NO_KERNEL"] = off
+            ms.append(cuda_graph_ms(lambda: merged.build_weight(W0, plan, ts, out=buf), args.reps))
+            outs.append(merged.build_weight(W0, plan, ts).float())
+        os.environ["MORA_DIST_NO_KERNEL"] = ""
+        err = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
+        g = (torch.randn(args.tokens, n_out, device=dev, generator=gen) * 0.1).to(torch.bfloat16)
+        x = torch.randn(args.tokens, d_in, device=dev, generator=gen).to(torch.bfloat16)
+        need = [False] * plan.n_p + [v for _ in plan.terms for v in (True, False)]
+        gms = cuda_graph_ms(lambda: merged._factor_grads(g, x, plan, ts, need), args.reps)
+        wb = 2 * W0.numel() * 2 / 1e12
+        gb = (g.numel() + x.numel() * plan.n_p) * 2 / 1e12  # g once, x once a distinct compress
+        tot = [tot[0] + ms[0], tot[1] + ms[1], tot[2] + gms]
+        rows.append([layer, n_out, d_in, f"{ms[0]:.3f}", f"{ms[1]:.3f}", f"{wb / ms[0] * 1e3:.2f}", f"{gms:.3f}",
+                     f"{gb / gms * 1e3:.2f}", f"{err:.1e}"])
+        del g, x, W0, buf
+    if user_off is None:
+        os.environ.pop("MORA_DIST_NO_KERNEL")
+    else:
+        os.environ["MORA_DIST_NO_KERNEL"] = user_off
+    rows.append(["layer", "", "", f"{tot[0]:.3f}", f"{tot[1]:.3f}", "", f"{tot[2]:.3f}", "", ""])
     w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         print("  ".join(str(v).rjust(n) for v, n in zip(r, w)))

@@ -343,6 +343,62 @@ def test_factor_build_matches_float64(n, d, k):
     torch.testing.assert_close(buf, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["groups", "range+product"])
+def test_sharing_build_matches_float64(layout, monkeypatch):
+    """MoRA sharing's weight build (merged._build; on the GPU `kernels/build.tile_add`, M read at row and
+    column mod rh, no product) against W0 plus tests/reference.py's dense update (the authors' definition),
+    d_in = 50 wrapping both adapters' strided compress (rh 12 and 11, padded to 16), into a new tensor and a
+    NaN-filled step buffer. "groups": q- and k-like adapters interleaved per query group over every layer row
+    (k's tiles cross the groups), one pass from W0; "range+product": a sharing adapter's rows from layer row 3
+    and a LoRA-like term after them (the product), the other rows W0's. Under TRITON_INTERPRET=1
+    (test_merged_layer_triton_kernels) the kernel must serve every sharing term."""
+    from mora_dist.kernels import build
+    from mora_dist.parallel import merged
+
+    gen = torch.Generator().manual_seed(11)
+    d_in, G = 50, 2
+    adapters = [build_adapter(AdapterConfig("mora", r=2, mora_type="sharing"), Shard(d_in, d_out)) for d_out in (24, 8)]
+    if layout == "range+product":
+        adapters = adapters[:1]
+    facs, dws = [], []
+    for a in adapters:
+        with torch.no_grad():
+            a.M.copy_(torch.randn(a.M.shape, generator=gen, dtype=D))
+        facs.append(a.factors(D))
+        dws.append(ref.mora_dw(a.M.detach(), d_in, a.shard.d_out, 1))
+    assert [f.p_tile for f in facs] == [f.q_tile for f in facs] == [a.rh for a in adapters][:len(facs)]
+    ts = [f.P for f in facs] + [v for f in facs for v in (f.mid, f.Q)]
+    if layout == "groups":
+        ws = [a.shard.d_out // G for a in adapters]
+        stride = sum(ws)
+        n_out, offs = G * stride, [0, ws[0]]
+        pos = [(o + stride * torch.arange(G)[:, None] + torch.arange(w)[None, :]).reshape(-1) for o, w in zip(offs, ws)]
+        terms = [merged.Term(merged.RowBlocks(G, stride, o, w, p), i, None, f.q_tile)
+                 for i, (o, w, p, f) in enumerate(zip(offs, ws, pos, facs))]
+        p_tiles = tuple(f.p_tile for f in facs)
+    else:
+        n_out, d_out = 34, adapters[0].shard.d_out
+        pos = [torch.arange(3, 3 + d_out), torch.arange(3 + d_out, 3 + d_out + 5)]
+        Pl, Ql = torch.randn(3, d_in, generator=gen, dtype=D), torch.randn(5, 3, generator=gen, dtype=D)
+        terms = [merged.Term(merged.RowRange(3, 3 + d_out), 0, None, facs[0].q_tile),
+                 merged.Term(merged.RowRange(3 + d_out, 3 + d_out + 5), 1, None)]
+        ts = [facs[0].P, Pl, facs[0].mid, facs[0].Q, None, Ql]
+        dws.append(Ql @ Pl)
+        p_tiles = (facs[0].p_tile, None)
+    plan = merged.Plan(len(p_tiles), tuple(terms), (), p_tiles)
+    W0 = torch.randn(n_out, d_in, generator=gen, dtype=D)
+    want = W0.clone()
+    for p, dw in zip(pos, dws):
+        want[p] += dw
+    calls = []
+    monkeypatch.setattr(build, "tile_add", lambda *a, _f=build.tile_add: calls.append(1) or _f(*a))
+    torch.testing.assert_close(merged.build_weight(W0, plan, ts), want, rtol=1e-12, atol=1e-12)
+    buf = torch.full_like(W0, float("nan"))
+    assert merged.build_weight(W0, plan, ts, out=buf).data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf, want, rtol=1e-12, atol=1e-12)
+    assert len(calls) == (2 * len(facs) if os.environ.get("TRITON_INTERPRET") == "1" else 0)
+
+
 @pytest.mark.parametrize("T,rows", [
     (70, "ranges"),   # gate/up: two LoRA terms over row ranges of one output, ALLoRA c on the second
     (300, "groups"),  # q/k/v: terms interleaved per query group (megatron's fused qkv)
@@ -411,7 +467,8 @@ def test_factor_grads_lora_terms(T, rows, monkeypatch):
 @pytest.mark.integration
 def test_merged_layer_triton_kernels():
     """test_merged_layer_matches_dense, test_block_grads_many_tokens, test_block_row_shards,
-    test_factor_build_matches_float64 and test_factor_grads_lora_terms with the factor build (kernels/build.py),
+    test_factor_build_matches_float64, test_sharing_build_matches_float64 and test_factor_grads_lora_terms with
+    the factor builds (kernels/build.py),
     the factor gradients' pass over g (kernels/dualmm.py) and MoRA blocks'
     weight add and M gradient done by the Triton kernels (mora_dist/kernels/blockdiag.py, what a
     GPU runs), executed by Triton's interpreter on the CPU in float64 (TRITON_INTERPRET=1 must be
@@ -419,9 +476,9 @@ def test_merged_layer_triton_kernels():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         f"{__file__}::test_merged_layer_matches_dense", f"{__file__}::test_block_grads_many_tokens",
                         f"{__file__}::test_block_row_shards", f"{__file__}::test_factor_build_matches_float64",
-                        f"{__file__}::test_factor_grads_lora_terms"],
+                        f"{__file__}::test_sharing_build_matches_float64", f"{__file__}::test_factor_grads_lora_terms"],
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "22 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "24 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("n_out,n,width,shift", [(70, 12, 16, 0), (48, 12, 12, 0), (5, 8, 8, 0), (70, 12, 16, 7),

@@ -35,15 +35,17 @@ def tile_sum(t: torch.Tensor, n: int, width: int, wrap: bool = False, shift: int
 
 def tile_sum_groups(t: torch.Tensor, groups, n: int, width: int) -> torch.Tensor:
     """tile_sum of the columns `groups` = ((column, count), ...) of t taken in that order as one
-    flat run (q/k/v rows of the fused qkv layer, one group a query group), rounded once."""
+    flat run (q/k/v rows of the fused qkv layer, one group a query group), rounded once. On the GPU
+    equal groups at a fixed stride (the fused layer's, `merged.RowBlocks`) are one kernel launch."""
     kern = _kernel(t)
+    c0, w = groups[0]
+    gs = groups[1][0] - c0 if len(groups) > 1 else w
+    if kern is not None and gs >= w and all(g == (c0 + j * gs, w) for j, g in enumerate(groups)):
+        return kern.tile_sum(t[:, c0:], n, width, groups=(len(groups), gs, w))
     out = t.new_zeros(t.shape[0], width, dtype=acc_dtype(t.dtype))
     flat = 0
-    for c0, w in groups:
-        if kern is not None:
-            kern.tile_sum(t[:, c0:c0 + w], n, width, shift=flat % n, out=out)
-        else:
-            out += _torch_sum(t[:, c0:c0 + w], n, width, False, flat % n)
+    for c0, w in groups:  # any other columns (by torch)
+        out += _torch_sum(t[:, c0:c0 + w], n, width, False, flat % n)
         flat += w
     return out.to(t.dtype)
 

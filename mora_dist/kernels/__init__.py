@@ -19,8 +19,9 @@ def runs_on(t) -> bool:
 # Hand-written kernels (and kernel-shaped rewrites) a process can leave out for an A/B in the step:
 # rope, swiglu (models/kernels.py), tilesum (adapters/tiles.py: torch's block sums), fold (MoRA block
 # types' g folded over their row tiles, adapters/blockdiag.py), dualmm (a factor adapter's g Q and g^T H in
-# one pass over g, parallel/merged.py: two GEMMs without it).
-KERNEL_NAMES = ("rope", "swiglu", "tilesum", "fold", "dualmm")
+# one pass over g, parallel/merged.py: two GEMMs without it), tilebuild (MoRA sharing's weight build as a
+# read of M per weight, kernels/build.tile_add: the product with the tile maps without it).
+KERNEL_NAMES = ("rope", "swiglu", "tilesum", "fold", "dualmm", "tilebuild")
 
 
 def kernels_off() -> set:

@@ -48,3 +48,49 @@ def addmm(W0: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, out: torch.Tensor 
     _addmm_kernel[grid](W0, Q, R, out, N, D, K, W0.stride(0), Q.stride(0), R.stride(0), out.stride(0),
                         NK=triton.cdiv(K, BK), ACC=tl.float64 if fp64 else tl.float32, BN=BN, BD=BD, BK=BK, num_warps=4)
     return out
+
+
+# tile_add's tile: rows x columns a program (bf16: 32 KB of W0 read and written a program)
+TILE_BR, TILE_BD, TILE_WARPS = 32, 256, 8
+
+
+@triton.jit
+def _tile_add_kernel(src_ptr, out_ptr, m_ptr, rows_ptr, R, D, row0, nq, np_, pad, s_src, s_out, s_m,
+                     INDEXED: tl.constexpr, WRAP: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
+                     BD: tl.constexpr):
+    k = tl.program_id(0) * BR + tl.arange(0, BR)  # the term's rows
+    i = tl.program_id(1) * BD + tl.arange(0, BD)  # input columns
+    mk, mi = k < R, i < D
+    if INDEXED:
+        r = tl.load(rows_ptr + k, mask=mk, other=0).to(tl.int64)
+    else:
+        r = (row0 + k).to(tl.int64)
+    m = mk[:, None] & mi[None, :]
+    mrow = m_ptr + (k % nq)[:, None] * s_m  # M's row of each term row (a few hundred KB: cache-resident)
+    w = tl.load(src_ptr + r[:, None] * s_src + i[None, :], mask=m, other=0.0).to(ACC)
+    w += tl.load(mrow + (i % np_)[None, :], mask=m, other=0.0).to(ACC)
+    if WRAP:  # the first `pad` columns also fill the padded input's last block (x'[p] = x[p mod D])
+        if tl.program_id(1) * BD < pad:
+            w += tl.load(mrow + ((i + D) % np_)[None, :], mask=m & (i < pad)[None, :], other=0.0).to(ACC)
+    tl.store(out_ptr + r[:, None] * s_out + i[None, :], w.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def tile_add(src: torch.Tensor, out: torch.Tensor, M: torch.Tensor, nq: int, np_: int, rows) -> torch.Tensor:
+    """out[rows[k], i] = src[rows[k], i] + M[k mod nq, i mod np_] (+ M[k mod nq, (i + D) mod np_] for
+    i < pad = ceil(D / np_) np_ - D): a MoRA sharing term's W0 + Q M P with Q, P its tile maps
+    (`Factors.q_tile`, `p_tile`) in one pass over its rows, where a K = rh product costs 2 rh FLOPs a
+    weight (cuBLAS's addmm at 8B: 1.5-2.2 TB/s, docs/performance.md). `rows`: (first, count) for
+    consecutive layer rows, or a tensor of them (q/k/v in the fused qkv layer). fp32 sum, one rounding."""
+    D = src.shape[1]
+    assert src.stride(1) == 1 and out.stride(1) == 1 and out.shape == src.shape and M.stride(1) == 1
+    assert nq <= M.shape[0] and np_ <= M.shape[1] and np_ <= D
+    indexed = isinstance(rows, torch.Tensor)
+    R = len(rows) if indexed else rows[1]
+    pad = -(-D // np_) * np_ - D
+    fp64 = src.dtype == torch.float64
+    BR, BD = (16, 32) if fp64 else (TILE_BR, TILE_BD)
+    grid = (triton.cdiv(R, BR), triton.cdiv(D, BD))
+    _tile_add_kernel[grid](src, out, M, rows if indexed else src, R, D, 0 if indexed else rows[0], nq, np_, pad,
+                           src.stride(0), out.stride(0), M.stride(0), INDEXED=indexed, WRAP=pad > 0,
+                           ACC=tl.float64 if fp64 else tl.float32, BR=BR, BD=BD, num_warps=4 if fp64 else TILE_WARPS)
+    return out

@@ -25,7 +25,7 @@ def profiled(path: str, title: str, n_steps: int, cpu: bool = True):
         ka = prof.key_averages()
         attr = "self_device_time_total" if hasattr(ka[0], "self_device_time_total") else "self_cuda_time_total"
         busy = sum(getattr(e, attr) for e in ka if "CUDA" in str(getattr(e, "device_type", "CUDA"))) / n_steps / 1e3
-        tables = [ka.table(sort_by=attr, row_limit=40, max_name_column_width=90)]
+        tables = [ka.table(sort_by=attr, row_limit=60, max_name_column_width=130)]
         if cpu:
             tables.append(ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90))
         with open(path, "a") as f:

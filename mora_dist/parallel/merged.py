@@ -141,21 +141,54 @@ def _dual_kernel(g: torch.Tensor):
     return kernel_for("dualmm", g, off="dualmm", half=True, unit_stride=True)
 
 
+def _tile_build(W0: torch.Tensor):
+    """`kernels/build.py`'s tile_add for MoRA sharing's terms when it serves W0 (as `_kernel_build`, and not
+    left out by MORA_DIST_NO_KERNEL=tilebuild), else None (the terms join the product)."""
+    return kernel_for("build", W0, off="tilebuild", half=True)
+
+
+def _is_tile_term(plan: Plan, t: Term, mid) -> bool:
+    """Q and P both frozen tile maps and mid a matrix (MoRA sharing on a shard holding the whole input):
+    the term's dW is M read at (row mod n, column mod n), no product needed."""
+    return bool(t.q_tile and plan.p_tiles and plan.p_tiles[t.slot] and mid is not None and mid.dim() == 2)
+
+
+def _n_rows(rows) -> int:
+    return rows.end - rows.start if isinstance(rows, RowRange) else len(rows.pos)
+
+
 def _build(W0: torch.Tensor, plan: Plan, Ps, pairs, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """W0 + Q mid P of every factor term as one product over all rows with a block-sparse
-    [n_out, sum k] Q (one rounding; on the GPU one pass over the weight), or a copy of W0 without
-    terms. `out`: where to write it (a layer's step buffer), else a new tensor."""
+    """W0 + Q mid P of every factor term, rounded once: MoRA sharing's terms by `_tile_build` (one pass over
+    their rows), the others as one product over all rows with a block-sparse [n_out, sum k] Q (on the GPU
+    one pass over the weight), or a copy of W0 without terms. `out`: where to write it (a layer's step
+    buffer), else a new tensor."""
     W0 = W0.detach()
-    if not plan.terms:
-        return W0.clone() if out is None else out.copy_(W0)
-    Rs = [Ps[t.slot] if mid is None else (mid[:, None] * Ps[t.slot] if mid.dim() == 1 else mid @ Ps[t.slot])
-          for t, (mid, _) in zip(plan.terms, pairs)]
-    Qf = _stacked_q(W0.shape[0], [(t.rows, Q) for t, (_, Q) in zip(plan.terms, pairs)], W0)
-    R = torch.cat(Rs) if len(Rs) > 1 else Rs[0]
-    kern = _kernel_build(W0, R.shape[0])
-    if kern is not None:
-        return kern.addmm(W0, Qf, R, out)
-    return torch.addmm(W0, Qf, R) if out is None else torch.addmm(W0, Qf, R, out=out)
+    tile = _tile_build(W0) if plan.terms else None
+    is_tile = [tile is not None and _is_tile_term(plan, t, mid) for t, (mid, _) in zip(plan.terms, pairs)]
+    prod = [i for i, f in enumerate(is_tile) if not f]
+    tiled = [i for i, f in enumerate(is_tile) if f]
+    if tiled and not prod and sum(_n_rows(plan.terms[i].rows) for i in tiled) == W0.shape[0]:
+        W, src = (torch.empty_like(W0) if out is None else out), W0  # the terms' rows are all of W
+    elif not prod:
+        W = W0.clone() if out is None else out.copy_(W0)
+        src = W
+    else:
+        terms = [plan.terms[i] for i in prod]
+        Rs = [Ps[t.slot] if mid is None else (mid[:, None] * Ps[t.slot] if mid.dim() == 1 else mid @ Ps[t.slot])
+              for t, (mid, _) in zip(terms, (pairs[i] for i in prod))]
+        Qf = _stacked_q(W0.shape[0], [(t.rows, pairs[i][1]) for t, i in zip(terms, prod)], W0)
+        R = torch.cat(Rs) if len(Rs) > 1 else Rs[0]
+        kern = _kernel_build(W0, R.shape[0])
+        if kern is not None:
+            W = kern.addmm(W0, Qf, R, out)
+        else:
+            W = torch.addmm(W0, Qf, R) if out is None else torch.addmm(W0, Qf, R, out=out)
+        src = W
+    for i in tiled:
+        t, mid = plan.terms[i], pairs[i][0]
+        rows = (t.rows.start, t.rows.end - t.rows.start) if isinstance(t.rows, RowRange) else t.rows.pos
+        tile.tile_add(src, W, mid, t.q_tile, plan.p_tiles[t.slot], rows)
+    return W
 
 
 @torch.no_grad()
