@@ -4,6 +4,9 @@
 #   bash launch/device/sharing_8b.sh a      # kernel table (8B, 1.1B), 1.1B canary, 8B sharing + rotation
 #                                           # profiled, sharing with the product build (A/B), bench --check
 #   bash launch/device/sharing_8b.sh final  # the 8B rows, PEFT + Liger, PEFT (the table), 1.1B rows
+#   bash launch/device/sharing_8b.sh supp   # the other rows: VeRA next to LoRA, micro-batch 1 next to 2,
+#                                           # PEFT + Liger; kernel profiles of frozen / LoRA / VeRA (files tarred:
+#                                           # a call brings back at most 8 files)
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .bench/*.whl && export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 S=$(date +%s)
 left() { echo $(( $1 - $(date +%s) + S )); }
@@ -19,6 +22,11 @@ if [ "$1" = a ]; then
   timeout $(left 585) python3 launch/bench.py --check --no-peer --json $OUT/check.json > $OUT/check.log 2>&1
   cat $OUT/kernels.txt; grep "^|" $OUT/b1_acc.log; grep "^|" $OUT/b8.log; grep -h "^| mora" $OUT/b8_old.log
   grep -h "sharing" $OUT/check.log
+elif [ "$1" = supp ]; then
+  timeout 300 python3 $B8 --rows frozen,lora,vera --profile $OUT/prof8b.txt --json $OUT/b8.json > $OUT/b8.log 2>&1
+  timeout $(left 410) python3 bench/peer_peft.py --size 8b --seq 4096 --mbs 2 --methods lora --liger > $OUT/liger.log 2>&1
+  timeout $(left 585) python3 ${B8/--mbs 2 --accum 4/--mbs 1 --accum 8} --rows frozen,lora --json $OUT/b8_mbs1.json > $OUT/b8_mbs1.log 2>&1
+  grep "^|" $OUT/b8.log; grep "^|" $OUT/b8_mbs1.log
 else
   timeout 300 python3 $B8 --rows frozen,lora,mora-rotation,mora-sharing --json $OUT/b8.json > $OUT/b8.log 2>&1
   timeout $(left 405) python3 bench/peer_peft.py --size 8b --seq 4096 --mbs 2 --methods lora --liger > $OUT/liger.log 2>&1
