@@ -5,7 +5,8 @@ which reads that copy back: four passes over the adapted weights. At the Llama-3
 adapted weights, 14 GB in bf16) that was ~17 ms per build on an H200 (a 6.7 ms copy and an 11 ms
 GEMM; docs/performance.md, 8B section). Here each program reads its tile of W0 once, adds the
 tile's Q R (K = the layer's summed ranks, a few dozen: a short dot) and writes W once: two passes.
-fp32 accumulation, one rounding to W's dtype, as addmm.
+fp32 accumulation, one rounding to W's dtype, as addmm. `tile_add`: the same pass for MoRA sharing, whose
+Q and P are tile maps, so its dW is M itself read at (row mod rh, column mod rh): no product at all.
 """
 from __future__ import annotations
 

@@ -123,8 +123,9 @@ def _stacked_q(n: int, parts, like: torch.Tensor) -> torch.Tensor:
 
 
 # The one-pass build is memory-bound only while the summed rank is small; at K = 256 (VeRA r=256,
-# MoRA sharing's compressed width at 8B) its plain tiles compute slower than cuBLAS, which won there
-# (8B, H200, 2026-11-30: sharing 15,593 -> 15,193 tokens/s with the kernel at K = 256, LoRA held).
+# MoRA sharing's compressed width at 8B where `_tile_build` does not serve: TP row shards) its plain tiles
+# compute slower than cuBLAS, which won there (8B, H200, 2026-11-30: sharing 15,593 -> 15,193 tokens/s
+# with the kernel at K = 256, LoRA held).
 BUILD_KERNEL_MAX_K = 64
 
 
