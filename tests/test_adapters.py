@@ -343,14 +343,14 @@ def test_factor_build_matches_float64(n, d, k):
     torch.testing.assert_close(buf, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("layout", ["groups", "range+product"])
+@pytest.mark.parametrize("layout", ["groups", "range", "range+product"])
 def test_sharing_build_matches_float64(layout, monkeypatch):
     """MoRA sharing's weight build (merged._build; on the GPU `kernels/build.tile_add`, M read at row and
     column mod rh, no product) against W0 plus tests/reference.py's dense update (the authors' definition),
     d_in = 50 wrapping both adapters' strided compress (rh 12 and 11, padded to 16), into a new tensor and a
     NaN-filled step buffer. "groups": q- and k-like adapters interleaved per query group over every layer row
-    (k's tiles cross the groups), one pass from W0; "range+product": a sharing adapter's rows from layer row 3
-    and a LoRA-like term after them (the product), the other rows W0's. Under TRITON_INTERPRET=1
+    (k's tiles cross the groups), one pass from W0; "range": a sharing adapter's rows from layer row 3, the
+    other rows W0's; "range+product": and a LoRA-like term after them (the product). Under TRITON_INTERPRET=1
     (test_merged_layer_triton_kernels) the kernel must serve every sharing term."""
     from mora_dist.kernels import build
     from mora_dist.parallel import merged
@@ -358,7 +358,7 @@ def test_sharing_build_matches_float64(layout, monkeypatch):
     gen = torch.Generator().manual_seed(11)
     d_in, G = 50, 2
     adapters = [build_adapter(AdapterConfig("mora", r=2, mora_type="sharing"), Shard(d_in, d_out)) for d_out in (24, 8)]
-    if layout == "range+product":
+    if layout != "groups":
         adapters = adapters[:1]
     facs, dws = [], []
     for a in adapters:
@@ -385,6 +385,8 @@ def test_sharing_build_matches_float64(layout, monkeypatch):
         ts = [facs[0].P, Pl, facs[0].mid, facs[0].Q, None, Ql]
         dws.append(Ql @ Pl)
         p_tiles = (facs[0].p_tile, None)
+        if layout == "range":
+            terms, ts, p_tiles, pos, dws = terms[:1], ts[:1] + ts[2:4], p_tiles[:1], pos[:1], dws[:1]
     plan = merged.Plan(len(p_tiles), tuple(terms), (), p_tiles)
     W0 = torch.randn(n_out, d_in, generator=gen, dtype=D)
     want = W0.clone()
@@ -478,7 +480,7 @@ def test_merged_layer_triton_kernels():
                         f"{__file__}::test_block_row_shards", f"{__file__}::test_factor_build_matches_float64",
                         f"{__file__}::test_sharing_build_matches_float64", f"{__file__}::test_factor_grads_lora_terms"],
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "24 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "25 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("n_out,n,width,shift", [(70, 12, 16, 0), (48, 12, 12, 0), (5, 8, 8, 0), (70, 12, 16, 7),

@@ -154,8 +154,24 @@ def _is_tile_term(plan: Plan, t: Term, mid) -> bool:
     return bool(t.q_tile and plan.p_tiles and plan.p_tiles[t.slot] and mid is not None and mid.dim() == 2)
 
 
-def _n_rows(rows) -> int:
-    return rows.end - rows.start if isinstance(rows, RowRange) else len(rows.pos)
+def _tile_rows_cover(rows: list, n: int) -> bool:
+    """Whether `rows` (Terms' rows) are disjoint and cover all n rows of the layer, read from their
+    structure (no device work): RowRanges chained from 0 to n (gate + up), or RowBlocks of one stride
+    whose blocks chain over it (q + k + v)."""
+    if all(isinstance(r, RowRange) for r in rows):
+        spans, end = sorted((r.start, r.end) for r in rows), n
+    elif all(isinstance(r, RowBlocks) for r in rows) and len({(r.G, r.stride) for r in rows}) == 1:
+        spans, end = sorted((r.off, r.off + r.w) for r in rows), rows[0].stride
+        if rows[0].G * end != n:
+            return False
+    else:
+        return False
+    at = 0
+    for a, b in spans:
+        if a != at:
+            return False
+        at = b
+    return at == end
 
 
 def _build(W0: torch.Tensor, plan: Plan, Ps, pairs, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -168,7 +184,7 @@ def _build(W0: torch.Tensor, plan: Plan, Ps, pairs, out: Optional[torch.Tensor] 
     is_tile = [tile is not None and _is_tile_term(plan, t, mid) for t, (mid, _) in zip(plan.terms, pairs)]
     prod = [i for i, f in enumerate(is_tile) if not f]
     tiled = [i for i, f in enumerate(is_tile) if f]
-    if tiled and not prod and sum(_n_rows(plan.terms[i].rows) for i in tiled) == W0.shape[0]:
+    if tiled and not prod and _tile_rows_cover([plan.terms[i].rows for i in tiled], W0.shape[0]):
         W, src = (torch.empty_like(W0) if out is None else out), W0  # the terms' rows are all of W
     elif not prod:
         W = W0.clone() if out is None else out.copy_(W0)
