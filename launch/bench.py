@@ -148,6 +148,7 @@ def run_one(cfg: dict) -> dict:
 
     accum = cfg.get("accum", 1)  # micro-batches per optimizer step (gradient accumulation)
     step_factors = cfg.get("step_factors", True)  # fixed_adapters' (--cast-per-forward: off)
+    accumulate = step_factors and cfg.get("accumulate", True)  # its factor gradients summed a step (--per-micro-grads: off)
 
     def micro():
         loss = model(tokens, pos, None, labels=tokens).mean()
@@ -157,9 +158,11 @@ def run_one(cfg: dict) -> dict:
     def forward_backward():
         # with accumulation the merged weights are built once a step and read by every micro-batch;
         # a one-micro-batch step builds them in its forward (inside the whole-step graph)
-        with fixed_adapters(model, step_factors=step_factors) if accum > 1 else contextlib.nullcontext():
+        with fixed_adapters(model, step_factors=step_factors, accumulate=accumulate) if accum > 1 else \
+                contextlib.nullcontext(lambda: None) as flush:
             for _ in range(accum):
                 loss = micro()
+            flush()
         return loss
 
     def step():  # the Trainer's step (training/step.py): zero, forward + backward, grad norm, AdamW
@@ -173,7 +176,7 @@ def run_one(cfg: dict) -> dict:
         if not cfg.get("eager_build"):
             from mora_dist.training.cuda_graph import BuildGraph
             build_graph = BuildGraph()
-        step = capture_accum_step(model, opt, micro, accum, cfg.get("warm", 3), build_graph, step_factors)
+        step = capture_accum_step(model, opt, micro, accum, cfg.get("warm", 3), build_graph, step_factors, accumulate)
     elif graph:
         step = capture_step(opt, step, cfg.get("warm", 3))
     else:
@@ -242,29 +245,34 @@ def capture_step(opt, eager_step, warm: int):
     return replay
 
 
-def capture_accum_step(model, opt, micro, accum: int, warm: int, build=None, step_factors: bool = True):
+def capture_accum_step(model, opt, micro, accum: int, warm: int, build=None, step_factors: bool = True,
+                       accumulate: bool = True):
     """A step of `accum` micro-batches as the Trainer runs it under `train.cuda_graph`: the merged
     weights built once (fixed_adapters; by `build`, a `BuildGraph`, as the Trainer does, or eagerly
     when None), one micro-batch's forward and backward replayed `accum` times from the Trainer's
     `MicrobatchGraph` (captured at the first step; gradients allocated before capture, so the
-    replayed backward accumulates into them), the grad norm and fused AdamW eagerly (`training/step.py`)."""
+    replayed backward accumulates into them), the factor gradients' flush (`accumulate`), the grad norm and
+    fused AdamW eagerly (`training/step.py`)."""
     import torch
 
-    from mora_dist.parallel.inject import fixed_adapters
+    from mora_dist.parallel.inject import fixed_adapters, zero_factor_grads
     from mora_dist.training.cuda_graph import MicrobatchGraph
     from mora_dist.training.step import optimizer_step
 
     params = [p for p in model.parameters() if p.requires_grad]
 
     def zero_grads():
+        zero_factor_grads(model)
         for p in params:
             p.grad = torch.zeros_like(p)
 
     graph = MicrobatchGraph(lambda _: micro().detach(), zero_grads, warmup=warm)
 
     def forward_backward():
-        with fixed_adapters(model, build, step_factors):
-            return [graph({}, first_of_step=i == 0) for i in range(accum)][-1]
+        with fixed_adapters(model, build, step_factors, accumulate) as flush:
+            loss = [graph({}, first_of_step=i == 0) for i in range(accum)][-1]
+            flush()
+            return loss
 
     def step():  # grads zeroed in place: the captured backward adds into them
         if opt is None:
@@ -657,6 +665,8 @@ def main():
     ap.add_argument("--accum", default="1", help="micro-batches per optimizer step, comma list: every row at each "
                     "(the merged weights are built once a step)")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--per-micro-grads", action="store_true", help="accum > 1: the factors' gradients go to the "
+                    "trainables in every micro-batch's backward (as before fixed_adapters' accumulate), for an A/B")
     ap.add_argument("--cast-per-forward", action="store_true", help="accum > 1: each forward casts its adapters' "
                     "factors (as before fixed_adapters' step_factors), for an A/B")
     ap.add_argument("--eager-build", action="store_true", help="graph + accum: the merged weights built eagerly "
@@ -699,7 +709,7 @@ def main():
     dev = head["device"]
     mbs_list = [int(m) for m in a.mbs.split(",")]
     base = dict(size=a.size, seq=a.seq, steps=a.steps, warm=a.warm, compile=not a.no_compile, fuse=not a.no_fuse,
-                eager_build=a.eager_build, step_factors=not a.cast_per_forward)
+                eager_build=a.eager_build, step_factors=not a.cast_per_forward, accumulate=not a.per_micro_grads)
     if a.profile:
         base["profile"] = os.path.abspath(a.profile)
         base["profile_cpu"] = a.profile_cpu
@@ -717,6 +727,7 @@ def main():
                             tag = ("+graph" if mode == "graph" else "") + (f"+accum{accum}" if accum > 1 else "")
                             tag += "+eager-build" if a.eager_build and mode == "graph" and accum > 1 else ""
                             tag += "+cast-per-forward" if a.cast_per_forward and accum > 1 else ""
+                            tag += "+per-micro-grads" if a.per_micro_grads and not a.cast_per_forward and accum > 1 else ""
                             cfgs.append(dict(base, mbs=mbs, accum=accum, name=n + tag, graph=mode == "graph", **ROWS[n]))
     rows = []
     results.update(head=head, rows=rows)

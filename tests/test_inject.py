@@ -203,7 +203,9 @@ def test_tp_not_dividing_groups_names_the_value():
 def _step_factors(rank):
     """Per method: two micro-batches' gradients inside fixed_adapters (the factors cast once a step by
     begin_fixed, reused by both forwards and backwards) against two micro-batches outside it (cast per
-    forward), on a bf16 base with fp32 adapters; and how often the adapters' `factors` ran."""
+    forward), on a bf16 base with fp32 adapters; and how often the adapters' `factors` ran. Then with the
+    factor gradients accumulated (`accumulate`): nothing reaches the trainables before the flush, the flushed
+    gradients against the plain ones, and against a float64 copy of the model's adapters."""
     from mora_dist.adapters import AdapterConfig
     from mora_dist.parallel.inject import adapted_layers, apply_adapters, fixed_adapters
 
@@ -227,20 +229,24 @@ def _step_factors(rank):
         calls = [0]
         for a in adapters:
             f = a.factors
-            a.factors = lambda dtype, f=f: (calls.__setitem__(0, calls[0] + 1), f(dtype))[1]
+            a.factors = lambda dtype, f=f, **kw: (calls.__setitem__(0, calls[0] + 1), f(dtype, **kw))[1]
 
-        def grads(fixed):
+        def grads(fixed, accumulate=False):
             for p in params:
                 p.grad = None
             n0 = calls[0]
-            with fixed_adapters(model) if fixed else contextlib.nullcontext():
+            with fixed_adapters(model, accumulate=accumulate) if fixed else contextlib.nullcontext(lambda: None) as flush:
                 n_build = calls[0] - n0
                 for x in batches:
                     model(x, pos, mask).float().mean().backward()
-            return [p.grad.clone() for p in params], n_build, calls[0] - n0 - n_build
+                before = sum(p.grad is not None for p in params)
+                flush()
+            return [p.grad.clone() for p in params], n_build, calls[0] - n0 - n_build, before
 
-        g_plain, _, c_plain = grads(False)
-        g_fixed, c_build, c_fwd = grads(True)
+        g_plain, _, c_plain, _ = grads(False)
+        g_fixed, c_build, c_fwd, _ = grads(True)
+        g_acc, _, c_acc, before = grads(True, accumulate=True)
+        acc_ptrs = [a.data_ptr() for m in layers for _, a in m.factor_grad_links()]
 
         def addresses():  # of every tensor the forwards read from the step's plan (ALLoRA's c too)
             out = []
@@ -254,13 +260,19 @@ def _step_factors(rank):
         with torch.no_grad():
             for p in params:
                 p.add_(0.01)
-        g_moved, _, _ = grads(True)  # a later step: new values in the same buffers (a captured graph reads them)
+        g_moved, _, _, _ = grads(True)  # a later step: new values in the same buffers (a captured graph reads them)
+        g_acc2, _, _, _ = grads(True, accumulate=True)
+        rel = lambda a, b: max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()  # noqa: E731
+                               for x, y in zip(a, b))
         out[f"{method}{kw}"] = dict(diff=max((a - b).abs().max().item() for a, b in zip(g_plain, g_fixed)),
                                     scale=max(a.abs().max().item() for a in g_plain),
                                     calls_plain=c_plain, calls_build=c_build, calls_fixed=c_fwd, adapters=len(adapters),
                                     same_addresses=first == addresses() and len(first) > 0,
                                     moved=max((a - b).abs().max().item() for a, b in zip(g_moved, g_fixed)),
-                                    factor_adapters=sum(a.factors(torch.bfloat16) is not None for a in adapters))
+                                    factor_adapters=sum(a.factors(torch.bfloat16) is not None for a in adapters),
+                                    acc_rel=rel(g_acc, g_plain), acc_moved_rel=rel(g_acc2, g_moved), acc_before=before,
+                                    acc_calls=c_acc, acc_links=len(acc_ptrs), n_params=len(params),
+                                    acc_same=acc_ptrs == [a.data_ptr() for m in layers for _, a in m.factor_grad_links()])
     return out
 
 
@@ -272,4 +284,10 @@ def test_step_factors_are_cast_once_and_give_the_same_gradients():
         assert r["same_addresses"] and r["moved"] > 0, (name, r)
         n = r["adapters"]  # each forward asks every adapter for its factors (block types answer None)
         assert n == 7 * L and r["calls_plain"] == 2 * n and r["calls_build"] == n and r["calls_fixed"] == 0, (name, r)
+        # accumulated: the factors' trainables get nothing from the backwards, all of it from the flush, equal to
+        # the per-micro-batch sums up to fp32 rounding (the order of the sums), at the step after too
+        factor = 0 if "rotation" in name else r["n_params"]  # rotation: block adapters, gradients returned
+        assert r["acc_calls"] == 0 and r["acc_before"] == r["n_params"] - factor, (name, r)
+        assert r["acc_links"] == (0 if factor == 0 else r["n_params"]) and r["acc_same"], (name, r)
+        assert r["acc_rel"] < 1e-5 and r["acc_moved_rel"] < 1e-5, (name, r)
     assert res["lora{}"]["factor_adapters"] == 7 * L and res["mora{'mora_type': 'rotation'}"]["factor_adapters"] == 0

@@ -7,6 +7,9 @@
 #   bash launch/device/sharing_8b.sh supp   # the issue's other rows: VeRA next to LoRA, micro-batch 1 next to 2,
 #                                           # PEFT + Liger; kernel profiles of frozen / LoRA / VeRA (files tarred:
 #                                           # a call brings back at most 8 files)
+# then, with the factors' gradients summed over a step's micro-batches (fixed_adapters' accumulate):
+#   bash launch/device/sharing_8b.sh acc    # 1.1B canary (losses vs call 1's: sharing 7.8794, LoRA 10.5786),
+#                                           # 8B frozen / LoRA / sharing, LoRA per micro-batch (A/B), PEFT + Liger
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .bench/*.whl && export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 S=$(date +%s)
 left() { echo $(( $1 - $(date +%s) + S )); }
@@ -22,6 +25,14 @@ if [ "$1" = a ]; then
   timeout $(left 585) python3 launch/bench.py --check --no-peer --json $OUT/check.json > $OUT/check.log 2>&1
   cat $OUT/kernels.txt; grep "^|" $OUT/b1_acc.log; grep "^|" $OUT/b8.log; grep -h "^| mora" $OUT/b8_old.log
   grep -h "sharing" $OUT/check.log
+elif [ "$1" = acc ]; then
+  timeout 100 python3 $B1 --accum 2 --steps 3 --rows mora-sharing,lora,vera --json $OUT/b1_acc.json > $OUT/b1_acc.log 2>&1
+  PM=""; grep -q '"error"' $OUT/b1_acc.json || [ ! -s $OUT/b1_acc.json ] && PM="--per-micro-grads"  # canary failed
+  timeout $(left 345) python3 $B8 $PM --rows frozen,lora,mora-sharing --json $OUT/b8.json > $OUT/b8.log 2>&1
+  [ -z "$PM" ] && timeout $(left 425) python3 $B8 --per-micro-grads --rows lora --json $OUT/b8_pm.json > $OUT/b8_pm.log 2>&1
+  timeout $(left 530) python3 bench/peer_peft.py --size 8b --seq 4096 --mbs 2 --methods lora --liger > $OUT/liger.log 2>&1
+  grep "^|" $OUT/b1_acc.log; grep -h '"loss"' $OUT/b1_acc.log | grep -o '"name": "[^"]*"\|"loss": [0-9.]*'
+  grep "^|" $OUT/b8.log; grep -h "^| mora_dist | lora" $OUT/b8_pm.log
 elif [ "$1" = supp ]; then
   timeout 300 python3 $B8 --rows frozen,lora,vera --profile $OUT/prof8b.txt --json $OUT/b8.json > $OUT/b8.log 2>&1
   timeout $(left 410) python3 bench/peer_peft.py --size 8b --seq 4096 --mbs 2 --methods lora --liger > $OUT/liger.log 2>&1

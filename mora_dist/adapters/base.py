@@ -338,8 +338,10 @@ class Adapter(nn.Module):
             return p
         return copy_to_tp(p)
 
-    def factors(self, dtype: torch.dtype) -> Optional[Factors]:
-        """`Factors` of the rank's shard of this adapter (any TP), or None (use `forward`)."""
+    def factors(self, dtype: torch.dtype, cast: bool = True) -> Optional[Factors]:
+        """`Factors` of the rank's shard of this adapter (any TP), or None (use `forward`). `cast=False`:
+        the tensors computed from trainables stay in the trainables' dtype (fp32) for the caller to cast
+        (`AdaptedLinear`'s step gradient accumulation roots their backward there); frozen ones are in dtype."""
         return None
 
     def block_operator(self):

@@ -58,10 +58,10 @@ class LoRA(Adapter):
     def delta_weight(self):
         return (self.B @ self.A) * self.scale
 
-    def factors(self, dtype):
+    def factors(self, dtype, cast: bool = True):
         if not self.fast:
             return None
         # mul.Scalar: its backward keeps the number, not a saved tensor (`tensor * float` would save a 0-dim
         # tensor, released after one backward), so these casts, made once a step, serve every micro-batch
-        Q = torch.ops.aten.mul.Scalar(self.merged_param("B"), self.scale)
-        return Factors(P=self.merged_param("A").to(dtype), Q=Q.to(dtype))
+        P, Q = self.merged_param("A"), torch.ops.aten.mul.Scalar(self.merged_param("B"), self.scale)
+        return Factors(P=P.to(dtype), Q=Q.to(dtype)) if cast else Factors(P=P, Q=Q)

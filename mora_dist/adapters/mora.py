@@ -216,7 +216,7 @@ class MoRA(Adapter):
             self._maps_cache = {key: (C.to(device=device, dtype=dtype), D[:, :self.rh_pad].to(device=device, dtype=dtype))}
         return self._maps_cache[key]
 
-    def factors(self, dtype):
+    def factors(self, dtype, cast: bool = True):
         """Group types: P = compress (0/1), mid = M, Q = decompress (0/1), padded to rh_pad;
         block types: None."""
         if not self.fast or not (self.type in GROUP_TYPES or self.type == "truncation"):
@@ -227,7 +227,7 @@ class MoRA(Adapter):
         p = self.rh_pad - self.rh
         M = self.merged_param("M")
         mid = torch.nn.functional.pad(M, (0, p, 0, p)) if p else M
-        return Factors(P=C, mid=mid.to(dtype), Q=D, p_key=key, q_tile=self._q_tile, p_tile=self._p_tile)
+        return Factors(P=C, mid=mid.to(dtype) if cast else mid, Q=D, p_key=key, q_tile=self._q_tile, p_tile=self._p_tile)
 
     def block_operator(self):
         """Block types on any shard: (geometry, M, rotation tables (cos, sin) [n_used, rh] in M's

@@ -78,18 +78,18 @@ class VeRA(Adapter):
     def delta_weight(self):
         return self.b[:, None] * (self.B @ (self.d[:, None] * self.A))
 
-    def factors(self, dtype):
+    def factors(self, dtype, cast: bool = True):
         """P = A (frozen, identical for every layer of the same input width: computed once per
         fused layer), mid = d, Q = diag(b) B."""
         if not self.fast:
             return None
         key = ("vera", self.cfg.seed, self.cfg.r, self.vera_in_max, self.vera_out_max, self.shard.in_start,
                self.shard.in_end, self.A.device)
-        cast = getattr(self, "_A_cast", None)
-        if cast is None or cast.dtype != dtype or cast.device != self.A.device:
-            cast = self._A_cast = self.A.to(dtype)  # frozen: cast once (the wrapper caches its concatenation)
-        return Factors(P=cast, mid=self.merged_param("d").to(dtype), Q=_ScaleRows.apply(self.merged_param("b"), self.B).to(dtype),
-                       p_key=key)
+        A = getattr(self, "_A_cast", None)
+        if A is None or A.dtype != dtype or A.device != self.A.device:
+            A = self._A_cast = self.A.to(dtype)  # frozen: cast once (the wrapper caches its concatenation)
+        mid, Q = self.merged_param("d"), _ScaleRows.apply(self.merged_param("b"), self.B)
+        return Factors(P=A, mid=mid.to(dtype) if cast else mid, Q=Q.to(dtype) if cast else Q, p_key=key)
 
 
 class _ScaleRows(torch.autograd.Function):

@@ -161,27 +161,45 @@ def adapted_layers(model: nn.Module):
 
 
 @contextlib.contextmanager
-def fixed_adapters(model: nn.Module, graph=None, step_factors: bool = True):
+def fixed_adapters(model: nn.Module, graph=None, step_factors: bool = True, accumulate: bool = False):
     """A scope in which the adapter parameters do not change (an optimizer step's micro-batches, an
     evaluation): each adapted layer on the merged-weight path builds W0 + dW once, on entry, and
     every forward inside reads it (`AdaptedLinear.begin_fixed`). Changing adapter parameters or
     base weights inside the scope is an error the scope cannot see: step the optimizer outside.
     `graph`: a `training.cuda_graph.BuildGraph` that runs (captures, replays) the builds.
     `step_factors`: the factors' casts made on entry too and reused by every forward (false: each
-    forward casts its own, as a micro-batch graph captured with eager builds at TP > 1 was timed)."""
+    forward casts its own, as a micro-batch graph captured with eager builds at TP > 1 was timed).
+    `accumulate` (with step_factors): the backwards inside sum the factors' gradients in fp32 buffers and
+    the scope yields `flush`, which sends them to the trainables' .grad (and DDP's hooks) in one backward;
+    call it once, after the step's last backward, inside the scope: gradients not flushed are lost.
+    Otherwise it yields a flush that does nothing."""
     layers = adapted_layers(model)
+    accumulate = accumulate and step_factors
     if graph is None:
         for m in layers:
-            m.begin_fixed(step_factors)
+            m.begin_fixed(step_factors, accumulate)
     else:
-        graph(lambda: [m.begin_fixed(step_factors) for m in layers])
+        graph(lambda: [m.begin_fixed(step_factors, accumulate) for m in layers])
         for m in layers:  # a replay ran no Python: point the forwards at the buffers the builds write
             m.resume_fixed()
+
+    def flush() -> None:
+        links = [link for m in layers for link in m.factor_grad_links()] if accumulate else []
+        if links:  # the nodes keep no saved tensors (they serve every step under a BuildGraph): retained
+            torch.autograd.backward([t for t, _ in links], [a for _, a in links], retain_graph=True)
+
     try:
-        yield
+        yield flush
     finally:
         for m in layers:
             m.end_fixed()
+
+
+def zero_factor_grads(model: nn.Module) -> None:
+    """Zero the factor gradients `fixed_adapters(accumulate=True)` has summed so far (after a CUDA graph's
+    warm-up micro-batches, which are not part of a step)."""
+    for m in adapted_layers(model):
+        m.zero_factor_grads()
 
 
 def defer_tp_grads(model: nn.Module):

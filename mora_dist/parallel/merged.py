@@ -82,11 +82,15 @@ class Block(NamedTuple):
 
 class Plan(NamedTuple):
     """The layer's adapters. The Function's tensors are the n_p distinct P, then (mid, Q) per term,
-    then M per block. `p_tiles`: `Factors.p_tile` of each distinct P (empty: none)."""
+    then M per block. `p_tiles`: `Factors.p_tile` of each distinct P (empty: none). `accs` (empty: none):
+    one per tensor, an fp32 buffer the backward adds that tensor's gradient into instead of returning it
+    (None: returned), the step's gradient accumulation of `AdaptedLinear.begin_fixed`; the Function's
+    tensors then end with an anchor, a leaf that requires grad so the backward runs (its gradient: None)."""
     n_p: int
     terms: tuple
     blocks: tuple
     p_tiles: tuple = ()
+    accs: tuple = ()
 
 
 @torch.no_grad()
@@ -214,7 +218,7 @@ def build_weight(W0: torch.Tensor, plan: Plan, ts, out: Optional[torch.Tensor] =
     in place), rounded once to W0's dtype. `ts` as MergedLinear takes them."""
     if not plan.terms and not plan.blocks and out is None:
         return W0.detach()
-    Ps, pairs, Ms = _split(plan, ts)
+    Ps, pairs, Ms = _split(plan, ts[:-1] if plan.accs else ts)  # without the anchor
     W = _build(W0, plan, Ps, pairs, out)
     blockdiag.add_blocks_(W, [b.plan for b in plan.blocks], Ms, [b.rot for b in plan.blocks])
     return W
@@ -336,6 +340,9 @@ def _backward(ctx, g, first: int):
     plan, comm = ctx.plan, ctx.comm
     x2, W, *ts = ctx.saved_tensors
     need = ctx.needs_input_grad[first:]
+    if plan.accs:  # the anchor off; accumulated tensors' gradients are needed though they require none
+        ts = ts[:-1]
+        need = [n or a is not None for n, a in zip(need, plan.accs)]
     nf = plan.n_p + 2 * len(plan.terms)
     grads = [None] * len(ts)
     dx = None
@@ -354,11 +361,24 @@ def _backward(ctx, g, first: int):
 
     if comm is not None and comm[0] == "gather" and ctx.needs_input_grad[0]:
         # column-parallel under SP: dx reduce-scattered over the sequence, the parameter grads meanwhile
-        return overlap.mm_scatter(g, W, comm[1], overlap=params), grads
-    params()
-    if comm is None and ctx.needs_input_grad[0]:
-        dx = g @ W
-    return dx, grads
+        dx = overlap.mm_scatter(g, W, comm[1], overlap=params)
+    else:
+        params()
+        if comm is None and ctx.needs_input_grad[0]:
+            dx = g @ W
+    return dx, _accumulate(plan, grads)
+
+
+def _accumulate(plan: Plan, grads: list) -> list:
+    """grads with those of `plan.accs`' tensors added into their buffers (None returned for them and for the
+    anchor); grads itself without accs."""
+    if not plan.accs:
+        return grads
+    for i, a in enumerate(plan.accs):
+        if a is not None and grads[i] is not None:
+            a.add_(grads[i])
+            grads[i] = None
+    return grads + [None]
 
 
 class MergedLinear(torch.autograd.Function):

@@ -64,6 +64,14 @@ def _segments(adapter_rows: torch.Tensor, layer_rows: torch.Tensor) -> tuple:
     return tuple(segs)
 
 
+def _cast_factors(fac, dt):
+    """`Factors` with its tensors in dtype dt (values only: for ALLoRA's coefficients)."""
+    import dataclasses
+
+    return dataclasses.replace(fac, **{k: getattr(fac, k).detach().to(dt) for k in ("P", "mid", "Q")
+                                       if getattr(fac, k) is not None})
+
+
 _side_stream = None
 
 
@@ -97,6 +105,7 @@ class AdaptedLinear(nn.Module):
         self._fixed_last: Optional[torch.Tensor] = None  # what the last begin_fixed chose (BuildGraph replays)
         self._step_planned = None  # the last begin_fixed's `_merged_plan()`, read by the forwards inside the scope
         self._held: dict = {}  # _hold's buffers
+        self._grad_links: list = []  # (factor before its cast, fp32 buffer of its step gradient): begin_fixed
         self.overlap_sp = True  # parallel.overlap_sp: SP's collectives inside the merged GEMMs (overlap.py)
 
     def add_adapter(self, name: str, adapter: Adapter, positions: Optional[torch.Tensor] = None) -> None:
@@ -140,12 +149,13 @@ class AdaptedLinear(nn.Module):
         return (weight is None and not self.base.weight.requires_grad
                 and all(a.fast for a in self.adapters.values()))
 
-    def _merged_plan(self, stable: bool = False):
+    def _merged_plan(self, stable: bool = False, accumulate: bool = False):
         """(merged.Plan, its tensors, names of adapters added by their own forward) for this layer's
         adapters as they are now. Adapters with neither `Factors` nor a block operator go to the
         third list (none of this repository's methods on any shard, with the fast paths on).
         `stable` (begin_fixed): every tensor made here (casts of the trainables, ALLoRA's c) is copied
-        into a buffer of this layer, so that it has the same address every step (`_hold`)."""
+        into a buffer of this layer, so that it has the same address every step (`_hold`).
+        `accumulate` (with stable): the factors' gradients go to fp32 buffers (`_accumulated`)."""
         dt = self.base.weight.dtype
         keys, Ps, pairs, terms, Ms, blocks, extra, p_tiles = {}, [], [], [], [], [], [], []
         for name, adapter in self.adapters.items():
@@ -153,14 +163,16 @@ class AdaptedLinear(nn.Module):
             if not isinstance(rows, merged.RowRange):  # the index buffer as it is now (follows .to(device))
                 rows = type(rows)(*rows[:-1], getattr(self, f"_pos_{name}"))
             eta = adapter.cfg.allora_eta
-            fac = adapter.factors(dt)
+            fac = adapter.factors(dt, cast=not accumulate)
             if fac is not None:
                 key = fac.p_key if fac.p_key is not None else ("adapter", name)
                 if key not in keys:
                     keys[key] = len(Ps)
                     Ps.append(fac.P)
                     p_tiles.append(None if fac.P.requires_grad else fac.p_tile)
-                c = None if eta is None else merged.factor_row_coefficients(fac, eta, self._row_group(adapter)).to(dt)
+                # ALLoRA's c from the factors the forwards read (cast to dt), whichever form `fac` has
+                c = None if eta is None else merged.factor_row_coefficients(
+                    fac if not accumulate else _cast_factors(fac, dt), eta, self._row_group(adapter)).to(dt)
                 terms.append(merged.Term(rows, keys[key], c, fac.q_tile))
                 pairs += [fac.mid, fac.Q]
                 continue
@@ -174,11 +186,73 @@ class AdaptedLinear(nn.Module):
             blocks.append(merged.Block((geo, segments), c, rot))
             Ms.append(M)
         ts = [*Ps, *pairs, *Ms]
+        accs = ()
         if stable:
-            ts = [self._hold(("t", i), t) for i, t in enumerate(ts)]
+            if accumulate:
+                nf = len(Ps) + len(pairs)
+                fac_ts, accs = self._accumulated(ts[:nf], dt)
+                Ms = [self._hold(("t", nf + j), M) for j, M in enumerate(Ms)]
+                if any(a is not None for a in accs):
+                    ts = fac_ts + Ms + [self._anchor()]
+                    accs += (None,) * len(Ms)  # block adapters' M: fp32 already, their gradients returned
+                else:  # nothing to accumulate (block adapters only)
+                    ts, accs = fac_ts + Ms, ()
+            else:
+                ts = [self._hold(("t", i), t) for i, t in enumerate(ts)]
             terms = [t._replace(c=self._hold(("tc", i), t.c, grad=False)) for i, t in enumerate(terms)]
             blocks = [b._replace(c=self._hold(("bc", i), b.c, grad=False)) for i, b in enumerate(blocks)]
-        return merged.Plan(len(Ps), tuple(terms), tuple(blocks), tuple(p_tiles)), ts, extra
+        return merged.Plan(len(Ps), tuple(terms), tuple(blocks), tuple(p_tiles), accs), ts, extra
+
+    def _accumulated(self, ts: list, dt: torch.dtype):
+        """(ts as the forwards read them, their accumulation buffers) for the factors of a step: each one made
+        from trainables (fp32, `factors(cast=False)`) is cast into a stable buffer of dtype dt (no autograd link),
+        and its gradient is added by every micro-batch's backward into an fp32 buffer (one flat buffer a layer,
+        zeroed here); `inject.fixed_adapters`' flush then sends those sums through the casts, scales and TP
+        identities to the trainables once a step. Why: run per micro-batch, that chain was 2-3 small kernels a
+        factor (8B LoRA: the casts back to fp32, the scale, ~3,500 kernels a step, 14 ms; docs/performance.md);
+        the roots are the fp32 tensors, so the sums reach the trainables unrounded. Frozen factors (already dt)
+        pass through. The cast buffers are `_hold`'s (same keys: one copy whichever path a step takes)."""
+        out, links = [], []
+        for i, t in enumerate(ts):
+            if t is None or (t.dtype == dt and not t.requires_grad):
+                out.append(t)
+                continue
+            buf = self._held.get(("t", i))
+            if buf is None or buf.shape != t.shape or buf.dtype != dt or buf.device != t.device:
+                buf = self._held[("t", i)] = torch.empty(t.shape, dtype=dt, device=t.device)
+            out.append(buf.detach().copy_(t.detach()))  # detach: `_hold`'s copy_ may have given buf a history
+            if t.requires_grad:
+                links.append((i, t))
+        n = sum(t.numel() for _, t in links)
+        flat = self._held.get("acc")
+        if flat is None or flat.numel() != n or (links and flat.device != links[0][1].device):
+            flat = self._held["acc"] = torch.empty(n, dtype=torch.float32, device=links[0][1].device if links else None)
+        flat.zero_()
+        accs, off = [None] * len(ts), 0
+        for i, t in links:
+            accs[i] = flat[off:off + t.numel()].view(t.shape)
+            off += t.numel()
+        self._grad_links = [(t, accs[i]) for i, t in links]
+        return out, tuple(accs)
+
+    def _anchor(self) -> torch.Tensor:
+        """A 0-dim leaf that requires grad, among the merged Function's inputs when the factors' gradients are
+        accumulated (`merged.Plan.accs`): without it a layer whose input needs no gradient (the first layer's
+        q/k/v) would have no backward at all."""
+        a = self._held.get("anchor")
+        if a is None or a.device != self.base.weight.device:
+            a = self._held["anchor"] = torch.zeros((), device=self.base.weight.device, requires_grad=True)
+        return a
+
+    def factor_grad_links(self) -> list:
+        """(factor before its cast, fp32 sum of its gradient over the step's micro-batches) of the last
+        `begin_fixed(accumulate=True)`: what `inject.fixed_adapters`' flush sends to the trainables."""
+        return self._grad_links
+
+    def zero_factor_grads(self) -> None:
+        """Zero the accumulated factor gradients (a CUDA graph's warm-up micro-batches are not part of a step)."""
+        if "acc" in self._held:
+            self._held["acc"].zero_()
 
     def _hold(self, key, t: Optional[torch.Tensor], grad: bool = True) -> Optional[torch.Tensor]:
         """t copied into this layer's buffer `key` (made on first use) when it was computed here: a CUDA
@@ -195,14 +269,16 @@ class AdaptedLinear(nn.Module):
 
     # --- one build a step (inject.fixed_adapters) -----------------------------------------------
     @torch.no_grad()
-    def begin_fixed(self, step_factors: bool = True) -> None:
+    def begin_fixed(self, step_factors: bool = True, accumulate: bool = False) -> None:
         """The adapters stay fixed until `end_fixed` (an optimizer step's micro-batches): build
         W0 + dW once, into a buffer kept across steps (a stable address for CUDA graphs), and let
-        every forward read it; with `step_factors` the forwards reuse this build's factors too."""
-        self._fixed = self._fixed_last = self._build_fixed(step_factors)
+        every forward read it; with `step_factors` the forwards reuse this build's factors too, and with
+        `accumulate` their gradients are summed over the step for one flush (`_accumulated`)."""
+        self._fixed = self._fixed_last = self._build_fixed(step_factors, accumulate)
 
-    def _build_fixed(self, step_factors: bool) -> Optional[torch.Tensor]:
+    def _build_fixed(self, step_factors: bool, accumulate: bool = False) -> Optional[torch.Tensor]:
         self._step_planned = None
+        self._grad_links = []
         if self.merged or not self.adapters or not self._use_merged(None):
             return None
         W0 = self.base.weight
@@ -217,7 +293,7 @@ class AdaptedLinear(nn.Module):
             if side is not None:
                 side.wait_stream(torch.cuda.current_stream())
             with torch.enable_grad(), torch.cuda.stream(side):  # stream None: a no-op
-                self._step_planned = planned = self._merged_plan(stable=True)
+                self._step_planned = planned = self._merged_plan(stable=True, accumulate=accumulate)
             if side is not None:
                 torch.cuda.current_stream().wait_stream(side)
         else:

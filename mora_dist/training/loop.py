@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mora_dist.parallel import overlap
-from mora_dist.parallel.inject import adapted_layers, defer_tp_grads, fixed_adapters
+from mora_dist.parallel.inject import adapted_layers, defer_tp_grads, fixed_adapters, zero_factor_grads
 
 from mora_dist.training.config import Config, resolve_optimizer
 from mora_dist.training.schedule import jagged_cosine_lr
@@ -223,6 +223,7 @@ class Trainer:
         return loss.detach()
 
     def _zero_grads(self) -> None:
+        zero_factor_grads(self.model)
         for d in self.ddps:
             d.zero_grad_buffer()
         for p in self.params:
@@ -268,14 +269,16 @@ class Trainer:
 
     def _forward_backward(self, step: int) -> list:
         """Every micro-batch of `step` (graphed, or through the schedule), gradients reduced over DP into p.grad."""
-        # merged weights built once for the step's micro-batches, and their factors cast once, except with a
-        # micro-batch graph and eager builds (TP > 1): there the graph casts them, as timed on two GPUs
+        # merged weights built once for the step's micro-batches, and their factors cast once (their gradients
+        # summed over the micro-batches and sent to the trainables once), except with a micro-batch graph and
+        # eager builds (TP > 1): there the graph casts them, as timed on two GPUs
         reuse = self.graph is None or self.build_graph is not None
-        with fixed_adapters(self.model, self.build_graph, step_factors=reuse):
+        with fixed_adapters(self.model, self.build_graph, step_factors=reuse, accumulate=reuse) as flush:
             if self.graph is not None:
                 losses = self._run_graphed(step)
             else:
                 losses = self._run_schedule(self.batches, step, forward_only=False)
+            flush()
         if self.cfg.train.full_rank:
             from megatron.core.distributed import finalize_model_grads
 
