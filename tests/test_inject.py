@@ -262,6 +262,12 @@ def _step_factors(rank):
                 p.add_(0.01)
         g_moved, _, _, _ = grads(True)  # a later step: new values in the same buffers (a captured graph reads them)
         g_acc2, _, _, _ = grads(True, accumulate=True)
+        try:  # a backward inside an accumulating scope that never flushes: an error, not lost gradients
+            with fixed_adapters(model, accumulate=True):
+                model(batches[0], pos, mask).float().mean().backward()
+            unflushed = "no error"
+        except RuntimeError as e:
+            unflushed = str(e)
         rel = lambda a, b: max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()  # noqa: E731
                                for x, y in zip(a, b))
         out[f"{method}{kw}"] = dict(diff=max((a - b).abs().max().item() for a, b in zip(g_plain, g_fixed)),
@@ -271,7 +277,7 @@ def _step_factors(rank):
                                     moved=max((a - b).abs().max().item() for a, b in zip(g_moved, g_fixed)),
                                     factor_adapters=sum(a.factors(torch.bfloat16) is not None for a in adapters),
                                     acc_rel=rel(g_acc, g_plain), acc_moved_rel=rel(g_acc2, g_moved), acc_before=before,
-                                    acc_calls=c_acc, acc_links=len(acc_ptrs), n_params=len(params),
+                                    acc_calls=c_acc, acc_links=len(acc_ptrs), n_params=len(params), unflushed=unflushed,
                                     acc_same=acc_ptrs == [a.data_ptr() for m in layers for _, a in m.factor_grad_links()])
     return out
 
@@ -290,4 +296,5 @@ def test_step_factors_are_cast_once_and_give_the_same_gradients():
         assert r["acc_calls"] == 0 and r["acc_before"] == r["n_params"] - factor, (name, r)
         assert r["acc_links"] == (0 if factor == 0 else r["n_params"]) and r["acc_same"], (name, r)
         assert r["acc_rel"] < 1e-5 and r["acc_moved_rel"] < 1e-5, (name, r)
+        assert ("never flushed" in r["unflushed"]) == (factor > 0), (name, r["unflushed"])
     assert res["lora{}"]["factor_adapters"] == 7 * L and res["mora{'mora_type': 'rotation'}"]["factor_adapters"] == 0

@@ -171,8 +171,8 @@ def fixed_adapters(model: nn.Module, graph=None, step_factors: bool = True, accu
     forward casts its own, as a micro-batch graph captured with eager builds at TP > 1 was timed).
     `accumulate` (with step_factors): the backwards inside sum the factors' gradients in fp32 buffers and
     the scope yields `flush`, which sends them to the trainables' .grad (and DDP's hooks) in one backward;
-    call it once, after the step's last backward, inside the scope: gradients not flushed are lost.
-    Otherwise it yields a flush that does nothing."""
+    call it once, after the step's last backward, inside the scope (a scope that ends normally with summed
+    gradients it never flushed raises: they would be lost). Otherwise it yields a flush that does nothing."""
     layers = adapted_layers(model)
     accumulate = accumulate and step_factors
     if graph is None:
@@ -183,16 +183,25 @@ def fixed_adapters(model: nn.Module, graph=None, step_factors: bool = True, accu
         for m in layers:  # a replay ran no Python: point the forwards at the buffers the builds write
             m.resume_fixed()
 
+    flushed = []
+
     def flush() -> None:
         links = [link for m in layers for link in m.factor_grad_links()] if accumulate else []
         if links:  # the nodes keep no saved tensors (they serve every step under a BuildGraph): retained
             torch.autograd.backward([t for t, _ in links], [a for _, a in links], retain_graph=True)
+        flushed.append(True)
 
     try:
         yield flush
-    finally:
+    except BaseException:
         for m in layers:
             m.end_fixed()
+        raise
+    for m in layers:
+        m.end_fixed()
+    if accumulate and not flushed and any(bool(a.any()) for m in layers for _, a in m.factor_grad_links()):
+        raise RuntimeError("fixed_adapters(accumulate=True): the scope ended with factor gradients it never "
+                           "flushed; call the flush it yields after the step's last backward, inside the scope")
 
 
 def zero_factor_grads(model: nn.Module) -> None:
