@@ -193,12 +193,9 @@ def fixed_adapters(model: nn.Module, graph=None, step_factors: bool = True, accu
 
     try:
         yield flush
-    except BaseException:
+    finally:
         for m in layers:
             m.end_fixed()
-        raise
-    for m in layers:
-        m.end_fixed()
     if accumulate and not flushed and any(bool(a.any()) for m in layers for _, a in m.factor_grad_links()):
         raise RuntimeError("fixed_adapters(accumulate=True): the scope ended with factor gradients it never "
                            "flushed; call the flush it yields after the step's last backward, inside the scope")

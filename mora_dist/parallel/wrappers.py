@@ -20,6 +20,7 @@ for an adapter that offers neither `Factors` nor a block operator (docs/performa
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -66,8 +67,6 @@ def _segments(adapter_rows: torch.Tensor, layer_rows: torch.Tensor) -> tuple:
 
 def _cast_factors(fac, dt):
     """`Factors` with its tensors in dtype dt (values only: for ALLoRA's coefficients)."""
-    import dataclasses
-
     return dataclasses.replace(fac, **{k: getattr(fac, k).detach().to(dt) for k in ("P", "mid", "Q")
                                        if getattr(fac, k) is not None})
 
@@ -188,17 +187,17 @@ class AdaptedLinear(nn.Module):
         ts = [*Ps, *pairs, *Ms]
         accs = ()
         if stable:
+            nf = len(Ps) + len(pairs)
             if accumulate:
-                nf = len(Ps) + len(pairs)
                 fac_ts, accs = self._accumulated(ts[:nf], dt)
-                Ms = [self._hold(("t", nf + j), M) for j, M in enumerate(Ms)]
-                if any(a is not None for a in accs):
-                    ts = fac_ts + Ms + [self._anchor()]
-                    accs += (None,) * len(Ms)  # block adapters' M: fp32 already, their gradients returned
-                else:  # nothing to accumulate (block adapters only)
-                    ts, accs = fac_ts + Ms, ()
             else:
-                ts = [self._hold(("t", i), t) for i, t in enumerate(ts)]
+                fac_ts = [self._hold(("t", i), t) for i, t in enumerate(ts[:nf])]
+            ts = fac_ts + [self._hold(("t", nf + j), M) for j, M in enumerate(Ms)]
+            if any(a is not None for a in accs):
+                ts.append(self._anchor())
+                accs += (None,) * len(Ms)  # block adapters' M: fp32 already, their gradients returned
+            else:  # nothing to accumulate (block adapters only, or not accumulating)
+                accs = ()
             terms = [t._replace(c=self._hold(("tc", i), t.c, grad=False)) for i, t in enumerate(terms)]
             blocks = [b._replace(c=self._hold(("bc", i), b.c, grad=False)) for i, b in enumerate(blocks)]
         return merged.Plan(len(Ps), tuple(terms), tuple(blocks), tuple(p_tiles), accs), ts, extra
@@ -217,16 +216,12 @@ class AdaptedLinear(nn.Module):
             if t is None or (t.dtype == dt and not t.requires_grad):
                 out.append(t)
                 continue
-            buf = self._held.get(("t", i))
-            if buf is None or buf.shape != t.shape or buf.dtype != dt or buf.device != t.device:
-                buf = self._held[("t", i)] = torch.empty(t.shape, dtype=dt, device=t.device)
+            buf = self._buffer(("t", i), t.shape, dt, t.device)
             out.append(buf.detach().copy_(t.detach()))  # detach: `_hold`'s copy_ may have given buf a history
             if t.requires_grad:
                 links.append((i, t))
-        n = sum(t.numel() for _, t in links)
-        flat = self._held.get("acc")
-        if flat is None or flat.numel() != n or (links and flat.device != links[0][1].device):
-            flat = self._held["acc"] = torch.empty(n, dtype=torch.float32, device=links[0][1].device if links else None)
+        flat = self._buffer("acc", (sum(t.numel() for _, t in links),), torch.float32,
+                            links[0][1].device if links else self.base.weight.device)
         flat.zero_()
         accs, off = [None] * len(ts), 0
         for i, t in links:
@@ -243,6 +238,13 @@ class AdaptedLinear(nn.Module):
         if a is None or a.device != self.base.weight.device:
             a = self._held["anchor"] = torch.zeros((), device=self.base.weight.device, requires_grad=True)
         return a
+
+    def _buffer(self, key, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """This layer's buffer `key` (`_held`), made (uninitialised) when missing or of another shape, dtype or device."""
+        buf = self._held.get(key)
+        if buf is None or buf.shape != torch.Size(shape) or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = self._held[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
 
     def factor_grad_links(self) -> list:
         """(factor before its cast, fp32 sum of its gradient over the step's micro-batches) of the last
@@ -262,10 +264,7 @@ class AdaptedLinear(nn.Module):
         constant of the plan (ALLoRA's c), always computed here: its values are copied."""
         if t is None or (grad and t.grad_fn is None):
             return t
-        buf = self._held.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
-            buf = self._held[key] = torch.empty_like(t, requires_grad=False)
-        return buf.copy_(t if grad else t.detach())
+        return self._buffer(key, t.shape, t.dtype, t.device).copy_(t if grad else t.detach())
 
     # --- one build a step (inject.fixed_adapters) -----------------------------------------------
     @torch.no_grad()
